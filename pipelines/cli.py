@@ -1,0 +1,148 @@
+"""The `tokgen` command line: one verb per stage, and `run` for all of them.
+
+    tokgen run [CONFIG] [key=value ...]           train tokenizer, export tokens, train prior, sample, evaluate
+    tokgen train-tokenizer | export-tokens | train-prior | sample | eval  [CONFIG] [key=value ...]
+    tokgen generate RUN_DIR --label 3 --num 16     ad-hoc conditioned samples from a finished run
+
+CONFIG is a TOML file (see configs/); without one the built-in CPU default runs on the MNIST subset
+bundled with the package. Overrides use dotted keys: `prior_training.max_steps=200`.
+Under `accelerate launch` every verb runs on all processes; training is data-parallel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from pipelines.config import ConfigError, load_run_config
+
+logger = logging.getLogger("tokgen")
+
+STAGE_VERBS = ("run", "train-tokenizer", "export-tokens", "train-prior", "sample", "eval")
+
+
+def _stage_parser(subparsers, verb: str, help_text: str) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(verb, help=help_text)
+    parser.add_argument("config", nargs="?", help="TOML run config (default: built-in CPU MNIST config)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    parser.add_argument("--resume", action="store_true", help="resume an interrupted training stage from its last checkpoint")
+    parser.add_argument("--force", action="store_true", help="recompute the stage(s) even if outputs exist for this config")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokgen", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    subparsers = parser.add_subparsers(dest="verb", required=True)
+    _stage_parser(subparsers, "run", "run the whole two-stage pipeline")
+    _stage_parser(subparsers, "train-tokenizer", "stage one: train the tokenizer")
+    _stage_parser(subparsers, "export-tokens", "encode the dataset into a token set")
+    _stage_parser(subparsers, "train-prior", "stage two: train the prior on the token set")
+    _stage_parser(subparsers, "sample", "draw class grids, evaluation samples and completions")
+    _stage_parser(subparsers, "eval", "evaluate and write metrics.json")
+    generate = subparsers.add_parser("generate", help="sample images from a finished run")
+    generate.add_argument("run_dir", type=Path)
+    generate.add_argument("--label", type=int, default=None, help="class label (default: unconditional / null class)")
+    generate.add_argument("--num", type=int, default=16)
+    generate.add_argument("--temperature", type=float, default=1.0)
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--guidance-scale", type=float, default=1.0)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--out", type=Path, default=None, help="PNG path (default RUN_DIR/samples/generated.png)")
+    return parser
+
+
+def _split_config_and_overrides(args) -> tuple[str | None, list[str]]:
+    """`tokgen run key=value` has no config file: argparse puts the first override in `config`."""
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not Path(config).exists():
+        overrides.insert(0, config)
+        config = None
+    return config, overrides
+
+
+def run_stages(verb: str, config_path: str | None, overrides: list[str], resume: bool, force: bool) -> dict:
+    from pipelines.evaluation_stage import evaluate_run
+    from pipelines.generation import sample_stage
+    from pipelines.stages import Run, export_tokens_stage, train_prior_stage, train_tokenizer_stage
+
+    run = Run(load_run_config(config_path, overrides))
+    run.write_resolved_config()
+    logger.info("run folder: %s", run.directory)
+    everything = verb == "run"
+    if everything or verb == "train-tokenizer":
+        train_tokenizer_stage(run, resume=resume, force=force and not everything)
+    if everything or verb == "export-tokens":
+        export_tokens_stage(run, force=force and not everything)
+    if everything or verb == "train-prior":
+        train_prior_stage(run, resume=resume, force=force and not everything)
+    if everything or verb == "sample":
+        sample_stage(run, force=force and not everything)
+    if everything or verb == "eval":
+        return evaluate_run(run)
+    return {}
+
+
+def generate_command(args) -> Path:
+    import torch
+
+    from pipelines.generation import sample_labelled
+    from pipelines.images import save_image_grid
+    from pipelines.stages import decode_tokens, load_matched_pair
+    from priors import SamplingOptions
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer, prior, tokenset = load_matched_pair(args.run_dir, device)
+    manifest = tokenset.manifest
+    if args.label is not None and not 0 <= args.label < max(manifest.num_classes, 1):
+        raise SystemExit(f"--label {args.label} is outside this run's {manifest.num_classes} classes")
+    options = SamplingOptions(args.temperature, args.top_k, args.top_p, args.guidance_scale)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    if args.label is None:
+        tokens = prior.sample(args.num, options=options, generator=generator).cpu()
+    else:
+        labels = torch.full((args.num,), args.label, device=device)
+        tokens = sample_labelled(prior, labels, options, generator, batch_size=256)
+    out = args.out or args.run_dir / "samples" / "generated.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_image_grid(decode_tokens(tokenizer, tokens, manifest.token_grid), out, nrow=min(args.num, 8))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        if args.verb == "generate":
+            print(f"wrote {generate_command(args)}")
+            return 0
+        config_path, overrides = _split_config_and_overrides(args)
+        metrics = run_stages(args.verb, config_path, overrides, args.resume, args.force)
+    except ConfigError as error:
+        print(f"tokgen: config error: {error}", file=sys.stderr)
+        return 2
+    if metrics:
+        print(json.dumps(summarise(metrics), indent=2))
+    return 0
+
+
+def summarise(metrics: dict) -> dict:
+    """The handful of figures a person looks at first; metrics.json has the rest."""
+    keys = {
+        "tokenizer": ("psnr", "test_usage", "test_perplexity"),
+        "prior": ("nll_nats_per_item", "bits_per_token"),
+        "samples": ("class_accuracy", "frechet_distance", "frechet_floor", "classifier_test_accuracy"),
+    }
+    return {group: {k: metrics[group][k] for k in names if k in metrics.get(group, {})}
+            for group, names in keys.items() if group in metrics}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

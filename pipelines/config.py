@@ -1,0 +1,223 @@
+"""Run configuration: TOML files -> typed, validated dataclasses.
+
+A run config has one section per stage. Component sections (`[tokenizer]`, `[prior]`) name a
+registered `kind` and that component's fields; everything else maps onto the dataclasses below.
+Unknown kinds and unknown keys are rejected with the list of what is valid, `key=value` overrides
+from the command line are applied before validation, and the fully resolved config is dumped as
+JSON beside the run so that a run folder always says exactly what produced it. TOML (via the
+standard library's `tomllib`) types values correctly, which YAML 1.1 does not (`no`, `2e-5`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import importlib.resources
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipelines.classifier import ClassifierConfig
+from pipelines.data import DataConfig
+from pipelines.loop import TrainConfig
+from priors import PRIORS
+from tokenizers_vq import TOKENIZERS
+
+# The prior learns these from the token manifest; a user never sets them by hand.
+PRIOR_FIELDS_FROM_MANIFEST = ("vocab_size", "seq_len", "num_classes")
+DEFAULT_CONFIG = "default_run.toml"
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be turned into a valid run config."""
+
+
+def _valid_keys_message(cls) -> str:
+    return ", ".join(sorted(f.name for f in dataclasses.fields(cls)))
+
+
+def build_dataclass(cls, data: dict, where: str):
+    """Build dataclass `cls` from a plain dict, recursing into nested dataclass fields.
+
+    Rejects unknown keys (naming the section and the valid keys) and turns TOML lists into tuples
+    where the field is a tuple.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"[{where}] must be a table of keys, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in [{where}]; valid keys: {_valid_keys_message(cls)}")
+    values = {}
+    for key, value in data.items():
+        hint = hints[key]
+        origin = typing.get_origin(hint)
+        if dataclasses.is_dataclass(hint):
+            value = build_dataclass(hint, value, f"{where}.{key}")
+        elif (hint is tuple or origin is tuple) and isinstance(value, list):
+            value = tuple(value)
+        values[key] = value
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"[{where}]: {error}") from error
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How samples are drawn for the grid and for the sample-quality metrics."""
+
+    grid_samples_per_class: int = 10
+    eval_samples_per_class: int = 50
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    guidance_scale: float = 2.0
+    batch_size: int = 250
+    seed: int = 1234
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """Evaluation settings: the project's own classifier defines the sample feature space."""
+
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    batch_size: int = 256
+    reconstruction_grid_images: int = 32
+
+
+@dataclass(frozen=True)
+class ComponentSection:
+    """A `[tokenizer]` or `[prior]` table: a registered kind and that kind's own fields."""
+
+    kind: str
+    fields: dict
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "mnist_cpu"
+    output_dir: str = "runs"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: ComponentSection = field(default_factory=lambda: ComponentSection("vqvae", {}))
+    tokenizer_training: TrainConfig = field(default_factory=TrainConfig)
+    prior: ComponentSection = field(default_factory=lambda: ComponentSection("transformer", {}))
+    prior_training: TrainConfig = field(default_factory=TrainConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def tokenizer_config(self):
+        config_cls, _ = TOKENIZERS[self.tokenizer.kind]
+        return config_cls.from_dict(copy.deepcopy(self.tokenizer.fields))
+
+    def prior_config(self, vocab_size: int, seq_len: int, num_classes: int):
+        config_cls, _ = PRIORS[self.prior.kind]
+        fields = dict(copy.deepcopy(self.prior.fields), vocab_size=vocab_size, seq_len=seq_len, num_classes=num_classes)
+        return config_cls.from_dict(fields)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _component_section(registry: dict, data: dict, where: str, reserved: tuple[str, ...] = ()) -> ComponentSection:
+    data = dict(data)
+    kind = data.pop("kind", None)
+    if kind not in registry:
+        raise ConfigError(f"[{where}] kind {kind!r} is not one of {sorted(registry)}")
+    for key in reserved:
+        if key in data:
+            raise ConfigError(f"[{where}] sets {key!r}, which is read from the token manifest; remove it")
+    config_cls, _ = registry[kind]
+    probe = dict(data, **{key: 1 for key in reserved})
+    try:  # validate now so a bad key fails before hours of tokenizer training
+        config_cls.from_dict(copy.deepcopy(probe))
+    except (TypeError, ValueError, KeyError) as error:
+        raise ConfigError(f"[{where}] (kind {kind!r}): {error}") from error
+    return ComponentSection(kind=kind, fields=data)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"value = {raw}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare words are strings: name=my_run
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = copy.deepcopy(data)
+    for text in overrides:
+        path, value = _parse_override(text)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def run_config_from_dict(data: dict) -> RunConfig:
+    data = dict(data)
+    simple = {}
+    for key in ("name", "output_dir", "seed"):
+        if key in data:
+            simple[key] = data.pop(key)
+    sections = {
+        "data": DataConfig,
+        "tokenizer_training": TrainConfig,
+        "prior_training": TrainConfig,
+        "sampling": SamplingConfig,
+        "evaluation": EvaluationConfig,
+    }
+    built = {}
+    for key, cls in sections.items():
+        if key in data:
+            built[key] = build_dataclass(cls, data.pop(key), key)
+    if "tokenizer" in data:
+        built["tokenizer"] = _component_section(TOKENIZERS, data.pop("tokenizer"), "tokenizer")
+    if "prior" in data:
+        built["prior"] = _component_section(PRIORS, data.pop("prior"), "prior", PRIOR_FIELDS_FROM_MANIFEST)
+    if data:
+        valid = ["name", "output_dir", "seed", "tokenizer", "prior", *sections]
+        raise ConfigError(f"unknown top-level key(s) {sorted(data)}; valid: {sorted(valid)}")
+    return RunConfig(**simple, **built)
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a TOML run config (or the packaged CPU default when `path` is None) and apply overrides."""
+    if path is None:  # the packaged copy of configs/pipeline/mnist_cpu.toml, so pip installs have it
+        data = tomllib.loads(importlib.resources.files("pipelines").joinpath(DEFAULT_CONFIG).read_text())
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{path} is not valid TOML: {error}") from error
+    data = apply_overrides(data, list(overrides))
+    try:
+        return run_config_from_dict(data)
+    except ConfigError as error:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{error}") from error
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of JSON-able parts; decides whether a stage's outputs can be reused."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,119 @@
+"""Evaluate a finished run and write `metrics.json`.
+
+Three groups of figures, each with its space named in the key:
+- tokenizer: reconstruction MSE/PSNR on the test split, codebook usage/perplexity of test tokens;
+- prior: exact test NLL of the token sequences, in nats per image and bits per token (this is the
+  prior's likelihood of the *tokens*; the image likelihood of a VQ model is only a bound and needs
+  a decoder likelihood, which a plain VQ-VAE with an MSE decoder does not define);
+- samples: class-conditional accuracy and Frechet distance in the feature space of a classifier
+  that tokgen trains on the same train split (cached in `classifier/`), with the real-vs-real floor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from pipelines.classifier import classifier_accuracy, load_or_train_classifier
+from pipelines.data import to_tensor_images
+from pipelines.evaluate import codebook_metrics, nll_metrics, reconstruction_metrics, sample_quality
+from pipelines.generation import load_eval_samples
+from pipelines.images import plot_code_histogram, reconstruction_grid
+from pipelines.stages import Run, decode_tokens, load_matched_pair
+
+logger = logging.getLogger(__name__)
+
+
+def _batched(tensor: torch.Tensor, batch_size: int):
+    for start in range(0, len(tensor), batch_size):
+        yield tensor[start : start + batch_size]
+
+
+@torch.no_grad()
+def tokenizer_metrics(tokenizer, test_images: torch.Tensor, test_tokens: torch.Tensor, out_dir: Path,
+                      batch_size: int, grid_images: int) -> dict:
+    device = next(tokenizer.parameters()).device
+    reconstructions = torch.cat(
+        [tokenizer.decode(tokenizer.encode(chunk.to(device))).float().cpu() for chunk in _batched(test_images, batch_size)]
+    )
+    metrics = reconstruction_metrics(test_images, reconstructions)
+    codebook = codebook_metrics(test_tokens, tokenizer.vocab_size)
+    metrics.update({f"test_{key}": value for key, value in codebook.items()})
+    counts = torch.bincount(test_tokens.flatten(), minlength=tokenizer.vocab_size)
+    plot_code_histogram(counts, out_dir / "code_histogram.png", title="code frequencies, test split")
+    reconstruction_grid(test_images[:grid_images], reconstructions[:grid_images], out_dir / "reconstructions.png")
+    return metrics
+
+
+@torch.no_grad()
+def prior_metrics(prior, tokens: torch.Tensor, labels: torch.Tensor | None, batch_size: int, image_dims: int) -> dict:
+    device = next(prior.parameters()).device
+    log_probs = []
+    for start in range(0, len(tokens), batch_size):
+        chunk_labels = labels[start : start + batch_size].to(device) if labels is not None else None
+        log_probs.append(prior.log_prob(tokens[start : start + batch_size].to(device), chunk_labels).float().cpu())
+    log_probs = torch.cat(log_probs)
+    metrics = nll_metrics(log_probs, tokens_per_item=tokens.shape[1])
+    metrics["nll_space"] = "tokens (exact); not an image likelihood"
+    metrics["image_dims"] = image_dims
+    return metrics
+
+
+def evaluate_run(run: Run) -> dict:
+    if not run.state.is_main_process:
+        run.state.wait_for_everyone()
+        return {}
+    started = time.perf_counter()
+    config = run.config
+    device = run.state.device
+    tokenizer, prior, tokenset = load_matched_pair(run.directory, device)
+    manifest = tokenset.manifest
+    dataset = run.dataset
+    test_images = to_tensor_images(dataset.test.images)
+    test_split = tokenset.splits["test"]
+    test_tokens = torch.as_tensor(test_split["input_ids"]).long()
+    test_labels = torch.as_tensor(test_split["label"]).long() if manifest.num_classes else None
+    samples_dir = run.path("samples")
+
+    metrics: dict = {"run": config.name, "data_source": manifest.data_source}
+    metrics["tokenizer"] = tokenizer_metrics(
+        tokenizer, test_images, test_tokens, samples_dir, config.evaluation.batch_size,
+        config.evaluation.reconstruction_grid_images,
+    )
+    metrics["prior"] = prior_metrics(prior, test_tokens, test_labels, config.evaluation.batch_size,
+                                     image_dims=math.prod(manifest.image_shape))
+
+    if manifest.num_classes:
+        classifier, classifier_info = load_or_train_classifier(
+            run.path("classifier"),
+            dataset.train.images, dataset.train.labels, config.evaluation.classifier, manifest.num_classes,
+            fingerprint={"data": manifest.data_source, "train_size": len(dataset.train.images),
+                         "classifier": config.evaluation.classifier.__dict__},
+            device=device,
+        )
+        classifier_real = classifier_accuracy(classifier, test_images, torch.as_tensor(dataset.test.labels))
+        sample_tokens, sample_labels = load_eval_samples(samples_dir)
+        samples = decode_tokens(tokenizer, sample_tokens, manifest.token_grid)
+        generator = torch.Generator().manual_seed(config.seed)
+        quality = sample_quality(classifier, samples, sample_labels, test_images, generator=generator)
+        metrics["samples"] = {
+            **quality,
+            "classifier_test_accuracy": classifier_real,
+            "num_samples": len(samples),
+            "guidance_scale": config.sampling.guidance_scale,
+            **{f"classifier_{k}": v for k, v in classifier_info.items() if isinstance(v, (int, float))},
+        }
+    stage_record = json.loads((samples_dir / "stage.json").read_text()) if (samples_dir / "stage.json").is_file() else {}
+    if "sampled_tokens_per_second" in stage_record:
+        metrics.setdefault("samples", {})["sampled_tokens_per_second"] = stage_record["sampled_tokens_per_second"]
+    metrics["evaluation_seconds"] = time.perf_counter() - started
+    path = run.path("metrics.json")
+    path.write_text(json.dumps(metrics, indent=2, default=float))
+    logger.info("metrics written to %s", path)
+    run.state.wait_for_everyone()
+    return metrics

@@ -1,0 +1,218 @@
+"""The stages of a two-stage run, each reading and writing its own folder under `runs/<name>/`.
+
+train tokenizer -> export tokens -> train prior -> sample -> evaluate. Every stage records a
+fingerprint of the config that produced it (`stage.json`); `tokgen run` reuses a stage whose
+fingerprint matches instead of recomputing it, and recomputes everything downstream of a stage
+that changed. The two stages meet only in the exported token set (ARCHITECTURE.md): the prior
+reads vocabulary size, sequence length and conditioning from the manifest, never from the
+tokenizer. Training runs on every process under `accelerate launch`; export, sampling and
+evaluation run on the main process while the others wait.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+
+from pipelines.config import RunConfig, fingerprint
+from pipelines.data import ImageDataset, ImageTensorDataset, load_image_dataset
+from pipelines.loop import train
+from pipelines.tokenset import TokenTensorDataset, export_tokens, load_tokenset, sha256_file
+from priors import PRIORS, load_prior
+from tokenizers_vq import TOKENIZERS, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+STAGE_FILE = "stage.json"
+
+
+def read_stage(directory: Path) -> dict | None:
+    path = directory / STAGE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def mark_stage_done(directory: Path, stage_fingerprint: str, **extra) -> None:
+    record = {"fingerprint": stage_fingerprint, "completed_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
+    (directory / STAGE_FILE).write_text(json.dumps(record, indent=2))
+
+
+def stage_is_current(directory: Path, stage_fingerprint: str) -> bool:
+    record = read_stage(directory)
+    return record is not None and record.get("fingerprint") == stage_fingerprint
+
+
+def prepare_training_dir(directory: Path, stage_fingerprint: str, resume: bool) -> None:
+    """Checkpoints made under another config must never be resumed into this one."""
+    marker = directory / "fingerprint.txt"
+    if directory.exists() and (not marker.is_file() or marker.read_text() != stage_fingerprint or not resume):
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    marker.write_text(stage_fingerprint)
+
+
+@dataclass
+class Run:
+    """One run folder and the lazily loaded things every stage shares."""
+
+    config: RunConfig
+    state: PartialState = field(default_factory=PartialState)
+    _dataset: ImageDataset | None = None
+
+    @property
+    def directory(self) -> Path:
+        return self.config.run_dir
+
+    def path(self, *parts: str) -> Path:
+        return self.directory.joinpath(*parts)
+
+    @property
+    def dataset(self) -> ImageDataset:
+        if self._dataset is None:
+            self._dataset = load_image_dataset(self.config.data)
+        return self._dataset
+
+    # Fingerprints chain so that a change upstream invalidates everything after it.
+    def tokenizer_fingerprint(self) -> str:
+        c = self.config
+        return fingerprint("tokenizer", c.data, c.tokenizer, c.tokenizer_training)
+
+    def tokens_fingerprint(self) -> str:
+        return fingerprint("tokens", self.tokenizer_fingerprint())
+
+    def prior_fingerprint(self) -> str:
+        c = self.config
+        return fingerprint("prior", self.tokens_fingerprint(), c.prior, c.prior_training)
+
+    def samples_fingerprint(self) -> str:
+        return fingerprint("samples", self.prior_fingerprint(), self.config.sampling)
+
+    def write_resolved_config(self) -> None:
+        if self.state.is_main_process:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            text = json.dumps(self.config.to_dict(), indent=2, default=str)
+            self.path("config.resolved.json").write_text(text)
+
+
+def train_tokenizer_stage(run: Run, resume: bool = False, force: bool = False) -> Path:
+    out_dir = run.path("tokenizer")
+    stage_fingerprint = run.tokenizer_fingerprint()
+    if not force and stage_is_current(out_dir, stage_fingerprint):
+        logger.info("tokenizer: reusing %s (config unchanged)", out_dir)
+        return out_dir
+    dataset = run.dataset
+    tokenizer_config = run.config.tokenizer_config()
+    _, tokenizer_cls = TOKENIZERS[run.config.tokenizer.kind]
+    tokenizer = tokenizer_cls(tokenizer_config)
+    expected_channels = getattr(tokenizer_config, "in_channels", dataset.channels)
+    if expected_channels != dataset.channels:
+        raise ValueError(
+            f"tokenizer.in_channels={expected_channels} but the data has {dataset.channels} channel(s); "
+            f"set tokenizer.in_channels={dataset.channels} or data.channels={expected_channels}"
+        )
+    training_dir = run.path("checkpoints", "tokenizer")
+    if run.state.is_main_process:
+        prepare_training_dir(training_dir, stage_fingerprint, resume)
+    run.state.wait_for_everyone()
+    result = train(
+        tokenizer,
+        ImageTensorDataset(dataset.train),
+        run.config.tokenizer_training,
+        training_dir,
+        resume=resume,
+        description="tokenizer",
+    )
+    if run.state.is_main_process:
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tokenizer.save_pretrained(out_dir)
+        mark_stage_done(out_dir, stage_fingerprint, steps=result.steps, final_metrics=result.final_metrics)
+    run.state.wait_for_everyone()
+    return out_dir
+
+
+def export_tokens_stage(run: Run, force: bool = False) -> Path:
+    out_dir = run.path("tokens")
+    tokenizer_dir = run.path("tokenizer")
+    stage_fingerprint = fingerprint(run.tokens_fingerprint(), sha256_file(tokenizer_dir / "model.safetensors"))
+    if not force and stage_is_current(out_dir, stage_fingerprint):
+        logger.info("tokens: reusing %s", out_dir)
+        return out_dir
+    if run.state.is_main_process:
+        tokenizer = load_tokenizer(tokenizer_dir).to(run.state.device)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        export_tokens(tokenizer, tokenizer_dir, run.dataset, out_dir, device=run.state.device)
+        mark_stage_done(out_dir, stage_fingerprint)
+    run.state.wait_for_everyone()
+    return out_dir
+
+
+def train_prior_stage(run: Run, resume: bool = False, force: bool = False) -> Path:
+    out_dir = run.path("prior")
+    stage_fingerprint = fingerprint(run.prior_fingerprint(), read_stage(run.path("tokens")))
+    if not force and stage_is_current(out_dir, stage_fingerprint):
+        logger.info("prior: reusing %s", out_dir)
+        return out_dir
+    tokenset = load_tokenset(run.path("tokens"), tokenizer_dir=run.path("tokenizer"))
+    manifest = tokenset.manifest
+    prior_config = run.config.prior_config(manifest.vocab_size, manifest.sequence_length, manifest.num_classes)
+    _, prior_cls = PRIORS[run.config.prior.kind]
+    prior = prior_cls(prior_config)
+    training_dir = run.path("checkpoints", "prior")
+    if run.state.is_main_process:
+        prepare_training_dir(training_dir, stage_fingerprint, resume)
+    run.state.wait_for_everyone()
+    result = train(
+        prior,
+        TokenTensorDataset(tokenset.splits["train"]),
+        run.config.prior_training,
+        training_dir,
+        resume=resume,
+        description="prior",
+    )
+    if run.state.is_main_process:
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        prior.save_pretrained(out_dir)
+        (out_dir / "token_manifest.json").write_text(json.dumps(manifest.to_json(), indent=2))
+        mark_stage_done(out_dir, stage_fingerprint, steps=result.steps, final_metrics=result.final_metrics)
+    run.state.wait_for_everyone()
+    return out_dir
+
+
+def load_matched_pair(run_dir: Path, device):
+    """Load a run's tokenizer and prior, refusing a pair that were not made for each other."""
+    tokenizer_dir, prior_dir = run_dir / "tokenizer", run_dir / "prior"
+    tokenset = load_tokenset(run_dir / "tokens", tokenizer_dir=tokenizer_dir)
+    prior = load_prior(prior_dir)
+    manifest = tokenset.manifest
+    recorded_manifest = json.loads((prior_dir / "token_manifest.json").read_text())
+    if recorded_manifest.get("tokenizer_sha256") != manifest.tokenizer_sha256:
+        raise ValueError(
+            f"prior in {prior_dir} was trained on tokens of tokenizer sha256 "
+            f"{recorded_manifest.get('tokenizer_sha256')}, but {tokenizer_dir} has {manifest.tokenizer_sha256}"
+        )
+    expected = (manifest.vocab_size, manifest.sequence_length, manifest.num_classes)
+    got = (prior.config.vocab_size, prior.config.seq_len, prior.config.num_classes)
+    if expected != got:
+        raise ValueError(f"prior (vocab, length, classes)={got} does not match the token manifest {expected}")
+    tokenizer = load_tokenizer(tokenizer_dir).to(device).eval()
+    return tokenizer, prior.to(device).eval(), tokenset
+
+
+def decode_tokens(tokenizer, tokens: torch.Tensor, token_grid, batch_size: int = 256) -> torch.Tensor:
+    """Flat (n L) tokens -> images (n c h w) in [-1, 1], on the CPU."""
+    height, width = token_grid
+    images = []
+    with torch.no_grad():
+        for start in range(0, len(tokens), batch_size):
+            chunk = tokens[start : start + batch_size].reshape(-1, height, width)
+            images.append(tokenizer.decode(chunk.to(next(tokenizer.parameters()).device)).float().cpu())
+    return torch.cat(images)

@@ -1,0 +1,79 @@
+"""Every config in configs/ parses and builds; bad keys and kinds fail with a useful message."""
+
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import ConfigError, RunConfig, apply_overrides, load_run_config
+from priors import PRIORS
+from tokenizers_vq import TOKENIZERS
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+ALL_CONFIGS = sorted(CONFIG_DIR.rglob("*.toml"))
+
+
+def test_there_are_configs():
+    assert any(p.parent.name == "pipeline" for p in ALL_CONFIGS)
+    assert any(p.parent.name == "smoke" for p in ALL_CONFIGS)
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: str(p.relative_to(CONFIG_DIR)))
+def test_config_parses_and_builds(path):
+    config = load_run_config(path)
+    tokenizer_config = config.tokenizer_config()
+    _, tokenizer_cls = TOKENIZERS[config.tokenizer.kind]
+    tokenizer = tokenizer_cls(tokenizer_config)
+    prior_config = config.prior_config(vocab_size=tokenizer.vocab_size, seq_len=16, num_classes=10)
+    _, prior_cls = PRIORS[config.prior.kind]
+    assert prior_cls(prior_config) is not None
+
+
+def test_cpu_default_file_equals_packaged_default():
+    """`tokgen run` without a file runs the packaged copy of configs/pipeline/mnist_cpu.toml."""
+    packaged = Path(__file__).resolve().parents[1] / "pipelines" / "default_run.toml"
+    assert packaged.read_text() == (CONFIG_DIR / "pipeline" / "mnist_cpu.toml").read_text()
+    assert load_run_config(CONFIG_DIR / "pipeline" / "mnist_cpu.toml") == load_run_config(None)
+
+
+def test_unknown_key_lists_valid_keys(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[prior_training]\nmax_stepz = 3\n")
+    with pytest.raises(ConfigError, match=r"max_stepz.*valid keys:.*max_steps"):
+        load_run_config(path)
+
+
+def test_unknown_kind_lists_registry(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[tokenizer]\nkind = "vqvea"\n')
+    with pytest.raises(ConfigError, match="vqvae"):
+        load_run_config(path)
+
+
+def test_unknown_component_field_is_rejected(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[prior]\nkind = "transformer"\nhidden_sise = 3\n')
+    with pytest.raises(ConfigError, match="hidden_sise"):
+        load_run_config(path)
+
+
+def test_prior_may_not_set_manifest_fields(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[prior]\nkind = "transformer"\nvocab_size = 3\n')
+    with pytest.raises(ConfigError, match="manifest"):
+        load_run_config(path)
+
+
+def test_overrides_are_typed():
+    data = apply_overrides({}, ["prior_training.max_steps=7", "name=abc", "sampling.guidance_scale=2.5",
+                                "tokenizer_training.mixed_precision=no"])
+    assert data["prior_training"]["max_steps"] == 7
+    assert data["name"] == "abc"
+    assert data["sampling"]["guidance_scale"] == 2.5
+    assert data["tokenizer_training"]["mixed_precision"] == "no"
+    config = load_run_config(None, ["prior_training.max_steps=7", "name=abc"])
+    assert isinstance(config, RunConfig) and config.prior_training.max_steps == 7 and config.name == "abc"
+
+
+def test_override_of_missing_file_is_clear(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_run_config(tmp_path / "nope.toml")
