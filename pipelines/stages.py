@@ -57,12 +57,17 @@ def prepare_training_dir(directory: Path, stage_fingerprint: str, resume: bool) 
     marker.write_text(stage_fingerprint)
 
 
+def process_state() -> PartialState:
+    """This process's place in the run; without CUDA, `accelerate launch` processes are CPU (gloo) ranks."""
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 @dataclass
 class Run:
     """One run folder and the lazily loaded things every stage shares."""
 
     config: RunConfig
-    state: PartialState = field(default_factory=PartialState)
+    state: PartialState = field(default_factory=process_state)
     _dataset: ImageDataset | None = None
 
     @property

@@ -1,0 +1,72 @@
+"""Run by tests/test_distributed.py, once plainly and once under `accelerate launch --num_processes 2`.
+
+Part 1: every rank quantizes its shard of one fixed batch for a few EMA steps; the all-reduced
+codebook metrics and the codebook itself must equal one process on the whole batch.
+Part 2: a tiny VQ-VAE trains for a few steps through tokgen's loop (gloo under two processes,
+with dead-code restarts on); every rank must end with the same codebook.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+
+from pipelines.loop import TrainConfig, train
+from tokenizers_vq.quantizers.vq import VectorQuantizer, VQConfig
+from tokenizers_vq.vqvae import VQVAE, VQVAEConfig
+
+
+class FixedImages(torch.utils.data.Dataset):
+    def __init__(self):
+        self.images = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(3)) * 2 - 1
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return {"pixel_values": self.images[index]}
+
+
+def quantizer_metrics(state: PartialState) -> dict:
+    data = torch.randn(8, 32, 4, generator=torch.Generator().manual_seed(0))
+    shard = data.chunk(state.num_processes)[state.process_index]
+    quantizer = VectorQuantizer(VQConfig(codebook_size=16, ema=True, decay=0.9, dead_code_threshold=0.0), dim=4)
+    quantizer.train()
+    for _ in range(3):
+        output = quantizer(shard)
+    return {
+        "metrics": {key: float(value) for key, value in output.metrics.items()},
+        "codebook": quantizer.codebook.tolist(),
+    }
+
+
+def training_codebooks(state: PartialState, out_dir: Path) -> list:
+    torch.manual_seed(0)
+    config = VQVAEConfig(hidden_channels=4, channel_multipliers=(1,), embedding_dim=4,
+                         quantizer=VQConfig(codebook_size=16, dead_code_threshold=0.5))
+    model = VQVAE(config)
+    train(model, FixedImages(), TrainConfig(max_steps=4, batch_size=8, warmup_steps=1, checkpoint_every=0,
+                                            log_every=1), out_dir)
+    codebook = model.quantizer.codebook.detach().clone()
+    gathered = [torch.zeros_like(codebook) for _ in range(state.num_processes)]
+    if state.num_processes > 1:
+        torch.distributed.all_gather(gathered, codebook)
+    else:
+        gathered = [codebook]
+    return [g.tolist() for g in gathered]
+
+
+def main() -> None:
+    out_dir = Path(sys.argv[1])
+    state = PartialState(cpu=not torch.cuda.is_available())
+    result = quantizer_metrics(state)
+    result["training_codebooks"] = training_codebooks(state, out_dir / f"train_{state.num_processes}")
+    result["num_processes"] = state.num_processes
+    if state.is_main_process:
+        (out_dir / f"result_{state.num_processes}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
