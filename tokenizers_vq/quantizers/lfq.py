@@ -1,0 +1,225 @@
+"""Lookup-free quantisation: each of `bits` latent channels is quantised to its sign.
+
+Implements the quantiser of Yu et al. 2023, "Language Model Beats Diffusion: Tokenizer is Key to
+Visual Generation" (MAGVIT-v2): the codebook is the implicit set {-s, +s}^bits, so quantising
+is taking signs and the index of a code is its bit pattern, `sum_i [x_i > 0] 2^i` (a bijection
+onto [0, 2^bits)). There is no codebook to learn; instead an entropy penalty keeps each token's
+code confident (low per-sample entropy) while spreading the batch over the codebook (high
+codebook entropy, weighted by `diversity_gamma`), plus a commitment term. Both entropies use the
+soft assignment q(c | x) = softmax_c(-||x - c||^2 / temperature). Because every code has the
+same norm, q factorises over bits into Bernoulli(sigmoid(4 s x_i / temperature)), so the
+per-sample entropy is exactly a sum of binary entropies; the codebook entropy H(mean_x q) does not
+factorise, and above `exact_entropy_max_bits` it is replaced by the sum of the per-bit marginal
+entropies, an upper bound that never forms a (tokens x 2^bits) tensor (as in Open-MAGVIT2, Luo et
+al. 2024, and Zhao et al. 2024, "Image and Video Tokenization with Binary Spherical Quantization").
+Below the threshold the full softmax over all codes is used. All of it runs in float32, whatever
+autocast says; usage counts are summed over processes in training mode only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from tokenizers_vq.quantizers.base import (
+    QuantizerOutput,
+    all_reduce_sum,
+    check_kind,
+    code_counts,
+    config_from_dict,
+    seeded_linear,
+    usage_and_perplexity,
+)
+
+MAX_BITS = 24  # usage counts are a (2^bits,) vector: 2^24 int64 is already 128 MiB
+
+
+@dataclass(frozen=True)
+class LFQConfig:
+    """Settings of a `LookupFreeQuantizer`; the input dimension comes from the model that owns it."""
+
+    kind: str = "lfq"
+    bits: int = 10  # codebook size 2^bits
+    entropy_weight: float = 0.1
+    commitment_weight: float = 0.25
+    diversity_gamma: float = 1.0  # weight of the codebook entropy inside the entropy loss
+    entropy_temperature: float = 0.01
+    entropy_subsample: float = 1.0  # fraction of a training batch's tokens in the entropy terms
+    exact_entropy_max_bits: int = 12  # full-codebook softmax up to here, per-bit factorised above
+    code_scale: float = 1.0  # codes are +-code_scale per bit
+    seed: int = 0
+
+    def __post_init__(self):
+        check_kind(self, "lfq")
+        if not 1 <= self.bits <= MAX_BITS:
+            raise ValueError(f"bits must lie in [1, {MAX_BITS}], got {self.bits}")
+        if min(self.entropy_weight, self.commitment_weight, self.diversity_gamma) < 0:
+            raise ValueError("entropy_weight, commitment_weight and diversity_gamma must be >= 0")
+        if self.entropy_temperature <= 0 or self.code_scale <= 0:
+            raise ValueError("entropy_temperature and code_scale must be positive")
+        if not 0.0 < self.entropy_subsample <= 1.0:
+            raise ValueError(f"entropy_subsample must lie in (0, 1], got {self.entropy_subsample}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LFQConfig":
+        return config_from_dict(cls, data)
+
+
+# --- bits <-> indices -------------------------------------------------------------------------
+
+
+def bits_to_indices(bits: Tensor) -> Tensor:
+    """(... k) bool/{0,1} -> (...) int64, bit i weighted 2^i."""
+    powers = 2 ** torch.arange(bits.shape[-1], device=bits.device, dtype=torch.int64)
+    return (bits.long() * powers).sum(dim=-1)
+
+
+def indices_to_bits(indices: Tensor, num_bits: int) -> Tensor:
+    """(...) int64 -> (... k) int64 in {0, 1}; the inverse of `bits_to_indices`."""
+    shifts = torch.arange(num_bits, device=indices.device, dtype=torch.int64)
+    return (rearrange(indices.long(), "... -> ... 1") >> shifts) & 1
+
+
+# --- entropy terms ------------------------------------------------------------------------------
+
+
+def binary_entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy (nats) of Bernoulli(sigmoid(logits)), elementwise, stable for large |logits|."""
+    probabilities = torch.sigmoid(logits)
+    # -p log p - (1 - p) log(1 - p), with log p = -softplus(-l) and log(1 - p) = -softplus(l).
+    return probabilities * F.softplus(-logits) + (1 - probabilities) * F.softplus(logits)
+
+
+def binary_entropy(probabilities: Tensor) -> Tensor:
+    p = probabilities.clamp(1e-12, 1 - 1e-12)
+    return -(p * p.log() + (1 - p) * (1 - p).log())
+
+
+def factorised_entropy_terms(x: Tensor, code_scale: float, temperature: float) -> tuple[Tensor, Tensor]:
+    """(t k) -> (mean per-sample entropy, codebook-entropy upper bound), using only (t k) tensors.
+
+    The per-sample entropy is exact (q factorises over bits); the codebook entropy is the sum of
+    the marginal entropies of the batch-averaged bit probabilities, >= the joint entropy.
+    """
+    logits = 4.0 * code_scale * x / temperature  # log q(bit = 1) - log q(bit = 0)
+    per_sample = binary_entropy_from_logits(logits).sum(dim=-1).mean()
+    codebook = binary_entropy(torch.sigmoid(logits).mean(dim=0)).sum()
+    return per_sample, codebook
+
+
+def exact_entropy_terms(x: Tensor, code_scale: float, temperature: float) -> tuple[Tensor, Tensor]:
+    """(t k) -> (mean per-sample entropy, codebook entropy) from the full (t 2^k) softmax."""
+    num_bits = x.shape[-1]
+    codes = code_scale * (2.0 * indices_to_bits(torch.arange(2**num_bits, device=x.device), num_bits) - 1.0)
+    # -||x - c||^2 up to terms constant in c (all codes have the same norm).
+    log_probabilities = (2.0 * x @ codes.t() / temperature).log_softmax(dim=-1)
+    probabilities = log_probabilities.exp()
+    per_sample = -(probabilities * log_probabilities).sum(dim=-1).mean()
+    average = probabilities.mean(dim=0)
+    codebook = -(average * average.clamp_min(1e-30).log()).sum()
+    return per_sample, codebook
+
+
+# --- the quantizer ------------------------------------------------------------------------------
+
+
+class LookupFreeQuantizer(nn.Module):
+    """(b n d) -> QuantizerOutput with (b n) indices in [0, 2^bits).
+
+    When the input dimension `d` differs from `bits`, linear projections d -> bits and bits -> d
+    surround the sign quantiser (and requantising `lookup(i)` need not return `i`); with d = bits
+    there are no parameters and `to_indices(lookup(i)) == i`. State: `training_steps` (seeds the
+    entropy subsampling) and the projections if any. `dead_codes` counts the codes unused in
+    this batch (summed over processes in training): there are no per-code statistics to keep.
+    """
+
+    def __init__(self, config: LFQConfig, dim: int):
+        super().__init__()
+        self.config = config
+        self.dim = dim
+        self.bits = config.bits
+        self.codebook_size = 2**config.bits
+        self.num_codebooks = 1
+        self.generator = torch.Generator().manual_seed(config.seed)
+        if dim != config.bits:
+            self.project_in = seeded_linear(dim, config.bits, self.generator)
+            self.project_out = seeded_linear(config.bits, dim, self.generator)
+        else:
+            self.project_in = self.project_out = None
+        self.register_buffer("training_steps", torch.tensor(0, dtype=torch.int64))
+
+    @property
+    def uses_exact_entropy(self) -> bool:
+        return self.bits <= self.config.exact_entropy_max_bits
+
+    def _project(self, layer: nn.Linear | None, x: Tensor) -> Tensor:
+        return x if layer is None else F.linear(x, layer.weight.float(), layer.bias.float())
+
+    def _bits_to_codes(self, bits: Tensor) -> Tensor:
+        return self.config.code_scale * (2.0 * bits.float() - 1.0)
+
+    # --- inference ------------------------------------------------------------------------------
+
+    def lookup(self, indices: Tensor) -> Tensor:
+        """(b n) int64 -> (b n d) float32 codes."""
+        if indices.numel() and (indices.min() < 0 or indices.max() >= self.codebook_size):
+            raise ValueError(f"indices must lie in [0, {self.codebook_size}), got [{int(indices.min())}, "
+                             f"{int(indices.max())}]")
+        with torch.autocast(device_type=indices.device.type, enabled=False):
+            return self._project(self.project_out, self._bits_to_codes(indices_to_bits(indices, self.bits)))
+
+    @torch.no_grad()
+    def to_indices(self, z: Tensor) -> Tensor:
+        """(b n d) -> (b n) indices, with no state change and no collectives."""
+        self._check_input(z)
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            return bits_to_indices(self._project(self.project_in, z.float()) > 0)
+
+    # --- training -------------------------------------------------------------------------------
+
+    def forward(self, z: Tensor) -> QuantizerOutput:
+        self._check_input(z)
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            x = self._project(self.project_in, z.float())  # (b n k)
+            positive = x > 0
+            codes = self._bits_to_codes(positive)
+            indices = bits_to_indices(positive)
+            per_sample, codebook = self._entropy_terms(rearrange(x, "b n k -> (b n) k"))
+            entropy_loss = per_sample - self.config.diversity_gamma * codebook
+            commitment = F.mse_loss(x, codes)
+            aux_loss = self.config.entropy_weight * entropy_loss + self.config.commitment_weight * commitment
+            counts = code_counts(indices, self.codebook_size)
+            if self.training:
+                all_reduce_sum(counts)
+                self.training_steps.add_(1)
+            usage, perplexity = usage_and_perplexity(counts)
+            if self.project_in is None:
+                # No projection: d quantized / d z is exactly the identity.
+                quantized = z + (codes.to(z.dtype) - z).detach()
+            else:
+                quantized = self._project(self.project_out, x + (codes - x).detach()).to(z.dtype)
+        metrics = {
+            "usage": usage,
+            "perplexity": perplexity,
+            "dead_codes": (counts == 0).sum().float(),
+            "per_sample_entropy": per_sample.detach(),
+            "codebook_entropy": codebook.detach(),
+        }
+        return QuantizerOutput(quantized, indices, aux_loss, metrics)
+
+    def _entropy_terms(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Entropy terms on (t k) projected inputs, on a seeded random subset of them in training."""
+        if self.training and self.config.entropy_subsample < 1.0:
+            keep = max(1, round(self.config.entropy_subsample * x.shape[0]))
+            self.generator.manual_seed(self.config.seed * 1_000_003 + int(self.training_steps))
+            x = x[torch.randperm(x.shape[0], generator=self.generator)[:keep].to(x.device)]
+        terms = exact_entropy_terms if self.uses_exact_entropy else factorised_entropy_terms
+        return terms(x, self.config.code_scale, self.config.entropy_temperature)
+
+    def _check_input(self, z: Tensor) -> None:
+        if z.ndim != 3 or z.shape[-1] != self.dim:
+            raise ValueError(f"expected (b n d) input with d={self.dim}, got shape {tuple(z.shape)}")

@@ -1,0 +1,246 @@
+"""VQ-VAE image tokenizer: conv encoder, vector quantizer, conv decoder, trained end to end.
+
+Implements van den Oord et al. 2017, "Neural Discrete Representation Learning": an image
+`(b c h w)` in [-1, 1] is encoded to a grid of `embedding_dim`-vectors, each replaced by its
+nearest codebook entry (straight-through gradient), and decoded back; the loss is the
+reconstruction error plus the quantizer's codebook/commitment terms. The token grid
+`(b h' w')` of code indices is what stage two models. A trained tokenizer is a self-describing
+folder, `config.json` (`{"kind": "vqvae", "config": ...}`) plus `model.safetensors`, loaded
+strictly: a folder whose tensors do not match the config exactly is refused with the names of
+the missing, unexpected or mis-shaped tensors. The quantizer is pluggable (any `QUANTIZERS`
+kind); a residual quantizer adds a trailing codebook axis to the tokens, `(b h' w' q)`. The
+`"lfq"` tokenizer is the same model with a lookup-free quantizer by default (MAGVIT-v2's
+quantiser in a VQ-VAE).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import ClassVar, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from tokenizers_vq.nets.conv2d import Decoder2d, Encoder2d, downsampled_size
+from tokenizers_vq.quantizers import QUANTIZERS, LFQConfig, QuantizerConfig, VQConfig, build_quantizer
+from tokenizers_vq.quantizers.base import config_from_dict
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+RECONSTRUCTION_LOSSES = ("mse", "l1")
+
+
+@dataclass(frozen=True)
+class VQVAEConfig:
+    """Sizes of the VQ-VAE; the defaults fit 28x28 MNIST on a CPU (7x7 grid of 256 codes)."""
+
+    kind: ClassVar[str] = "vqvae"
+
+    in_channels: int = 1
+    hidden_channels: int = 64
+    channel_multipliers: tuple[int, ...] = (1, 2)  # one stride-2 downsampling per entry
+    num_res_blocks: int = 1
+    embedding_dim: int = 32
+    quantizer: QuantizerConfig = field(default_factory=VQConfig)  # any QUANTIZERS kind
+    reconstruction_loss: str = "mse"
+
+    def __post_init__(self):
+        if isinstance(self.channel_multipliers, list):  # tolerate JSON/TOML lists in direct construction
+            object.__setattr__(self, "channel_multipliers", tuple(self.channel_multipliers))
+        if self.in_channels < 1 or self.embedding_dim < 1:
+            raise ValueError("in_channels and embedding_dim must be positive")
+        if self.reconstruction_loss not in RECONSTRUCTION_LOSSES:
+            raise ValueError(f"reconstruction_loss must be one of {RECONSTRUCTION_LOSSES}, got {self.reconstruction_loss!r}")
+        configs = tuple(config_cls for config_cls, _ in QUANTIZERS.values())
+        if not isinstance(self.quantizer, configs):
+            raise ValueError(f"quantizer must be one of {[c.__name__ for c in configs]}, "
+                             f"got {type(self.quantizer).__name__}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "VQVAEConfig":
+        return config_from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class LFQVAEConfig(VQVAEConfig):
+    """A VQ-VAE with a lookup-free quantizer: 2^10 codes, 10-dimensional latents (no projection)."""
+
+    kind: ClassVar[str] = "lfq"
+
+    embedding_dim: int = 10
+    quantizer: QuantizerConfig = field(default_factory=lambda: LFQConfig(bits=10))
+
+
+class TokenizerOutput(NamedTuple):
+    """reconstruction (b c h w) unclamped decoder output; indices (b h' w') int64, or (b h' w' q)
+    with a residual quantizer; aux_loss scalar; metrics 0-d tensors from the quantizer."""
+
+    reconstruction: Tensor
+    indices: Tensor
+    aux_loss: Tensor
+    metrics: dict[str, Tensor]
+
+
+def load_state_strictly(module: nn.Module, tensors: dict[str, Tensor], source: str | Path) -> None:
+    """`module.load_state_dict(tensors, strict=True)`, with an error that names every mismatch."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    misshaped = sorted(
+        f"{name}: file {tuple(tensors[name].shape)} vs model {tuple(expected[name].shape)}"
+        for name in set(expected) & set(tensors)
+        if tensors[name].shape != expected[name].shape
+    )
+    if missing or unexpected or misshaped:
+        raise ValueError(
+            f"{source} does not match the model built from its config.json: "
+            f"missing tensors {missing}, unexpected tensors {unexpected}, wrong shapes {misshaped}"
+        )
+    module.load_state_dict(tensors, strict=True)
+
+
+class VQVAE(nn.Module):
+    """Image tokenizer and `Trainable`: encode/decode tokens, forward for training, save/load.
+
+    Tokens are `(b h' w')` in [0, vocab_size), or `(b h' w' q)` when the quantizer has
+    `num_codebooks = q > 1` (residual VQ; vocab_size is then the size of each level's codebook).
+    """
+
+    config_class: ClassVar[type[VQVAEConfig]] = VQVAEConfig
+
+    def __init__(self, config: VQVAEConfig):
+        super().__init__()
+        self.config = config
+        net_sizes = dict(
+            hidden_channels=config.hidden_channels,
+            channel_multipliers=config.channel_multipliers,
+            num_res_blocks=config.num_res_blocks,
+        )
+        self.encoder = Encoder2d(in_channels=config.in_channels, out_channels=config.embedding_dim, **net_sizes)
+        self.quantizer = build_quantizer(config.quantizer, config.embedding_dim)
+        self.decoder = Decoder2d(in_channels=config.embedding_dim, out_channels=config.in_channels, **net_sizes)
+        self.downsampling_factor = self.encoder.downsampling_factor
+
+    @property
+    def vocab_size(self) -> int:
+        return self.quantizer.codebook_size
+
+    @property
+    def num_codebooks(self) -> int:
+        """Indices per grid cell: 1 gives `(b h' w')` tokens, q > 1 gives `(b h' w' q)`."""
+        return self.quantizer.num_codebooks
+
+    def token_grid(self, input_shape: tuple[int, int, int]) -> tuple[int, int]:
+        """(c, h, w) of one image -> (h', w') of its token grid."""
+        channels, height, width = input_shape
+        if channels != self.config.in_channels:
+            raise ValueError(f"the tokenizer takes {self.config.in_channels}-channel images, got {channels} channel(s)")
+        return downsampled_size(height, self.downsampling_factor), downsampled_size(width, self.downsampling_factor)
+
+    # --- the three directions -------------------------------------------------------------------
+
+    def _latents(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """(b c h w) -> (b (h' w') d) encoder outputs and the grid (h', w')."""
+        if x.ndim != 4:
+            raise ValueError(f"expected images (b c h w), got shape {tuple(x.shape)}")
+        grid = self.token_grid(tuple(x.shape[1:]))
+        return rearrange(self.encoder(x), "b d h w -> b (h w) d"), grid
+
+    def _decode_codes(self, codes: Tensor, grid: tuple[int, int]) -> Tensor:
+        height, width = grid
+        return self.decoder(rearrange(codes, "b (h w) d -> b d h w", h=height, w=width))
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Tensor:
+        """(b c h w) in [-1, 1] -> (b h' w') int64 tokens, or (b h' w' q) with q codebooks; never
+        updates codebook statistics."""
+        latents, (height, width) = self._latents(x)
+        return rearrange(self.quantizer.to_indices(latents), "b (h w) ... -> b h w ...", h=height, w=width)
+
+    @torch.no_grad()
+    def decode(self, tokens: Tensor) -> Tensor:
+        """(b h' w') int64 tokens, or (b h' w' q) with q codebooks -> (b c h w) images in [-1, 1]."""
+        expected_ndim = 3 if self.num_codebooks == 1 else 4
+        if tokens.ndim != expected_ndim or (expected_ndim == 4 and tokens.shape[-1] != self.num_codebooks):
+            expected = "(b h w)" if expected_ndim == 3 else f"(b h w q) with q={self.num_codebooks}"
+            raise ValueError(f"expected a token grid {expected}, got shape {tuple(tokens.shape)}")
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+            raise ValueError(f"tokens must lie in [0, {self.vocab_size}), got [{int(tokens.min())}, {int(tokens.max())}]")
+        grid = tuple(tokens.shape[1:3])
+        codes = self.quantizer.lookup(rearrange(tokens.long(), "b h w ... -> b (h w) ..."))
+        return self._decode_codes(codes, grid).clamp(-1.0, 1.0)
+
+    def forward(self, x: Tensor) -> TokenizerOutput:
+        latents, grid = self._latents(x)
+        quantized = self.quantizer(latents)
+        reconstruction = self._decode_codes(quantized.quantized, grid)
+        indices = rearrange(quantized.indices, "b (h w) ... -> b h w ...", h=grid[0], w=grid[1])
+        return TokenizerOutput(reconstruction, indices, quantized.aux_loss, quantized.metrics)
+
+    # --- Trainable ------------------------------------------------------------------------------
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"main": [parameter for parameter in self.parameters() if parameter.requires_grad]}
+
+    def phases(self, step: int) -> list[str]:
+        return ["main"]
+
+    def loss(self, batch: dict, phase: str, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        if phase != "main":
+            raise ValueError(f"VQVAE has one phase, 'main'; got {phase!r}")
+        images = batch["pixel_values"]
+        output = self(images)
+        # The loss is taken in float32 even when the decoder ran under bf16 autocast.
+        reconstruction, target = output.reconstruction.float(), images.float()
+        if self.config.reconstruction_loss == "mse":
+            reconstruction_loss = F.mse_loss(reconstruction, target)
+        else:
+            reconstruction_loss = F.l1_loss(reconstruction, target)
+        total = reconstruction_loss + output.aux_loss
+        metrics = {
+            "reconstruction_loss": reconstruction_loss.detach(),
+            "quantizer_loss": output.aux_loss.detach(),
+            **{name: value.detach() for name, value in output.metrics.items()},
+        }
+        return total, metrics
+
+    # --- checkpoints ----------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = {"kind": self.config.kind, "config": asdict(self.config)}
+        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
+        save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
+        logger.info("saved %s tokenizer to %s", self.config.kind, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "VQVAE":
+        """Build from `config.json` and load `model.safetensors` strictly; returns the model in eval mode."""
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} does not exist; a tokenizer folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+        data = json.loads(config_path.read_text())
+        config_class = cls.config_class
+        if data.get("kind") != config_class.kind or "config" not in data:
+            raise ValueError(f"{config_path} describes kind {data.get('kind')!r}, not a {config_class.kind!r} tokenizer")
+        model = cls(config_class.from_dict(data["config"]))
+        load_state_strictly(model, load_file(weights_path), weights_path)
+        return model.eval()
+
+
+class LFQVAE(VQVAE):
+    """The VQ-VAE with `LFQVAEConfig` (tokenizer kind "lfq"): same networks, lookup-free codes."""
+
+    config_class: ClassVar[type[VQVAEConfig]] = LFQVAEConfig
