@@ -110,7 +110,7 @@ def generate_command(args) -> Path:
         tokens = sample_labelled(prior, labels, options, generator, batch_size=256)
     out = args.out or args.run_dir / "samples" / "generated.png"
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_image_grid(decode_tokens(tokenizer, tokens, manifest.token_grid), out, nrow=min(args.num, 8))
+    save_image_grid(decode_tokens(tokenizer, tokens, manifest), out, nrow=min(args.num, 8))
     return out
 
 

@@ -52,7 +52,7 @@ def tokenizer_metrics(tokenizer, test_images: torch.Tensor, test_tokens: torch.T
 
 @torch.no_grad()
 def prior_metrics(prior, tokens: torch.Tensor, labels: torch.Tensor | None, batch_size: int, image_dims: int) -> dict:
-    device = next(prior.parameters()).device
+    device = next(iter([*prior.parameters(), *prior.buffers()])).device  # count-only priors have no parameters
     log_probs = []
     for start in range(0, len(tokens), batch_size):
         chunk_labels = labels[start : start + batch_size].to(device) if labels is not None else None
@@ -75,9 +75,9 @@ def evaluate_run(run: Run) -> dict:
     manifest = tokenset.manifest
     dataset = run.dataset
     test_images = to_tensor_images(dataset.test.images)
-    test_split = tokenset.splits["test"]
-    test_tokens = torch.as_tensor(test_split["input_ids"]).long()
-    test_labels = torch.as_tensor(test_split["label"]).long() if manifest.num_classes else None
+    test_split = tokenset.tensors("test")
+    test_tokens = test_split["input_ids"]
+    test_labels = test_split.get("label") if manifest.num_classes else None
     samples_dir = run.path("samples")
 
     metrics: dict = {"run": config.name, "data_source": manifest.data_source}
@@ -98,7 +98,7 @@ def evaluate_run(run: Run) -> dict:
         )
         classifier_real = classifier_accuracy(classifier, test_images, torch.as_tensor(dataset.test.labels))
         sample_tokens, sample_labels = load_eval_samples(samples_dir)
-        samples = decode_tokens(tokenizer, sample_tokens, manifest.token_grid)
+        samples = decode_tokens(tokenizer, sample_tokens, manifest)
         generator = torch.Generator().manual_seed(config.seed)
         quality = sample_quality(classifier, samples, sample_labels, test_images, generator=generator)
         metrics["samples"] = {

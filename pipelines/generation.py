@@ -77,7 +77,7 @@ def generate_run_samples(run_dir: Path, config, out_dir: Path, device) -> dict:
         if num_classes
         else prior.sample(config.grid_samples_per_class * 4, options=conditional_options, generator=generator).cpu()
     )
-    images = decode_tokens(tokenizer, grid_tokens, manifest.token_grid)
+    images = decode_tokens(tokenizer, grid_tokens, manifest)
     per_row = len(images) // rows
     class_rows_grid([images[r * per_row : (r + 1) * per_row] for r in range(rows)], out_dir / "grid.png")
 
@@ -114,13 +114,13 @@ def complete_test_prefixes(tokenizer, prior, tokenset, options, generator, out_d
     manifest = tokenset.manifest
     height, width = manifest.token_grid
     prefix_rows = prefix_rows if prefix_rows is not None else max(1, height // 2)
-    test = tokenset.splits["test"]
-    take = min(count, len(test))
-    originals = torch.as_tensor(test["input_ids"][:take]).long()
-    labels = torch.as_tensor(test["label"][:take]).long().to(device) if manifest.num_classes else None
-    prefix = originals[:, : prefix_rows * width].to(device)
+    test = tokenset.tensors("test")
+    take = min(count, len(test["input_ids"]))
+    originals = test["input_ids"][:take]
+    labels = test["label"][:take].to(device) if manifest.num_classes else None
+    prefix = originals[:, : prefix_rows * width * manifest.num_codebooks].to(device)
     completed = sample_labelled(prior, labels, options, generator, batch_size=take, prefix=prefix)
-    images = decode_tokens(tokenizer, torch.cat([originals, completed]), manifest.token_grid)
+    images = decode_tokens(tokenizer, torch.cat([originals, completed]), manifest)
     path = out_dir / "completions.png"
     save_image_grid(images, path, nrow=take)
     return path

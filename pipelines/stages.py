@@ -23,7 +23,7 @@ from accelerate import PartialState
 
 from pipelines.config import RunConfig, fingerprint
 from pipelines.data import ImageDataset, ImageTensorDataset, load_image_dataset
-from pipelines.loop import train
+from pipelines.loop import TrainResult, train
 from pipelines.tokenset import TokenTensorDataset, export_tokens, load_tokenset, sha256_file
 from priors import PRIORS, load_prior
 from tokenizers_vq import TOKENIZERS, load_tokenizer
@@ -170,18 +170,15 @@ def train_prior_stage(run: Run, resume: bool = False, force: bool = False) -> Pa
     prior_config = run.config.prior_config(manifest.vocab_size, manifest.sequence_length, manifest.num_classes)
     _, prior_cls = PRIORS[run.config.prior.kind]
     prior = prior_cls(prior_config)
-    training_dir = run.path("checkpoints", "prior")
-    if run.state.is_main_process:
-        prepare_training_dir(training_dir, stage_fingerprint, resume)
-    run.state.wait_for_everyone()
-    result = train(
-        prior,
-        TokenTensorDataset(tokenset.splits["train"]),
-        run.config.prior_training,
-        training_dir,
-        resume=resume,
-        description="prior",
-    )
+    train_tokens = TokenTensorDataset(tokenset.splits["train"])
+    if getattr(prior, "fit_by_counting", False):  # histograms are fit by counting, not by gradient steps
+        result = fit_by_counting(prior, train_tokens, run.config.prior_training.batch_size)
+    else:
+        training_dir = run.path("checkpoints", "prior")
+        if run.state.is_main_process:
+            prepare_training_dir(training_dir, stage_fingerprint, resume)
+        run.state.wait_for_everyone()
+        result = train(prior, train_tokens, run.config.prior_training, training_dir, resume=resume, description="prior")
     if run.state.is_main_process:
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -190,6 +187,13 @@ def train_prior_stage(run: Run, resume: bool = False, force: bool = False) -> Pa
         mark_stage_done(out_dir, stage_fingerprint, steps=result.steps, final_metrics=result.final_metrics)
     run.state.wait_for_everyone()
     return out_dir
+
+
+def fit_by_counting(prior, dataset, batch_size: int) -> TrainResult:
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    for batch in loader:
+        prior.fit(batch["input_ids"], batch.get("label"))
+    return TrainResult(steps=0, final_metrics={}, history=[], checkpoint_dir=None)
 
 
 def load_matched_pair(run_dir: Path, device):
@@ -212,12 +216,16 @@ def load_matched_pair(run_dir: Path, device):
     return tokenizer, prior.to(device).eval(), tokenset
 
 
-def decode_tokens(tokenizer, tokens: torch.Tensor, token_grid, batch_size: int = 256) -> torch.Tensor:
-    """Flat (n L) tokens -> images (n c h w) in [-1, 1], on the CPU."""
-    height, width = token_grid
+def decode_tokens(tokenizer, tokens: torch.Tensor, manifest, batch_size: int = 256) -> torch.Tensor:
+    """Flat (n L) tokens in the manifest's order -> images (n c h w) in [-1, 1], on the CPU."""
+    height, width = manifest.token_grid
+    codebooks = manifest.num_codebooks
+    device = next(tokenizer.parameters()).device
     images = []
     with torch.no_grad():
         for start in range(0, len(tokens), batch_size):
-            chunk = tokens[start : start + batch_size].reshape(-1, height, width)
-            images.append(tokenizer.decode(chunk.to(next(tokenizer.parameters()).device)).float().cpu())
+            chunk = tokens[start : start + batch_size]
+            grid = (chunk.reshape(-1, height, width, codebooks) if codebooks > 1
+                    else chunk.reshape(-1, height, width))  # codebook index fastest, as exported
+            images.append(tokenizer.decode(grid.to(device)).float().cpu())
     return torch.cat(images)

@@ -17,9 +17,10 @@ from tokenizers_vq.quantizers import (
     quantizer_config_from_dict,
     usage_and_perplexity,
 )
+from tokenizers_vq.vqgan import VQGAN, VQGANConfig
 from tokenizers_vq.vqvae import LFQVAE, VQVAE, LFQVAEConfig, TokenizerOutput, VQVAEConfig
 
-TOKENIZERS = {"vqvae": (VQVAEConfig, VQVAE), "lfq": (LFQVAEConfig, LFQVAE)}
+TOKENIZERS = {"vqvae": (VQVAEConfig, VQVAE), "lfq": (LFQVAEConfig, LFQVAE), "vqgan": (VQGANConfig, VQGAN)}
 
 
 def load_tokenizer(directory: str | Path):
@@ -35,6 +36,8 @@ def load_tokenizer(directory: str | Path):
 
 
 __all__ = [
+    "VQGAN",
+    "VQGANConfig",
     "LFQVAE",
     "QUANTIZERS",
     "TOKENIZERS",

@@ -112,14 +112,16 @@ def factorised_entropy_terms(x: Tensor, code_scale: float, temperature: float) -
 
 
 def exact_entropy_terms(x: Tensor, code_scale: float, temperature: float) -> tuple[Tensor, Tensor]:
-    """(t k) -> (mean per-sample entropy, codebook entropy) from the full (t 2^k) softmax."""
+    """(t k) -> (mean per-sample entropy, codebook entropy), the latter from the full (t 2^k) softmax.
+
+    The per-sample entropy is the factorised one, which is exact; only the batch average of q
+    needs every code, so a single (t 2^k) tensor is formed.
+    """
+    per_sample, _ = factorised_entropy_terms(x, code_scale, temperature)
     num_bits = x.shape[-1]
     codes = code_scale * (2.0 * indices_to_bits(torch.arange(2**num_bits, device=x.device), num_bits) - 1.0)
     # -||x - c||^2 up to terms constant in c (all codes have the same norm).
-    log_probabilities = (2.0 * x @ codes.t() / temperature).log_softmax(dim=-1)
-    probabilities = log_probabilities.exp()
-    per_sample = -(probabilities * log_probabilities).sum(dim=-1).mean()
-    average = probabilities.mean(dim=0)
+    average = (2.0 * x @ codes.t() / temperature).softmax(dim=-1).mean(dim=0)
     codebook = -(average * average.clamp_min(1e-30).log()).sum()
     return per_sample, codebook
 

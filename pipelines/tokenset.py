@@ -1,0 +1,358 @@
+"""The token set: where stage one hands over to stage two.
+
+`export_tokens` encodes every split of an image data set with a trained tokenizer, flattens each
+token grid row-major into an `input_ids` sequence and writes, per split, a Hugging Face
+`datasets` folder (`save_to_disk`) and a Parquet file, then a `manifest.json` that says exactly
+which tokenizer made the tokens (kind, config, sha256 of its weights) and what they are (vocab
+size, grid, order, sequence length, classes, data source, split sizes). `load_tokenset` checks all
+of it before a prior sees a single token, and refuses tokens made by another tokenizer or shaped
+for another prior. This is the code-extraction step of two-stage models such as VQ-VAE (van den
+Oord et al. 2017, "Neural Discrete Representation Learning") and LlamaGen (Sun et al. 2024):
+encode once, then train the prior on stored codes instead of re-encoding on every step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow.compute as pc
+import torch
+from einops import rearrange
+from tqdm.auto import tqdm
+
+from pipelines.data import ImageDataset, to_tensor_images
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+WEIGHTS_NAME = "model.safetensors"
+SPLITS = ("train", "val", "test")
+ORDER = "row-major"
+
+
+class TokenSetError(ValueError):
+    """A token set that is missing, corrupt or inconsistent with its manifest."""
+
+
+class TokenSetMismatchError(TokenSetError):
+    """Tokens made by another tokenizer, or shaped for another prior, than the caller's."""
+
+
+def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks so that large weights never sit in memory twice."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _jsonable(value):
+    """Dataclasses, tuples and numpy scalars -> plain JSON types (tuples become lists)."""
+    return json.loads(json.dumps(value, default=lambda item: item.item() if hasattr(item, "item") else str(item)))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format_version: int
+    tokenizer_kind: str
+    tokenizer_config: dict
+    tokenizer_sha256: str
+    vocab_size: int
+    token_grid: list[int]  # (h', w') of one image's tokens
+    sequence_length: int  # h' * w' * num_codebooks
+    order: str  # "row-major": token (i, j[, q]) is input_ids[(i * w' + j) * num_codebooks + q]
+    num_codebooks: int
+    num_classes: int  # 0 = unconditional
+    class_names: list[str]
+    data_source: dict
+    split_sizes: dict[str, int]
+    image_shape: list[int]  # (c, h, w)
+
+    def to_json(self) -> dict:
+        return _jsonable(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Manifest":
+        """Strict: unknown or missing keys, wrong types and inconsistent sizes are all errors."""
+        if not isinstance(data, dict):
+            raise TokenSetError(f"a manifest is a JSON object, got {type(data).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown, missing = sorted(set(data) - set(names)), sorted(set(names) - set(data))
+        if unknown or missing:
+            raise TokenSetError(f"manifest has unknown key(s) {unknown} and lacks key(s) {missing}; "
+                                f"valid keys: {names}")
+        if data["format_version"] != FORMAT_VERSION:
+            raise TokenSetError(f"manifest format_version {data['format_version']!r}; "
+                                f"this tokgen reads {FORMAT_VERSION}")
+        expected_types = {"tokenizer_kind": str, "tokenizer_config": dict, "tokenizer_sha256": str, "vocab_size": int,
+                          "token_grid": list, "sequence_length": int, "order": str, "num_codebooks": int,
+                          "num_classes": int, "class_names": list, "data_source": dict, "split_sizes": dict,
+                          "image_shape": list}
+        wrong = [name for name, kind in expected_types.items()
+                 if not isinstance(data[name], kind) or (kind is int and isinstance(data[name], bool))]
+        if wrong:
+            raise TokenSetError(f"manifest field(s) {wrong} have the wrong type")
+        manifest = cls(**data)
+        manifest.check()
+        return manifest
+
+    def check(self) -> None:
+        problems = []
+        if self.vocab_size < 1 or self.num_codebooks < 1 or len(self.token_grid) != 2:
+            problems.append(f"vocab_size {self.vocab_size}, num_codebooks {self.num_codebooks}, grid {self.token_grid}")
+        elif self.sequence_length != math.prod(self.token_grid) * self.num_codebooks:
+            problems.append(f"sequence_length {self.sequence_length} != grid {self.token_grid} "
+                            f"x {self.num_codebooks} codebook(s)")
+        if self.order != ORDER:
+            problems.append(f"order {self.order!r} (only {ORDER!r} is defined)")
+        if self.num_classes != len(self.class_names):
+            problems.append(f"num_classes {self.num_classes} but {len(self.class_names)} class names")
+        if sorted(self.split_sizes) != sorted(SPLITS) or any(not isinstance(v, int) for v in self.split_sizes.values()):
+            problems.append(f"split_sizes must give an integer size for each of {list(SPLITS)}: {self.split_sizes}")
+        if len(self.image_shape) != 3:
+            problems.append(f"image_shape {self.image_shape} is not (c, h, w)")
+        if problems:
+            raise TokenSetError("inconsistent manifest: " + "; ".join(problems))
+
+
+@dataclass
+class TokenSet:
+    directory: Path
+    manifest: Manifest
+    splits: dict[str, datasets.Dataset]  # torch format: input_ids (L,) int, label () int64 per row
+
+    def tensors(self, split: str) -> dict[str, torch.Tensor]:
+        """One whole split as `{"input_ids": (n L) int64, "label": (n,) int64}` (label only when labelled).
+
+        `datasets` >= 4 returns a lazy `Column` for `split["input_ids"]`, which torch cannot convert;
+        this is the one-call way to get tensors.
+        """
+        return _split_tensors(self.splits[split])
+
+
+def _split_tensors(dataset: datasets.Dataset) -> dict[str, torch.Tensor]:
+    columns = [name for name in ("input_ids", "label") if name in dataset.column_names]
+    rows = dataset.with_format("numpy", columns=columns)[:]
+    tensors = {"input_ids": torch.from_numpy(np.asarray(rows["input_ids"], dtype=np.int64).reshape(len(dataset), -1))}
+    if "label" in rows:
+        tensors["label"] = torch.from_numpy(np.asarray(rows["label"], dtype=np.int64))
+    return tensors
+
+
+class TokenTensorDataset(torch.utils.data.Dataset):
+    """A token split as `{"input_ids": (L,) int64, "label": () int64}` items; batches to (b L) and (b,).
+
+    The split is read into one tensor up front: a prior step then costs an index, not an Arrow read.
+    """
+
+    def __init__(self, dataset: datasets.Dataset):
+        tensors = _split_tensors(dataset)
+        self.input_ids, self.labels = tensors["input_ids"], tensors.get("label")
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item = {"input_ids": self.input_ids[index]}
+        if self.labels is not None:
+            item["label"] = self.labels[index]
+        return item
+
+
+# --- export -------------------------------------------------------------------------------------
+
+
+def _encode_split(tokenizer, images: np.ndarray, batch_size: int, device, progress: bool, name: str) -> np.ndarray:
+    """uint8 (n h w c) -> (n L) int64 tokens, flattened row-major (codebook index fastest)."""
+    chunks = []
+    starts = range(0, len(images), batch_size)
+    for start in tqdm(starts, desc=f"encode {name}", disable=not progress or not len(starts), leave=False):
+        pixel_values = to_tensor_images(images[start : start + batch_size]).to(device)
+        tokens = tokenizer.encode(pixel_values)
+        if tokens.ndim == 3:
+            tokens = tokens[..., None]
+        chunks.append(rearrange(tokens, "b h w q -> b (h w q)").long().cpu().numpy())
+    return np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.int64)
+
+
+def _token_dataset(tokens: np.ndarray, labels: np.ndarray | None, sequence_length: int) -> datasets.Dataset:
+    # int32 halves the files; every vocabulary tokgen builds is far below 2**31.
+    features = {"input_ids": datasets.List(datasets.Value("int32"))}
+    columns = {"input_ids": tokens.reshape(len(tokens), sequence_length).astype(np.int32)}
+    if labels is not None:
+        features["label"] = datasets.Value("int64")
+        columns["label"] = labels.astype(np.int64)
+    return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+
+
+@contextlib.contextmanager
+def _quiet_datasets_progress():
+    """Hide `datasets`' per-write progress bars (noise beside our own), restoring the caller's setting."""
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
+def export_tokens(tokenizer, tokenizer_dir: str | Path, dataset: ImageDataset, out_dir: str | Path, *,
+                  batch_size: int = 256, device="cpu", progress: bool = True) -> Manifest:
+    """Encode train/val/test with `tokenizer` (already on `device`) and write the token set to `out_dir`.
+
+    The manifest is written last, so a half-written export never loads.
+    """
+    tokenizer_dir, out_dir = Path(tokenizer_dir), Path(out_dir)
+    weights = tokenizer_dir / WEIGHTS_NAME
+    if not weights.is_file():
+        raise TokenSetError(f"{weights} does not exist; export needs the saved tokenizer the tokens come from")
+    image_shape = (dataset.channels, *dataset.image_size)
+    token_grid = tuple(int(size) for size in tokenizer.token_grid(image_shape))
+    num_codebooks = int(getattr(tokenizer, "num_codebooks", 1))
+    sequence_length = math.prod(token_grid) * num_codebooks
+    vocab_size = int(tokenizer.vocab_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    was_training = getattr(tokenizer, "training", False)
+    if hasattr(tokenizer, "eval"):
+        tokenizer.eval()
+    split_sizes = {}
+    try:
+        with torch.no_grad(), _quiet_datasets_progress():
+            for name, split in dataset.splits().items():
+                tokens = _encode_split(tokenizer, split.images, batch_size, device, progress, name)
+                if len(tokens) and tokens.shape[1] != sequence_length:
+                    raise TokenSetError(f"tokenizer gave {tokens.shape[1]} tokens per image, "
+                                        f"its grid says {sequence_length}")
+                if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+                    raise TokenSetError(f"tokenizer gave tokens in [{tokens.min()}, {tokens.max()}], "
+                                        f"outside [0, {vocab_size})")
+                token_dataset = _token_dataset(tokens, split.labels, sequence_length)
+                token_dataset.save_to_disk(str(out_dir / name))
+                token_dataset.to_parquet(str(out_dir / f"{name}.parquet"))
+                split_sizes[name] = len(token_dataset)
+    finally:
+        if was_training:
+            tokenizer.train()
+    config = getattr(tokenizer, "config", None)
+    manifest = Manifest(
+        format_version=FORMAT_VERSION,
+        tokenizer_kind=str(getattr(config, "kind", type(tokenizer).__name__.lower())),
+        tokenizer_config=_jsonable(dataclasses.asdict(config)) if dataclasses.is_dataclass(config) else {},
+        tokenizer_sha256=sha256_file(weights),
+        vocab_size=vocab_size,
+        token_grid=list(token_grid),
+        sequence_length=sequence_length,
+        order=ORDER,
+        num_codebooks=num_codebooks,
+        num_classes=dataset.num_classes,
+        class_names=list(dataset.class_names),
+        data_source=_jsonable(dataset.source),
+        split_sizes=split_sizes,
+        image_shape=list(image_shape),
+    )
+    manifest.check()
+    (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
+    logger.info("exported %s tokens (vocab %d, length %d) to %s", split_sizes, vocab_size, sequence_length, out_dir)
+    return manifest
+
+
+# --- load and validate --------------------------------------------------------------------------
+
+
+def read_manifest(directory: str | Path) -> Manifest:
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        raise TokenSetError(f"{path} does not exist; is {directory} a token set written by `tokgen export-tokens`?")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise TokenSetError(f"{path} is not valid JSON: {error}") from error
+    try:
+        return Manifest.from_json(data)
+    except TokenSetError as error:
+        raise TokenSetError(f"{path}: {error}") from error
+
+
+def _check_expectations(manifest: Manifest, directory: Path, **expected: int | None) -> None:
+    """A prior built for (vocab, length, classes) must not be fed tokens of another shape."""
+    actual = {"vocab_size": manifest.vocab_size, "sequence_length": manifest.sequence_length,
+              "num_classes": manifest.num_classes}
+    wrong = [f"{name}={actual[name]} (expected {value})" for name, value in expected.items()
+             if value is not None and actual[name] != value]
+    if wrong:
+        raise TokenSetMismatchError(
+            f"token set {directory} has {', '.join(wrong)}: these tokens were made for another model; "
+            f"train the prior on this token set, or re-export tokens with the matching tokenizer"
+        )
+
+
+def _check_split(dataset: datasets.Dataset, manifest: Manifest, name: str, path: Path) -> None:
+    expected_size = manifest.split_sizes[name]
+    if len(dataset) != expected_size:
+        raise TokenSetError(f"{path} has {len(dataset)} rows, the manifest says {expected_size}")
+    wanted = {"input_ids", "label"} if manifest.num_classes else {"input_ids"}
+    if set(dataset.column_names) != wanted:
+        raise TokenSetError(f"{path} has columns {dataset.column_names}, expected {sorted(wanted)}")
+    if not len(dataset):
+        return
+    table = dataset.data
+    input_ids = table.column("input_ids")
+    lengths = pc.min_max(pc.list_value_length(input_ids)).as_py()
+    if lengths["min"] != manifest.sequence_length or lengths["max"] != manifest.sequence_length:
+        raise TokenSetError(f"{path} has sequences of length {lengths['min']}..{lengths['max']}, "
+                            f"the manifest says {manifest.sequence_length}")
+    values = pc.min_max(pc.list_flatten(input_ids)).as_py()
+    if values["min"] < 0 or values["max"] >= manifest.vocab_size:
+        raise TokenSetError(f"{path} has tokens in [{values['min']}, {values['max']}], "
+                            f"outside [0, {manifest.vocab_size})")
+    if manifest.num_classes:
+        labels = pc.min_max(table.column("label")).as_py()
+        if labels["min"] < 0 or labels["max"] >= manifest.num_classes:
+            raise TokenSetError(f"{path} has labels in [{labels['min']}, {labels['max']}], "
+                                f"outside [0, {manifest.num_classes})")
+
+
+def load_tokenset(directory: str | Path, *, tokenizer_dir: str | Path | None = None,
+                  expected_vocab_size: int | None = None, expected_sequence_length: int | None = None,
+                  expected_num_classes: int | None = None) -> TokenSet:
+    """Open and validate a token set; with `tokenizer_dir`, also prove it was made by that tokenizer."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if tokenizer_dir is not None:
+        weights = Path(tokenizer_dir) / WEIGHTS_NAME
+        if not weights.is_file():
+            raise TokenSetError(f"{weights} does not exist; cannot check which tokenizer made {directory}")
+        given = sha256_file(weights)
+        if given != manifest.tokenizer_sha256:
+            raise TokenSetMismatchError(
+                f"the tokens in {directory} were made with a {manifest.tokenizer_kind!r} tokenizer whose weights have "
+                f"sha256 {manifest.tokenizer_sha256}, but {tokenizer_dir} holds weights with sha256 {given}; "
+                f"re-export the tokens with this tokenizer (tokgen export-tokens) or use the one they were made with"
+            )
+    _check_expectations(manifest, directory, vocab_size=expected_vocab_size,
+                        sequence_length=expected_sequence_length, num_classes=expected_num_classes)
+    splits = {}
+    for name in SPLITS:
+        path = directory / name
+        try:
+            dataset = datasets.load_from_disk(str(path))
+        except Exception as error:  # missing folder, corrupt Arrow file, DatasetDict instead of Dataset ...
+            raise TokenSetError(f"cannot load split {name!r} from {path}: {type(error).__name__}: {error}") from error
+        if not isinstance(dataset, datasets.Dataset):
+            raise TokenSetError(f"{path} holds a {type(dataset).__name__}, expected one Dataset per split")
+        _check_split(dataset, manifest, name, path)
+        dataset.set_format("torch", columns=dataset.column_names)
+        splits[name] = dataset
+    return TokenSet(directory, manifest, splits)

@@ -1,0 +1,101 @@
+"""NADE: the neural autoregressive distribution estimator, one hidden layer shared by all conditionals.
+
+Larochelle & Murray 2011, "The Neural Autoregressive Distribution Estimator": position t's
+conditional reads a hidden layer h_t = sigmoid(c + W[:, <t] x_<t) whose input weights are shared
+across positions, so the pre-activations obey the running sum a_1 = c, a_{t+1} = a_t + W[:, t] x_t
+and all L conditionals cost O(L H) instead of O(L^2 H). Output: p(x_t = 1 | x_<t) =
+sigmoid(b_t + V_t . h_t) for binary tokens (the paper's model), a softmax over V tokens with a
+(H V) output matrix per position otherwise (the categorical input x_t is then its one-hot code,
+so W has one column per (position, token)); the exact log-likelihood costs O(L H V). Class
+conditioning gives each class its own hidden bias c (row C: the null class, trained by label
+dropout, which also gives guidance). Sampling computes a_t for one position at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from einops import einsum, rearrange
+from torch import Tensor, nn
+
+from priors.baselines.common import (
+    AutoregressiveDensityModel,
+    binary_to_categorical_logits,
+    check_sizes,
+    config_from_dict,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NADEConfig:
+    vocab_size: int
+    seq_len: int
+    num_classes: int = 0
+    hidden_size: int = 500  # the paper's H on binarized MNIST
+    label_dropout: float = 0.1
+
+    def __post_init__(self):
+        check_sizes(self.vocab_size, self.seq_len, self.num_classes)
+        if self.hidden_size < 1:
+            raise ValueError(f"hidden_size must be positive, got {self.hidden_size}")
+        if not 0.0 <= self.label_dropout <= 1.0:
+            raise ValueError(f"label_dropout must lie in [0, 1], got {self.label_dropout}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "NADEConfig":
+        return config_from_dict(cls, data)
+
+
+class NADE(AutoregressiveDensityModel):
+    """input_weight (L K_in H), hidden_bias (C+1 H), output_weight (L H K_out), output_bias (L K_out).
+
+    K = 1 for binary tokens (the token value / one Bernoulli logit), K = V otherwise.
+    """
+
+    kind: ClassVar[str] = "nade"
+    config_class: ClassVar[type] = NADEConfig
+
+    def __init__(self, config: NADEConfig):
+        super().__init__(config)
+        self.block = 1 if config.vocab_size == 2 else config.vocab_size
+        seq_len, hidden = config.seq_len, config.hidden_size
+        self.input_weight = nn.Parameter(torch.randn(seq_len, self.block, hidden) / math.sqrt(seq_len))
+        self.hidden_bias = nn.Embedding(config.num_classes + 1, hidden)
+        nn.init.zeros_(self.hidden_bias.weight)
+        self.output_weight = nn.Parameter(torch.randn(seq_len, hidden, self.block) / math.sqrt(hidden))
+        self.output_bias = nn.Parameter(torch.zeros(seq_len, self.block))
+
+    def input_contributions(self, input_ids: Tensor) -> Tensor:
+        """(b n) tokens at positions 0..n-1 -> (b n H): the column W[:, s] x_s of each."""
+        length = input_ids.shape[1]
+        if self.block == 1:
+            return einsum(input_ids.to(self.input_weight.dtype), self.input_weight[:length, 0], "b l, l h -> b l h")
+        positions = torch.arange(length, device=input_ids.device)
+        return self.input_weight[positions, input_ids]  # (b l h) by advanced indexing of (l, token)
+
+    def output_logits(self, hidden: Tensor, positions: slice) -> Tensor:
+        """(b l H) hidden units of the positions -> (b l V) categorical logits."""
+        logits = einsum(hidden, self.output_weight[positions], "b l h, l h k -> b l k") + self.output_bias[positions]
+        if self.block == 1:
+            return binary_to_categorical_logits(rearrange(logits, "b l 1 -> b l"))
+        return logits
+
+    def token_logits(self, input_ids: Tensor, class_index: Tensor) -> Tensor:
+        contributions = self.input_contributions(input_ids)
+        # a_t = c + sum_{s<t} W[:, s] x_s: an exclusive cumulative sum over positions
+        running = F.pad(contributions[:, :-1].cumsum(dim=1), (0, 0, 1, 0))
+        hidden = torch.sigmoid(running + rearrange(self.hidden_bias(class_index), "b h -> b 1 h"))
+        return self.output_logits(hidden, slice(None))
+
+    def next_token_logits(self, input_ids: Tensor, position: int, class_index: Tensor) -> Tensor:
+        # one position's a_t only: O(t H + H V) rather than the whole sequence
+        pre_activation = self.hidden_bias(class_index) + self.input_contributions(input_ids[:, :position]).sum(dim=1)
+        hidden = rearrange(torch.sigmoid(pre_activation), "b h -> b 1 h")
+        return self.output_logits(hidden, slice(position, position + 1))[:, 0]

@@ -1,0 +1,218 @@
+"""Contract tests of the comparison priors in priors/baselines: histogram (independent, joint), FVSBN, NADE, MADE.
+
+Exact normalisation over every sequence of a tiny space, autoregressive masks, hand-counted
+histograms, save/load, sampling shapes and prefixes, and a few optimizer steps lowering the NLL.
+"""
+
+import itertools
+import json
+
+import pytest
+import torch
+
+from priors.baselines import (
+    FVSBN,
+    MADE,
+    NADE,
+    AutoregressiveDensityModel,
+    FVSBNConfig,
+    HistogramConfig,
+    HistogramPrior,
+    MADEConfig,
+    NADEConfig,
+)
+from priors.sampling import SamplingOptions
+
+NEURAL = {
+    "fvsbn": lambda v, l, c: FVSBN(FVSBNConfig(vocab_size=v, seq_len=l, num_classes=c)),
+    "nade": lambda v, l, c: NADE(NADEConfig(vocab_size=v, seq_len=l, num_classes=c, hidden_size=8)),
+    "made": lambda v, l, c: MADE(MADEConfig(vocab_size=v, seq_len=l, num_classes=c, hidden_sizes=(12,))),
+    "made2": lambda v, l, c: MADE(MADEConfig(vocab_size=v, seq_len=l, num_classes=c, hidden_sizes=(12, 10))),
+}
+HISTOGRAMS = {
+    "independent": lambda v, l, c: HistogramPrior(HistogramConfig(vocab_size=v, seq_len=l, num_classes=c)),
+    "joint": lambda v, l, c: HistogramPrior(HistogramConfig(vocab_size=v, seq_len=l, num_classes=c, mode="joint")),
+}
+ALL = {**NEURAL, **HISTOGRAMS}
+
+
+def all_sequences(vocab_size: int, seq_len: int) -> torch.Tensor:
+    return torch.tensor(list(itertools.product(range(vocab_size), repeat=seq_len)))
+
+
+def build(name: str, vocab_size: int, seq_len: int, num_classes: int, seed: int = 0) -> AutoregressiveDensityModel:
+    """A model with random (not freshly initialised, often zero) weights, or random counts."""
+    torch.manual_seed(seed)
+    model = ALL[name](vocab_size, seq_len, num_classes)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    if model.fit_by_counting:
+        data = torch.randint(vocab_size, (30, seq_len), generator=generator)
+        labels = torch.randint(num_classes, (30,), generator=generator) if num_classes else None
+        model.fit(data, labels)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+@pytest.mark.parametrize("vocab_size,seq_len", [(3, 3), (2, 4)])
+@pytest.mark.parametrize("num_classes", [0, 3])
+def test_probabilities_of_all_sequences_sum_to_one(name, vocab_size, seq_len, num_classes):
+    model = build(name, vocab_size, seq_len, num_classes)
+    sequences = all_sequences(vocab_size, seq_len)
+    labels = [None] + [torch.full((len(sequences),), c) for c in range(num_classes)]
+    for label in labels:
+        total = model.log_prob(sequences, label).double().exp().sum().item()
+        assert total == pytest.approx(1.0, abs=1e-5)
+    assert model.log_prob_is_bound is False
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_output_t_never_depends_on_inputs_from_t_on(name):
+    vocab_size, seq_len = 4, 5
+    model = build(name, vocab_size, seq_len, num_classes=2)
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(vocab_size, (6, seq_len), generator=generator)
+    classes = torch.tensor([0, 1, 2, 0, 1, 2])
+    reference = model.token_logits(tokens, classes)
+    for position in range(seq_len):
+        changed = tokens.clone()
+        changed[:, position:] = (changed[:, position:] + 1 + torch.arange(seq_len - position)) % vocab_size
+        logits = model.token_logits(changed, classes)
+        torch.testing.assert_close(logits[:, : position + 1], reference[:, : position + 1])
+        # the change must be visible later on, or the test would pass for a model that ignores its inputs
+        if position == 0 and name in NEURAL:
+            assert not torch.allclose(logits[:, position + 1 :], reference[:, position + 1 :])
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+@pytest.mark.parametrize("vocab_size", [2, 4])
+def test_next_token_logits_equal_the_full_pass(name, vocab_size):
+    model = build(name, vocab_size, 4, num_classes=2)
+    tokens = torch.randint(vocab_size, (5, 4), generator=torch.Generator().manual_seed(2))
+    classes = torch.tensor([0, 1, 2, 2, 0])
+    full = torch.log_softmax(model.token_logits(tokens, classes).double(), dim=-1)
+    for position in range(4):
+        step = torch.log_softmax(model.next_token_logits(tokens, position, classes).double(), dim=-1)
+        torch.testing.assert_close(step, full[:, position])
+
+
+def test_independent_histogram_matches_hand_counts():
+    model = HistogramPrior(HistogramConfig(vocab_size=3, seq_len=2, num_classes=2, smoothing=1.0))
+    data = torch.tensor([[0, 1], [0, 2], [1, 1], [2, 2]])
+    model.fit(data, torch.tensor([0, 0, 0, 1]))
+    # class 0: position 0 counts (2, 1, 0), position 1 counts (0, 2, 1), three sequences, +1 smoothing
+    expected = torch.log(torch.tensor((2 + 1) / (3 + 3) * (2 + 1) / (3 + 3)))
+    torch.testing.assert_close(model.log_prob(torch.tensor([[0, 1]]), torch.tensor([0])), expected.reshape(1))
+    # no label: the pooled counts of all four sequences, position 0 (2, 1, 1), position 1 (0, 2, 2)
+    pooled = torch.log(torch.tensor((1 + 1) / (4 + 3) * (2 + 1) / (4 + 3)))
+    torch.testing.assert_close(model.log_prob(torch.tensor([[2, 1]])), pooled.reshape(1))
+
+
+def test_joint_histogram_matches_hand_counts_and_smooths_unseen_sequences():
+    model = HistogramPrior(HistogramConfig(vocab_size=3, seq_len=2, smoothing=0.5, mode="joint"))
+    model.fit(torch.tensor([[0, 1], [0, 1], [2, 0]]))
+    log_probs = model.log_prob(torch.tensor([[0, 1], [2, 0], [1, 1]]))
+    # (n(x) + s) / (N + s V^L) with N = 3, V^L = 9
+    expected = torch.log(torch.tensor([2.5, 1.5, 0.5]) / (3 + 0.5 * 9))
+    torch.testing.assert_close(log_probs, expected)
+    tokens = torch.tensor([[0, 1]])
+    token_log_probs = model.token_log_probs(tokens)[0]
+    # p(x_0 = 0) = (2 + s V) / (N + s V^2), p(x_1 = 1 | x_0 = 0) = (2 + s) / (2 + s V)
+    torch.testing.assert_close(token_log_probs, torch.log(torch.tensor([3.5 / 7.5, 2.5 / 3.5])))
+
+
+def test_joint_histogram_refuses_a_space_larger_than_2_to_the_20():
+    HistogramConfig(vocab_size=2, seq_len=20, mode="joint")
+    with pytest.raises(ValueError, match="too large"):
+        HistogramConfig(vocab_size=2, seq_len=21, mode="joint")
+    with pytest.raises(ValueError, match="too large"):
+        HistogramConfig(vocab_size=256, seq_len=49, mode="joint")
+
+
+def test_histogram_is_fitted_by_counting_not_by_gradients():
+    model = HistogramPrior(HistogramConfig(vocab_size=3, seq_len=2, num_classes=2))
+    assert model.fit_by_counting and model.param_groups() == {} and model.phases(0) == []
+    with pytest.raises(RuntimeError, match="fit"):
+        model.loss({"input_ids": torch.zeros(1, 2, dtype=torch.long)}, "main", 0)
+    with pytest.raises(ValueError, match="labels"):
+        model.fit(torch.zeros(1, 2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_save_load_round_trip_is_exact_and_strict(name, tmp_path):
+    model = build(name, 3, 4, num_classes=2)
+    model.save_pretrained(tmp_path)
+    record = json.loads((tmp_path / "tokgen.json").read_text())
+    assert record["kind"] == model.kind and record["config"]["vocab_size"] == 3
+    loaded = type(model).from_pretrained(tmp_path)
+    tokens = all_sequences(3, 4)[::7]
+    torch.testing.assert_close(loaded.log_prob(tokens), model.log_prob(tokens))
+    assert loaded.config == model.config
+    # a folder whose weights do not fit the config is refused, naming the mismatch
+    record["config"]["seq_len"] = 5
+    (tmp_path / "tokgen.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="wrong shapes|missing|unexpected"):
+        type(model).from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("config_cls", [FVSBNConfig, NADEConfig, MADEConfig, HistogramConfig])
+def test_configs_reject_unknown_keys_listing_the_valid_ones(config_cls):
+    with pytest.raises(ValueError, match="valid keys.*vocab_size"):
+        config_cls.from_dict({"vocab_size": 3, "seq_len": 2, "hiden_size": 4})
+    assert config_cls.from_dict({"vocab_size": 3, "seq_len": 2}).vocab_size == 3
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_sampling_respects_prefix_label_and_options(name):
+    model = build(name, 4, 5, num_classes=3)
+    prefix = torch.tensor([[1, 2], [3, 0], [0, 0]])
+    label = torch.tensor([0, 2, 1])
+    options = SamplingOptions(temperature=0.8, top_k=3, top_p=0.9, guidance_scale=2.0)
+    samples = model.sample(3, label=label, prefix=prefix, options=options, generator=torch.Generator().manual_seed(0))
+    assert samples.shape == (3, 5) and samples.dtype == torch.int64
+    assert torch.equal(samples[:, :2], prefix) and samples.min() >= 0 and samples.max() < 4
+    again = model.sample(3, label=label, prefix=prefix, options=options, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(samples, again)
+    assert model.sample(4).shape == (4, 5)
+    # an int label and a (P,) prefix apply to every row; sampling leaves the training mode as it was
+    model.train()
+    shared = model.sample(2, label=1, prefix=torch.tensor([3, 1]))
+    assert model.training and torch.equal(shared[:, :2], torch.tensor([[3, 1], [3, 1]]))
+    model.eval()
+    # top_k = 1 is greedy: every token has the largest logit of its conditional (ties may go either way)
+    greedy = model.sample(3, label=label, options=SamplingOptions(top_k=1))
+    logits = model.token_logits(greedy, label)
+    torch.testing.assert_close(logits.gather(-1, greedy.unsqueeze(-1)).squeeze(-1), logits.max(dim=-1).values)
+    with pytest.raises(ValueError, match="label"):
+        model.sample(3, label=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="prefix"):
+        model.sample(3, prefix=torch.zeros(3, 6, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", ["fvsbn", "nade", "made"])
+@pytest.mark.parametrize("vocab_size", [2, 3])
+def test_a_few_optimizer_steps_reduce_the_nll(name, vocab_size):
+    torch.manual_seed(0)
+    model = ALL[name](vocab_size, 6, 2).train()
+    generator = torch.Generator().manual_seed(0)
+    # a learnable pattern: each token repeats the previous one with probability 0.9, first token set by the class
+    label = torch.randint(2, (64,), generator=generator)
+    tokens = [label % vocab_size]
+    for _ in range(5):
+        keep = torch.rand(64, generator=generator) < 0.9
+        tokens.append(torch.where(keep, tokens[-1], torch.randint(vocab_size, (64,), generator=generator)))
+    batch = {"input_ids": torch.stack(tokens, dim=1), "label": label}
+    optimizer = torch.optim.Adam(model.param_groups()["main"], lr=0.05)
+    assert model.phases(0) == ["main"]
+    first, metrics = model.loss(batch, "main", 0)
+    assert set(metrics) == {"nll_per_token", "bits_per_token"}
+    for step in range(20):
+        loss, _ = model.loss(batch, "main", step)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    final = -model.log_prob(batch["input_ids"], batch["label"]).mean() / 6
+    assert final < 0.8 * first.detach()
