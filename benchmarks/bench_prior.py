@@ -28,6 +28,11 @@ from torch import nn
 
 from priors import SamplingOptions, TransformerPrior, TransformerPriorConfig
 
+try:  # run as `python benchmarks/bench_prior.py` (script folder on sys.path) or as a module
+    from bench_tokenizer import bench_tokenizer
+except ImportError:
+    from benchmarks.bench_tokenizer import bench_tokenizer
+
 
 def timed(function, device: torch.device, repeats: int, warmup: int) -> float:
     """Median seconds of `function()` over `repeats` runs, after `warmup` runs (compilation, graphs)."""
@@ -181,6 +186,11 @@ def print_table(report: dict) -> None:
     for row in report["sampling"]:
         shape = f"{row['batch_size']}x{row['tokens_per_sample']}"
         print(f"{row['sampler']:<45}{shape:>12}{row['sample_tokens_per_second']:>14,.0f}")
+    if "tokenizer" in report:
+        row = report["tokenizer"]
+        shape = "x".join(str(v) for v in row["image_shape"])
+        print(f"{'tokenizer encode (images/s), ' + shape:<45}{row['batch_size']:>12}{row['encode_images_per_second']:>14,.0f}")
+        print(f"{'tokenizer decode (images/s), ' + shape:<45}{row['batch_size']:>12}{row['decode_images_per_second']:>14,.0f}")
 
 
 def main() -> None:
@@ -207,6 +217,10 @@ def main() -> None:
         report["gpu"] = torch.cuda.get_device_name()
     report["training"] = bench_training(sizes, device, compile_models)
     report["sampling"] = bench_sampling(sizes, device, compile_models)
+    # Stage one's encode throughput belongs in the same report: it bounds how fast tokens can be exported.
+    tokenizer_sizes = (dict(batch_size=1024, image_size=32, channels=3, hidden_channels=128, repeats=20) if cuda
+                       else dict(batch_size=64, image_size=28, channels=1, hidden_channels=64, repeats=5))
+    report["tokenizer"] = bench_tokenizer(device, compile_model=compile_models, **tokenizer_sizes)
     ours, theirs = (row["sample_tokens_per_second"] for row in report["sampling"])
     report["sampling_speedup_vs_hf_generate"] = ours / theirs
     report["train_speed_ratio_vs_nanogpt"] = (report["training"][0]["train_tokens_per_second"]

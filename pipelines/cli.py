@@ -19,6 +19,10 @@ import sys
 from pathlib import Path
 
 from pipelines.config import ConfigError, load_run_config
+from pipelines.data import DataError
+from pipelines.loop import TrainingDivergedError
+from pipelines.stages import RunError
+from pipelines.tokenset import TokenSetError
 
 logger = logging.getLogger("tokgen")
 
@@ -76,13 +80,13 @@ def run_stages(verb: str, config_path: str | None, overrides: list[str], resume:
     logger.info("run folder: %s", run.directory)
     everything = verb == "run"
     if everything or verb == "train-tokenizer":
-        train_tokenizer_stage(run, resume=resume, force=force and not everything)
+        train_tokenizer_stage(run, resume=resume, force=force)
     if everything or verb == "export-tokens":
-        export_tokens_stage(run, force=force and not everything)
+        export_tokens_stage(run, force=force)
     if everything or verb == "train-prior":
-        train_prior_stage(run, resume=resume, force=force and not everything)
+        train_prior_stage(run, resume=resume, force=force)
     if everything or verb == "sample":
-        sample_stage(run, force=force and not everything)
+        sample_stage(run, force=force)
     if everything or verb == "eval":
         return evaluate_run(run)
     return {}
@@ -128,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"tokgen: config error: {error}", file=sys.stderr)
         return 2
+    except (RunError, DataError, TokenSetError) as error:
+        print(f"tokgen: {error}", file=sys.stderr)
+        return 2
+    except TrainingDivergedError as error:
+        print(f"tokgen: training stopped: {error}", file=sys.stderr)
+        return 3
     if metrics:
         print(json.dumps(summarise(metrics), indent=2))
     return 0

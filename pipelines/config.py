@@ -138,7 +138,7 @@ def _component_section(registry: dict, data: dict, where: str, reserved: tuple[s
         if key in data:
             raise ConfigError(f"[{where}] sets {key!r}, which is read from the token manifest; remove it")
     config_cls, _ = registry[kind]
-    probe = dict(data, **{key: 1 for key in reserved})
+    probe = dict(data, **{key: 2 for key in reserved})
     try:  # validate now so a bad key fails before hours of tokenizer training
         config_cls.from_dict(copy.deepcopy(probe))
     except (TypeError, ValueError, KeyError) as error:

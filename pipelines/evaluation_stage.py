@@ -24,7 +24,7 @@ from pipelines.data import to_tensor_images
 from pipelines.evaluate import codebook_metrics, nll_metrics, reconstruction_metrics, sample_quality
 from pipelines.generation import load_eval_samples
 from pipelines.images import plot_code_histogram, reconstruction_grid
-from pipelines.stages import Run, decode_tokens, load_matched_pair
+from pipelines.stages import Run, decode_tokens, load_matched_pair, module_device
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def _batched(tensor: torch.Tensor, batch_size: int):
 @torch.no_grad()
 def tokenizer_metrics(tokenizer, test_images: torch.Tensor, test_tokens: torch.Tensor, out_dir: Path,
                       batch_size: int, grid_images: int) -> dict:
-    device = next(tokenizer.parameters()).device
+    device = module_device(tokenizer)
     reconstructions = torch.cat(
         [tokenizer.decode(tokenizer.encode(chunk.to(device))).float().cpu() for chunk in _batched(test_images, batch_size)]
     )
@@ -52,14 +52,16 @@ def tokenizer_metrics(tokenizer, test_images: torch.Tensor, test_tokens: torch.T
 
 @torch.no_grad()
 def prior_metrics(prior, tokens: torch.Tensor, labels: torch.Tensor | None, batch_size: int, image_dims: int) -> dict:
-    device = next(iter([*prior.parameters(), *prior.buffers()])).device  # count-only priors have no parameters
+    device = module_device(prior)
     log_probs = []
     for start in range(0, len(tokens), batch_size):
         chunk_labels = labels[start : start + batch_size].to(device) if labels is not None else None
         log_probs.append(prior.log_prob(tokens[start : start + batch_size].to(device), chunk_labels).float().cpu())
     log_probs = torch.cat(log_probs)
     metrics = nll_metrics(log_probs, tokens_per_item=tokens.shape[1])
-    metrics["nll_space"] = "tokens (exact); not an image likelihood"
+    exactness = "estimate of a bound" if getattr(prior, "log_prob_is_bound", False) else "exact"
+    metrics["nll_space"] = f"tokens ({exactness}); not an image likelihood"
+    metrics["log_prob_is_bound"] = bool(getattr(prior, "log_prob_is_bound", False))
     metrics["image_dims"] = image_dims
     return metrics
 
@@ -85,8 +87,9 @@ def evaluate_run(run: Run) -> dict:
         tokenizer, test_images, test_tokens, samples_dir, config.evaluation.batch_size,
         config.evaluation.reconstruction_grid_images,
     )
-    metrics["prior"] = prior_metrics(prior, test_tokens, test_labels, config.evaluation.batch_size,
-                                     image_dims=math.prod(manifest.image_shape))
+    if getattr(prior, "has_density", True):  # a GAN defines no likelihood: only sample metrics
+        metrics["prior"] = prior_metrics(prior, test_tokens, test_labels, config.evaluation.batch_size,
+                                         image_dims=math.prod(manifest.image_shape))
 
     if manifest.num_classes:
         classifier, classifier_info = load_or_train_classifier(

@@ -65,7 +65,8 @@ def generate_run_samples(run_dir: Path, config, out_dir: Path, device) -> dict:
     options = sampling_options(config)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     num_classes = manifest.num_classes
-    conditional_options = options if num_classes else SamplingOptions(
+    guided = num_classes and getattr(prior, "supports_guidance", True)
+    conditional_options = options if guided else SamplingOptions(
         temperature=options.temperature, top_k=options.top_k, top_p=options.top_p)
 
     # Grid: one row per class (or one block of unconditional samples).
@@ -94,10 +95,12 @@ def generate_run_samples(run_dir: Path, config, out_dir: Path, device) -> dict:
         tensors["label"] = eval_labels.cpu().contiguous()
     save_file(tensors, str(out_dir / "eval_samples.safetensors"))
 
-    completion_path = complete_test_prefixes(tokenizer, prior, tokenset, options, generator, out_dir, device)
+    completion_path = None
+    if getattr(prior, "supports_prefix", True):  # VAEs and GANs cannot condition on a prefix
+        completion_path = complete_test_prefixes(tokenizer, prior, tokenset, options, generator, out_dir, device)
     record = {
         "grid": str(out_dir / "grid.png"),
-        "completions": str(completion_path),
+        "completions": str(completion_path) if completion_path else None,
         "eval_samples": len(eval_tokens),
         "sampling_seconds": sampling_seconds,
         "sampled_tokens_per_second": eval_tokens.numel() / max(sampling_seconds, 1e-9),

@@ -48,13 +48,41 @@ def stage_is_current(directory: Path, stage_fingerprint: str) -> bool:
     return record is not None and record.get("fingerprint") == stage_fingerprint
 
 
-def prepare_training_dir(directory: Path, stage_fingerprint: str, resume: bool) -> None:
-    """Checkpoints made under another config must never be resumed into this one."""
+class RunError(RuntimeError):
+    """A run folder in a state the requested command cannot continue from; the message says what to do."""
+
+
+def prepare_training_dir(directory: Path, stage_fingerprint: str, resume: bool, force: bool = False,
+                         main_process: bool = True) -> None:
+    """Make `directory` ready for a training stage without ever silently discarding resumable work.
+
+    Checkpoints made under another config can never be resumed into this one and are removed.
+    Checkpoints of this very config are an interrupted run: continue it with `--resume`, or start
+    over with `--force`; anything else is refused rather than thrown away.
+    """
     marker = directory / "fingerprint.txt"
-    if directory.exists() and (not marker.is_file() or marker.read_text() != stage_fingerprint or not resume):
+    same_config = marker.is_file() and marker.read_text() == stage_fingerprint
+    has_checkpoints = any((directory / "checkpoints").glob("checkpoint_*"))
+    if directory.exists() and same_config and has_checkpoints and not resume and not force:
+        raise RunError(
+            f"{directory} holds checkpoints of an interrupted run with this config; "
+            "pass --resume to continue it or --force to start over"
+        )
+    if not main_process:  # every rank runs the check above; only the main one touches the folder
+        return
+    if directory.exists() and (not same_config or not resume):
+        if not same_config and has_checkpoints:
+            logger.warning("removing checkpoints of another config in %s", directory)
         shutil.rmtree(directory)
     directory.mkdir(parents=True, exist_ok=True)
     marker.write_text(stage_fingerprint)
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where a model lives; parameter-free models (pixels tokenizer, histograms) answer through buffers."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 def process_state() -> PartialState:
@@ -117,22 +145,18 @@ def train_tokenizer_stage(run: Run, resume: bool = False, force: bool = False) -
     tokenizer = tokenizer_cls(tokenizer_config)
     expected_channels = getattr(tokenizer_config, "in_channels", dataset.channels)
     if expected_channels != dataset.channels:
-        raise ValueError(
+        raise RunError(
             f"tokenizer.in_channels={expected_channels} but the data has {dataset.channels} channel(s); "
             f"set tokenizer.in_channels={dataset.channels} or data.channels={expected_channels}"
         )
-    training_dir = run.path("checkpoints", "tokenizer")
-    if run.state.is_main_process:
-        prepare_training_dir(training_dir, stage_fingerprint, resume)
-    run.state.wait_for_everyone()
-    result = train(
-        tokenizer,
-        ImageTensorDataset(dataset.train),
-        run.config.tokenizer_training,
-        training_dir,
-        resume=resume,
-        description="tokenizer",
-    )
+    if getattr(tokenizer, "needs_training", True):
+        training_dir = run.path("checkpoints", "tokenizer")
+        prepare_training_dir(training_dir, stage_fingerprint, resume, force, run.state.is_main_process)
+        run.state.wait_for_everyone()
+        result = train(tokenizer, ImageTensorDataset(dataset.train), run.config.tokenizer_training, training_dir,
+                       resume=resume, description="tokenizer")
+    else:  # the identity (pixels) tokenizer has nothing to learn
+        result = TrainResult(steps=0, final_metrics={}, history=[], checkpoint_dir=None)
     if run.state.is_main_process:
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -175,8 +199,7 @@ def train_prior_stage(run: Run, resume: bool = False, force: bool = False) -> Pa
         result = fit_by_counting(prior, train_tokens, run.config.prior_training.batch_size)
     else:
         training_dir = run.path("checkpoints", "prior")
-        if run.state.is_main_process:
-            prepare_training_dir(training_dir, stage_fingerprint, resume)
+        prepare_training_dir(training_dir, stage_fingerprint, resume, force, run.state.is_main_process)
         run.state.wait_for_everyone()
         result = train(prior, train_tokens, run.config.prior_training, training_dir, resume=resume, description="prior")
     if run.state.is_main_process:
@@ -220,7 +243,7 @@ def decode_tokens(tokenizer, tokens: torch.Tensor, manifest, batch_size: int = 2
     """Flat (n L) tokens in the manifest's order -> images (n c h w) in [-1, 1], on the CPU."""
     height, width = manifest.token_grid
     codebooks = manifest.num_codebooks
-    device = next(tokenizer.parameters()).device
+    device = module_device(tokenizer)
     images = []
     with torch.no_grad():
         for start in range(0, len(tokens), batch_size):

@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from priors.baselines import FVSBN, MADE, NADE, FVSBNConfig, HistogramConfig, HistogramPrior, MADEConfig, NADEConfig
+from priors.baselines import (
+    FVSBN, GAN, MADE, NADE, VAE, FVSBNConfig, GANConfig, HistogramConfig, HistogramPrior, MADEConfig, NADEConfig,
+    VAEConfig,
+)
 from priors.rnn import RNNPrior, RNNPriorConfig
 from priors.sampling import SamplingOptions
 from priors.transformer import TransformerPrior, TransformerPriorConfig
@@ -22,6 +25,8 @@ PRIORS = {
     "fvsbn": (FVSBNConfig, FVSBN),
     "nade": (NADEConfig, NADE),
     "made": (MADEConfig, MADE),
+    "vae": (VAEConfig, VAE),
+    "gan": (GANConfig, GAN),
 }
 
 

@@ -71,3 +71,13 @@ def test_generate_verb(smoke_run, tmp_path):
 def test_bad_config_key_exits_with_message(tmp_path, capsys):
     assert main(["run", str(SMOKE), f"output_dir={tmp_path}", "prior_training.max_stepz=3"]) == 2
     assert "max_stepz" in capsys.readouterr().err
+
+
+def test_interrupted_stage_is_refused_then_resumed(smoke_run, capsys):
+    """Checkpoints of an unfinished stage are never thrown away: plain re-runs refuse, --resume continues."""
+    args = ["train-tokenizer", str(SMOKE), f"output_dir={smoke_run.parent}", "name=smoke"]
+    (smoke_run / "tokenizer" / "stage.json").unlink()  # as if the run died after its last checkpoint
+    assert main(args) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(args + ["--resume"]) == 0
+    assert (smoke_run / "tokenizer" / "stage.json").is_file()

@@ -17,10 +17,13 @@ from tokenizers_vq.quantizers import (
     quantizer_config_from_dict,
     usage_and_perplexity,
 )
+from tokenizers_vq.audio import AudioVQVAE, AudioVQVAEConfig
+from tokenizers_vq.pixels import PixelsConfig, PixelTokenizer
 from tokenizers_vq.vqgan import VQGAN, VQGANConfig
 from tokenizers_vq.vqvae import LFQVAE, VQVAE, LFQVAEConfig, TokenizerOutput, VQVAEConfig
 
-TOKENIZERS = {"vqvae": (VQVAEConfig, VQVAE), "lfq": (LFQVAEConfig, LFQVAE), "vqgan": (VQGANConfig, VQGAN)}
+TOKENIZERS = {"vqvae": (VQVAEConfig, VQVAE), "lfq": (LFQVAEConfig, LFQVAE), "vqgan": (VQGANConfig, VQGAN),
+              "pixels": (PixelsConfig, PixelTokenizer), "audio_vqvae": (AudioVQVAEConfig, AudioVQVAE)}
 
 
 def load_tokenizer(directory: str | Path):

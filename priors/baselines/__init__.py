@@ -6,9 +6,11 @@ histograms are fitted by counting (`fit_by_counting = True`), the others by the 
 
 from priors.baselines.common import AutoregressiveDensityModel
 from priors.baselines.fvsbn import FVSBN, FVSBNConfig
+from priors.baselines.gan import GAN, GANConfig
 from priors.baselines.histogram import HistogramConfig, HistogramPrior
 from priors.baselines.made import MADE, MADEConfig
 from priors.baselines.nade import NADE, NADEConfig
+from priors.baselines.vae import VAE, VAEConfig
 
 __all__ = [
     "AutoregressiveDensityModel",
@@ -20,4 +22,8 @@ __all__ = [
     "MADEConfig",
     "NADE",
     "NADEConfig",
+    "GAN",
+    "GANConfig",
+    "VAE",
+    "VAEConfig",
 ]

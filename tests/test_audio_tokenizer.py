@@ -1,0 +1,282 @@
+"""Contract tests of the audio tokenizer: shapes, chunking, save/load, masked losses, STFT/mel/SI-SNR, GAN."""
+
+import copy
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tokenizers_vq.audio import AudioVQVAE, AudioVQVAEConfig, chunk_spans
+from tokenizers_vq.audio_losses import (
+    masked_l1,
+    mel_filterbank,
+    mel_loss,
+    multi_resolution_stft_loss,
+    si_snr,
+)
+from tokenizers_vq.nets.audio_discriminators import AudioDiscriminatorConfig, feature_matching_loss
+from tokenizers_vq.nets.conv1d import Encoder1d
+from tokenizers_vq.quantizers import ResidualVQConfig, VQConfig
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: a second thread only adds synchronisation, badly so on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(**overrides) -> AudioVQVAEConfig:
+    config = AudioVQVAEConfig(
+        hidden_channels=4, strides=(2, 4), embedding_dim=8,
+        quantizer=ResidualVQConfig(num_quantizers=2, quantizer=VQConfig(codebook_size=16, seed=1)),
+        stft_fft_sizes=(32, 64), mel_fft_size=256, mel_hop=64, num_mels=16,
+    )
+    return dataclasses.replace(config, **overrides)
+
+
+def audio(batch=2, length=800, seed=0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    t = torch.arange(length) / 8000
+    frequencies = 200 + 600 * torch.rand(batch, 1, 1, generator=generator)
+    return 0.5 * torch.sin(2 * math.pi * frequencies * t) + 0.05 * torch.randn(batch, 1, length, generator=generator)
+
+
+# --- shapes ---------------------------------------------------------------------------------------
+
+
+def test_default_config_is_hop_80_with_16_bit_frames():
+    config = AudioVQVAEConfig()
+    model = AudioVQVAE(config)
+    assert model.hop_length == 80 and config.sample_rate / model.hop_length == 100
+    assert model.num_codebooks * math.log2(model.vocab_size) == 16  # 1.6 kbps at 100 frames/s
+    assert model.token_grid((1, 8000)) == (100,)
+
+
+@pytest.mark.parametrize("length", [1, 7, 8, 101, 803])
+def test_odd_lengths_encode_decode_and_reconstruct_to_the_input_length(length):
+    model = AudioVQVAE(tiny_config()).eval()
+    x = audio(length=length)
+    tokens = model.encode(x)
+    frames = math.ceil(length / 8)
+    assert tokens.shape == (2, frames, 2) and tokens.dtype == torch.int64
+    assert model.token_grid((1, length)) == (frames,)
+    assert int(tokens.min()) >= 0 and int(tokens.max()) < model.vocab_size
+    decoded = model.decode(tokens)
+    assert decoded.shape == (2, 1, frames * 8) and decoded.abs().max() <= 1.0
+    assert model.decode(tokens, length=length).shape == (2, 1, length)
+    assert model(x)[0].shape == x.shape
+
+
+def test_single_codebook_tokens_have_no_level_axis_and_bad_tokens_are_refused():
+    model = AudioVQVAE(tiny_config(quantizer=VQConfig(codebook_size=32))).eval()
+    tokens = model.encode(audio())
+    assert tokens.shape == (2, 100) and model.num_codebooks == 1
+    with pytest.raises(ValueError, match=r"tokens must lie in \[0, 32\)"):
+        model.decode(torch.full((1, 4), 32))
+    with pytest.raises(ValueError, match="expected tokens"):
+        model.decode(torch.zeros(1, 4, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="channel"):
+        model.encode(torch.zeros(1, 2, 80))
+
+
+def test_encoder_gives_exactly_length_over_hop_frames():
+    encoder = Encoder1d(in_channels=1, hidden_channels=4, strides=(3, 5), out_channels=6, weight_norm=False)
+    assert encoder(torch.zeros(1, 1, 150)).shape == (1, 6, 10)
+    with pytest.raises(ValueError, match="multiple of the hop"):
+        encoder(torch.zeros(1, 1, 151))
+
+
+# --- chunking -------------------------------------------------------------------------------------
+
+
+def test_chunk_spans_tile_the_clip():
+    spans = chunk_spans(10, 4, 2)
+    kept = [span.context_start + i for span in spans for i in range(span.keep_start, span.keep_end)]
+    assert kept == list(range(10))
+    assert spans[1].context_start == 2 and spans[1].context_end == 10
+
+
+def test_chunked_encode_equals_whole_encode_away_from_chunk_edges():
+    model = AudioVQVAE(tiny_config()).eval()
+    x = audio(batch=1, length=3001, seed=3)
+    whole = model.encode(x)
+    # With the default overlap (half the receptive field) every frame has its full context.
+    assert torch.equal(model.encode_chunked(x, chunk_samples=400), whole)
+    # Without overlap, frames within half a receptive field of a chunk edge may differ; the rest may not.
+    no_overlap = model.encode_chunked(x, chunk_samples=800, overlap_samples=0)
+    assert no_overlap.shape == whole.shape
+    reach = math.ceil(model.receptive_field / 2 / model.hop_length)
+    edges = range(100, whole.shape[1], 100)  # inner chunk edges: 800-sample chunks are 100 frames
+    far = [f for f in range(whole.shape[1]) if all(f + 1 + reach <= e or f >= e + reach for e in edges)]
+    assert len(far) > whole.shape[1] // 3
+    assert torch.equal(no_overlap[:, far], whole[:, far])
+    assert torch.equal(model.encode_chunked(x, chunk_seconds=0.05), whole)
+
+
+def test_chunked_decode_equals_whole_decode_with_enough_overlap():
+    model = AudioVQVAE(tiny_config()).eval()
+    tokens = model.encode(audio(batch=1, length=2400, seed=4))
+    whole = model.decode(tokens)
+    chunked = model.decode_chunked(tokens, chunk_frames=64, length=2399)
+    torch.testing.assert_close(chunked, whole[..., :2399], atol=1e-5, rtol=0)
+    assert not torch.allclose(model.decode_chunked(tokens, chunk_frames=64, overlap_frames=0), whole, atol=1e-5)
+
+
+# --- checkpoints ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gan", [False, True])
+def test_save_and_load_give_identical_outputs(tmp_path, gan):
+    discriminator = AudioDiscriminatorConfig(base_channels=4, fft_sizes=(64,))
+    overrides = dict(gan_weight=1.0, discriminator=discriminator) if gan else {}
+    model = AudioVQVAE(tiny_config(**overrides))
+    model.train()
+    model.loss({"waveform": audio()}, "generator" if gan else "main", 0)  # move the EMA codebooks off their init
+    model.eval()
+    model.save_pretrained(tmp_path)
+    loaded = AudioVQVAE.from_pretrained(tmp_path)
+    assert loaded.config == model.config
+    x = audio(seed=5, length=777)
+    tokens = model.encode(x)
+    assert torch.equal(loaded.encode(x), tokens)
+    assert torch.equal(loaded.decode(tokens), model.decode(tokens))
+
+
+def test_loading_refuses_a_mismatched_folder(tmp_path):
+    AudioVQVAE(tiny_config()).save_pretrained(tmp_path)
+    config_path = tmp_path / "config.json"
+    text = config_path.read_text().replace('"embedding_dim": 8', '"embedding_dim": 6')
+    config_path.write_text(text)
+    with pytest.raises(ValueError, match="wrong shapes"):
+        AudioVQVAE.from_pretrained(tmp_path)
+
+
+def test_config_round_trips_through_dicts_and_rejects_unknown_keys():
+    config = tiny_config(strides=[2, 2, 2])
+    assert config.strides == (2, 2, 2)
+    data = dataclasses.asdict(config)
+    data["stft_fft_sizes"] = list(data["stft_fft_sizes"])
+    assert AudioVQVAEConfig.from_dict(data) == config
+    with pytest.raises(ValueError, match="unknown key"):
+        AudioVQVAEConfig.from_dict({"hop": 80})
+    with pytest.raises(ValueError, match="gan_weight"):
+        AudioVQVAEConfig(feature_matching_weight=1.0)
+
+
+# --- losses and masks -------------------------------------------------------------------------------
+
+
+def test_padding_does_not_change_the_loss():
+    model = AudioVQVAE(tiny_config()).train()
+    x = audio(length=800)
+    mask = torch.ones(2, 800, dtype=torch.bool)
+    mask[0, 500:] = False
+    changed = x.clone()
+    changed[0, :, 500:] = 3.0 * torch.randn(300, generator=torch.Generator().manual_seed(9))
+    loss_a, metrics_a = copy.deepcopy(model).loss({"waveform": x, "mask": mask}, "main", 0)
+    loss_b, metrics_b = copy.deepcopy(model).loss({"waveform": changed, "mask": mask}, "main", 0)
+    assert torch.equal(loss_a, loss_b)
+    changed[0, :, 100] += 0.5  # a real sample does count
+    loss_c, _ = copy.deepcopy(model).loss({"waveform": changed, "mask": mask}, "main", 0)
+    assert not torch.equal(loss_a, loss_c)
+    for name in ("waveform_loss", "stft_loss", "mel_loss"):
+        assert metrics_a[name] > 0
+
+
+def test_spectral_losses_are_zero_for_identical_signals_and_positive_otherwise():
+    x = audio(length=1000)
+    y = x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    filterbank = mel_filterbank(8000, 256, 16)
+    assert float(multi_resolution_stft_loss(x, x, (32, 64, 128))) == 0.0
+    assert float(mel_loss(x, x, filterbank, 256, 64)) == 0.0
+    assert float(multi_resolution_stft_loss(y, x, (32, 64, 128))) > 0.05
+    assert float(mel_loss(y, x, filterbank, 256, 64)) > 0.05
+    # Differences confined to masked samples are invisible to every loss.
+    mask = torch.ones(2, 1000, dtype=torch.bool)
+    mask[:, 600:] = False
+    z = torch.where(mask[:, None], x, y)
+    assert float(multi_resolution_stft_loss(z, x, (32, 64), mask)) == 0.0
+    assert float(mel_loss(z, x, filterbank, 256, 64, mask)) == 0.0
+    assert float(masked_l1(z, x, mask)) == 0.0
+
+
+def test_mel_filterbank_shape_coverage_and_slaney_area():
+    filters = mel_filterbank(8000, 1024, 64)
+    assert filters.shape == (513, 64)
+    assert bool((filters.amax(dim=0) > 0).all())
+    centres = filters.argmax(dim=0)
+    assert bool((centres[1:] >= centres[:-1]).all())  # increasing centre frequencies
+    # Slaney normalisation: each triangle's area (in Hz) is 1.
+    areas = filters.sum(dim=0) * (8000 / 1024)
+    torch.testing.assert_close(areas, torch.ones(64), atol=0.05, rtol=0)
+    with pytest.raises(ValueError, match="cover no FFT bin"):
+        mel_filterbank(8000, 64, 64)
+
+
+def test_si_snr_of_a_scaled_copy_is_huge_and_of_noise_matches_the_formula():
+    x = audio(length=1000)
+    assert bool((si_snr(3.0 * x, x) > 80).all())
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    value = si_snr(noise, x)
+    assert value.shape == (2, 1)
+    for row in range(2):
+        s = x[row, 0].double().numpy() - x[row, 0].double().numpy().mean()
+        e = noise[row, 0].double().numpy() - noise[row, 0].double().numpy().mean()
+        target = (e @ s) / (s @ s) * s
+        expected = 10 * np.log10((target @ target) / ((e - target) @ (e - target)))
+        assert abs(float(value[row, 0]) - expected) < 1e-3
+    assert si_snr(x[:, 0], x[:, 0]).shape == (2,)
+
+
+# --- training ---------------------------------------------------------------------------------------
+
+
+def test_a_few_steps_reduce_the_loss():
+    torch.manual_seed(0)
+    model = AudioVQVAE(tiny_config()).train()
+    optimizer = torch.optim.Adam(model.param_groups()["main"], lr=3e-3)
+    batch = {"waveform": audio(length=400, seed=7)}
+    losses = []
+    for step in range(25):
+        loss, _ = model.loss(batch, "main", step)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert min(losses[-5:]) < 0.8 * losses[0]
+
+
+@pytest.mark.parametrize("kind", ["ms_stft", "mpd"])
+def test_gan_phases_train_their_own_parameters(kind):
+    discriminator = AudioDiscriminatorConfig(kind=kind, base_channels=4, max_channels=16, fft_sizes=(64, 32))
+    model = AudioVQVAE(tiny_config(gan_weight=1.0, feature_matching_weight=1.0, discriminator=discriminator,
+                                   discriminator_start=5))
+    groups = model.param_groups()
+    assert set(groups) == {"generator", "discriminator"}
+    assert model.phases(0) == ["generator"] and model.phases(5) == ["generator", "discriminator"]
+    batch = {"waveform": audio(length=480), "mask": torch.ones(2, 480, dtype=torch.bool)}
+    for phase, trained, frozen in (("generator", "generator", "discriminator"),
+                                   ("discriminator", "discriminator", "generator")):
+        model.zero_grad()
+        loss, metrics = model.loss(batch, phase, 5)
+        loss.backward()
+        assert all(p.grad is None for p in groups[frozen])
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in groups[trained])
+    assert {"g_loss", "feature_matching_loss"} <= set(model.loss(batch, "generator", 0)[1])
+    with pytest.raises(ValueError, match="phases"):
+        model.loss(batch, "main", 0)
+
+
+def test_feature_matching_is_zero_for_identical_features():
+    from tokenizers_vq.nets.audio_discriminators import DiscriminatorOutput
+
+    features = [torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))]
+    same = [DiscriminatorOutput(torch.zeros(1), features)]
+    assert float(feature_matching_loss(same, same)) == 0.0
+    other = [DiscriminatorOutput(torch.zeros(1), [features[0] + 1.0])]
+    assert float(feature_matching_loss(same, other)) > 0.0

@@ -1,0 +1,162 @@
+"""Strided 1-D convolutional encoder and decoder for audio, `(b c t)` <-> `(b d t/hop)`.
+
+The SEANet shape used by SoundStream (Zeghidour et al. 2021, "SoundStream: An End-to-End Neural
+Audio Codec") and EnCodec (Defossez et al. 2022, "High Fidelity Neural Audio Compression"): a
+7-tap input convolution, then per entry of `strides` a block of residual units with dilations
+1, 3, 9 (ELU, dilated 7-tap conv, ELU, 1x1 conv, identity skip) followed by a strided convolution
+of kernel 2*stride that doubles the channels; an ELU and a 7-tap convolution to the latent size
+close it. The hop (samples per latent frame) is the product of the strides. The decoder mirrors it
+with transposed convolutions of kernel 2*stride. Departures from EnCodec: non-causal (centred)
+padding with zeros only, and no LSTM, so that the encoder is a pure convolution with a finite
+receptive field (`receptive_field`), which is what chunked encoding relies on. Inputs must have
+a length divisible by the hop (the tokenizer pads and trims); then the encoder gives exactly
+t / hop frames and the decoder exactly frames * hop samples. Weight normalisation (Salimans &
+Kingma 2016), as in both codecs, is optional.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import weight_norm as apply_weight_norm
+
+DILATIONS = (1, 3, 9)
+KERNEL_SIZE = 7  # input, output and residual-unit convolutions
+
+
+def _maybe_weight_norm(module: nn.Module, enabled: bool) -> nn.Module:
+    return apply_weight_norm(module) if enabled else module
+
+
+def hop_length(strides: Sequence[int]) -> int:
+    """Samples per latent frame: the product of the strides."""
+    return math.prod(strides)
+
+
+def check_strides(strides: Sequence[int]) -> None:
+    if len(strides) < 1 or any(int(stride) != stride or stride < 1 for stride in strides):
+        raise ValueError(f"strides must be a non-empty tuple of positive ints, got {strides}")
+
+
+class ResidualUnit1d(nn.Module):
+    """x + conv1x1(ELU(conv7_dilated(ELU(x)))), channels unchanged (SoundStream's residual unit)."""
+
+    def __init__(self, channels: int, dilation: int, weight_norm: bool):
+        super().__init__()
+        self.dilation = dilation
+        self.residual = nn.Sequential(
+            nn.ELU(),
+            _maybe_weight_norm(nn.Conv1d(channels, channels, KERNEL_SIZE, dilation=dilation,
+                                         padding=dilation * (KERNEL_SIZE - 1) // 2), weight_norm),
+            nn.ELU(),
+            _maybe_weight_norm(nn.Conv1d(channels, channels, 1), weight_norm),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.residual(x)
+
+
+class Downsample1d(nn.Module):
+    """Conv of kernel 2s, stride s, padded (ceil(s/2), floor(s/2)): t -> t / s exactly when s divides t."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, weight_norm: bool):
+        super().__init__()
+        self.stride = stride
+        self.pad = nn.ConstantPad1d(((stride + 1) // 2, stride // 2), 0.0)
+        self.conv = _maybe_weight_norm(nn.Conv1d(in_channels, out_channels, 2 * stride, stride=stride), weight_norm)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(self.pad(x))
+
+
+class Upsample1d(nn.Module):
+    """Transposed conv of kernel 2s, stride s; its (t + 1) * s outputs are trimmed to t * s, centred."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, weight_norm: bool):
+        super().__init__()
+        self.stride = stride
+        self.conv = _maybe_weight_norm(
+            nn.ConvTranspose1d(in_channels, out_channels, 2 * stride, stride=stride), weight_norm
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        length = x.shape[-1] * self.stride
+        left = (self.stride + 1) // 2  # mirrors the encoder's padding, so the two align
+        return self.conv(x)[..., left : left + length]
+
+
+class Encoder1d(nn.Module):
+    """(b in_channels t) -> (b out_channels t / hop), hop = prod(strides), for t divisible by hop."""
+
+    def __init__(self, in_channels: int, hidden_channels: int, strides: Sequence[int], out_channels: int,
+                 weight_norm: bool = True):
+        super().__init__()
+        check_strides(strides)
+        if hidden_channels < 1 or in_channels < 1 or out_channels < 1:
+            raise ValueError("in_channels, hidden_channels and out_channels must be positive")
+        self.hop_length = hop_length(strides)
+        channels = hidden_channels
+        layers: list[nn.Module] = [
+            _maybe_weight_norm(nn.Conv1d(in_channels, channels, KERNEL_SIZE, padding=KERNEL_SIZE // 2), weight_norm)
+        ]
+        for stride in strides:
+            layers += [ResidualUnit1d(channels, dilation, weight_norm) for dilation in DILATIONS]
+            layers += [nn.ELU(), Downsample1d(channels, 2 * channels, stride, weight_norm)]
+            channels *= 2
+        layers += [
+            nn.ELU(),
+            _maybe_weight_norm(nn.Conv1d(channels, out_channels, KERNEL_SIZE, padding=KERNEL_SIZE // 2), weight_norm),
+        ]
+        self.layers = nn.Sequential(*layers)
+        self.receptive_field = receptive_field(self.layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] % self.hop_length:
+            raise ValueError(f"input length {x.shape[-1]} is not a multiple of the hop {self.hop_length}; pad it")
+        return self.layers(x)
+
+
+class Decoder1d(nn.Module):
+    """(b in_channels frames) -> (b out_channels frames * hop): the encoder's mirror image."""
+
+    def __init__(self, in_channels: int, hidden_channels: int, strides: Sequence[int], out_channels: int,
+                 weight_norm: bool = True):
+        super().__init__()
+        check_strides(strides)
+        self.hop_length = hop_length(strides)
+        channels = hidden_channels * 2 ** len(strides)
+        layers: list[nn.Module] = [
+            _maybe_weight_norm(nn.Conv1d(in_channels, channels, KERNEL_SIZE, padding=KERNEL_SIZE // 2), weight_norm)
+        ]
+        for stride in reversed(strides):
+            layers += [nn.ELU(), Upsample1d(channels, channels // 2, stride, weight_norm)]
+            channels //= 2
+            layers += [ResidualUnit1d(channels, dilation, weight_norm) for dilation in DILATIONS]
+        layers += [
+            nn.ELU(),
+            _maybe_weight_norm(nn.Conv1d(channels, out_channels, KERNEL_SIZE, padding=KERNEL_SIZE // 2), weight_norm),
+        ]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.layers(z)
+
+
+def receptive_field(layers: nn.Sequential) -> int:
+    """Input samples one output frame of `layers` depends on (a residual unit adds its branch's span).
+
+    Walks the stack keeping the spacing `jump` of the current layer's positions in input samples:
+    a convolution of kernel k and dilation d widens the field by (k - 1) * d * jump.
+    """
+    field, jump = 1, 1
+    for layer in layers:
+        if isinstance(layer, ResidualUnit1d):
+            field += (KERNEL_SIZE - 1) * layer.dilation * jump
+        elif isinstance(layer, Downsample1d):
+            field += (2 * layer.stride - 1) * jump
+            jump *= layer.stride
+        elif isinstance(layer, nn.Conv1d):
+            field += (layer.kernel_size[0] - 1) * layer.dilation[0] * jump
+    return field
