@@ -3,6 +3,7 @@
     tokgen run [CONFIG] [key=value ...]           train tokenizer, export tokens, train prior, sample, evaluate
     tokgen train-tokenizer | export-tokens | train-prior | sample | eval  [CONFIG] [key=value ...]
     tokgen generate RUN_DIR --label 3 --num 16     ad-hoc conditioned samples from a finished run
+    tokgen compare CONFIG [key=value ...]          train/evaluate a list of models on one split, one table
 
 CONFIG is a TOML file (see configs/); without one the built-in CPU default runs on the MNIST subset
 bundled with the package. Overrides use dotted keys: `prior_training.max_steps=200`.
@@ -48,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_parser(subparsers, "train-prior", "stage two: train the prior on the token set")
     _stage_parser(subparsers, "sample", "draw class grids, evaluation samples and completions")
     _stage_parser(subparsers, "eval", "evaluate and write metrics.json")
+    compare = subparsers.add_parser("compare", help="train and evaluate several models on one split; write a table")
+    compare.add_argument("config", help="TOML compare config (see configs/compare/)")
+    compare.add_argument("overrides", nargs="*", help="key=value overrides; models.<name>.key=value for one model")
     generate = subparsers.add_parser("generate", help="sample images from a finished run")
     generate.add_argument("run_dir", type=Path)
     generate.add_argument("--label", type=int, default=None, help="class label (default: unconditional / null class)")
@@ -126,6 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verb == "generate":
             print(f"wrote {generate_command(args)}")
+            return 0
+        if args.verb == "compare":
+            from pipelines.compare import load_compare_config, run_comparison
+
+            report = run_comparison(load_compare_config(args.config, args.overrides))
+            table = Path(report["directory"]) / "comparison.md"
+            print(f"{table.read_text()}\nwrote {table}, comparison.json and comparison.png")
             return 0
         config_path, overrides = _split_config_and_overrides(args)
         metrics = run_stages(args.verb, config_path, overrides, args.resume, args.force)

@@ -21,8 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipelines.audio_data import AudioDataConfig
+from pipelines.audio_eval import SpokenDigitClassifierConfig
 from pipelines.classifier import ClassifierConfig
 from pipelines.data import DataConfig
+from pipelines.layouts import LAYOUTS
 from pipelines.loop import TrainConfig
 from priors import PRIORS
 from tokenizers_vq import TOKENIZERS
@@ -92,6 +95,23 @@ class EvaluationConfig:
 
 
 @dataclass(frozen=True)
+class AudioConfig:
+    """Audio-only settings of a run whose data is an `[audio_data]` section (see `pipelines.audio_stages`)."""
+
+    layout: str = "flattened"  # how residual-VQ codes become one sequence: "flattened" | "delayed"
+    prefix_seconds: float = 0.2  # prefix continuation: real test clips give this much, the prior continues
+    completions: int = 10  # test clips continued from their prefix (WAVs + spectrogram PNG)
+    spectrogram_clips: int = 3  # per class: generated clips shown beside as many real clips
+    classifier: SpokenDigitClassifierConfig = field(default_factory=SpokenDigitClassifierConfig)
+
+    def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"audio.layout must be one of {list(LAYOUTS)}, got {self.layout!r}")
+        if self.prefix_seconds < 0 or self.completions < 0 or self.spectrogram_clips < 1:
+            raise ValueError("audio.prefix_seconds and audio.completions must be >= 0, audio.spectrogram_clips >= 1")
+
+
+@dataclass(frozen=True)
 class ComponentSection:
     """A `[tokenizer]` or `[prior]` table: a registered kind and that kind's own fields."""
 
@@ -105,12 +125,18 @@ class RunConfig:
     output_dir: str = "runs"
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
+    audio_data: AudioDataConfig | None = None  # set: an audio run (then [data] is unused and refused)
+    audio: AudioConfig = field(default_factory=AudioConfig)
     tokenizer: ComponentSection = field(default_factory=lambda: ComponentSection("vqvae", {}))
     tokenizer_training: TrainConfig = field(default_factory=TrainConfig)
     prior: ComponentSection = field(default_factory=lambda: ComponentSection("transformer", {}))
     prior_training: TrainConfig = field(default_factory=TrainConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+    @property
+    def is_audio(self) -> bool:
+        return self.audio_data is not None
 
     @property
     def run_dir(self) -> Path:
@@ -182,7 +208,11 @@ def run_config_from_dict(data: dict) -> RunConfig:
         "prior_training": TrainConfig,
         "sampling": SamplingConfig,
         "evaluation": EvaluationConfig,
+        "audio_data": AudioDataConfig,
+        "audio": AudioConfig,
     }
+    if "data" in data and "audio_data" in data:
+        raise ConfigError("a run reads either images ([data]) or audio ([audio_data]), not both; remove one section")
     built = {}
     for key, cls in sections.items():
         if key in data:

@@ -1,9 +1,11 @@
 """Image data sources: every source becomes the same `ImageDataset` of uint8 arrays.
 
 A run names its data with a `DataConfig`: the MNIST subset bundled with tokgen (the default, so
-that `tokgen run` works offline out of the box), an `.npz` file of arrays, a local folder with one
-sub-folder per class (read through Hugging Face `datasets`' "imagefolder" builder), or any
-Hugging Face Hub image data set. Whatever the source, images come out as uint8 `(n h w c)` with
+that `tokgen run` works offline out of the box), an `.npz` file of arrays or of concatenated JPEG
+files (the layout of `cifar10_jpeg.npz`, CIFAR-10 of Krizhevsky 2009, "Learning Multiple Layers of
+Features from Tiny Images", re-encoded as JPEG and so lossy), a local folder with one sub-folder
+per class (read through Hugging Face `datasets`' "imagefolder" builder), or any Hugging Face Hub
+image data set. Whatever the source, images come out as uint8 `(n h w c)` with
 int64 labels, resized and converted to the requested channels with Pillow, split into train, val
 and test (val carved from train, seeded and class-stratified, when the source has none) and
 optionally cut to class-balanced subsets. Bad input fails early with a `DataError` that names the
@@ -28,7 +30,7 @@ from PIL import Image, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("bundled", "npz", "imagefolder", "hf")
+SOURCES = ("bundled", "npz", "imagefolder", "hf", "cifar10_jpeg")
 BUNDLED_FILE = "mnist_small.npz"
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 # Split names used by sources for their validation split, mapped onto tokgen's "val".
@@ -42,8 +44,8 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "bundled"  # "bundled" | "npz" | "imagefolder" | "hf"
-    path: str = ""  # npz file, image folder, or Hugging Face dataset name
+    source: str = "bundled"  # "bundled" | "npz" | "imagefolder" | "hf" | "cifar10_jpeg"
+    path: str = ""  # npz file (arrays or JPEG archive), image folder, or Hugging Face dataset name
     image_size: int = 0  # 0 keeps the native size; otherwise resize to a square of this side
     channels: int = 0  # 0 keeps the native channels; 1 = grayscale, 3 = RGB
     val_fraction: float = 0.1  # carved from train when the source has no validation split
@@ -76,9 +78,53 @@ class DataConfig:
         return cls(**data)
 
 
+class JpegImages:
+    """One split of an npz JPEG archive (`{split}_jpeg` bytes, `{split}_offsets`), decoded when indexed.
+
+    Only `load_image_dataset` sees this: subsets and holdouts index it before anything is decoded,
+    so `max_train=500` decodes 500 images, not 50,000, and the dataset it returns holds arrays.
+    Indexing with an index array, a slice or a boolean mask gives uint8 (n h w 3).
+    """
+
+    def __init__(self, data: np.ndarray, offsets: np.ndarray, split: str, where: str):
+        self.data, self.offsets, self.split, self.where = data, offsets, split, where
+        if data.ndim != 1 or data.dtype != np.uint8:
+            raise DataError(f"{where}: {split}_jpeg must be flat uint8 bytes, got {data.dtype} of shape {data.shape}")
+        if (offsets.ndim != 1 or not np.issubdtype(offsets.dtype, np.integer) or len(offsets) < 1
+                or offsets[0] != 0 or offsets[-1] != len(data) or (np.diff(offsets) < 0).any()):
+            raise DataError(f"{where}: {split}_offsets must be non-decreasing integers from 0 to "
+                            f"len({split}_jpeg) = {len(data)}")
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def decode(self, index: int) -> np.ndarray:
+        """Image `index` -> uint8 (h w 3); a file Pillow cannot decode is a DataError naming it."""
+        start, end = int(self.offsets[index]), int(self.offsets[index + 1])
+        try:
+            with Image.open(io.BytesIO(self.data[start:end].tobytes())) as image:
+                return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
+            raise DataError(f"{self.where}: cannot decode JPEG {index} of the {self.split!r} split: {error}") from error
+
+    def __getitem__(self, selection) -> np.ndarray:
+        indices = np.arange(len(self))[selection].reshape(-1)
+        images = [self.decode(int(index)) for index in indices]
+        if not images:  # keep (0 h w 3) so that empty splits have the data's shape
+            return np.zeros((0, *self.decode(0).shape) if len(self) else (0, 0, 0, 3), dtype=np.uint8)
+        shapes = sorted({image.shape for image in images})
+        if len(shapes) > 1:
+            raise DataError(f"{self.where}: JPEGs of the {self.split!r} split have different shapes {shapes[:5]}")
+        return np.stack(images)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        images = self[:]
+        return images if dtype is None else images.astype(dtype)
+
+
 @dataclass
 class ImageSplit:
-    images: np.ndarray  # uint8 (n h w c)
+    images: np.ndarray  # uint8 (n h w c); a JpegImages only inside load_image_dataset
     labels: np.ndarray | None  # int64 (n,), None for unlabelled data
 
     def __len__(self) -> int:
@@ -230,16 +276,26 @@ def _stack_pil_images(items: list, config: DataConfig, where: str) -> np.ndarray
 # --- sources: each returns ({split name: ImageSplit}, class names, description) -----------------------
 
 
-def _npz_splits(arrays, where: str) -> dict[str, ImageSplit]:
+def _npz_splits(arrays, where: str, jpeg_only: bool = False) -> dict[str, ImageSplit]:
+    """Splits of an npz of image arrays (`x_train`, ...) or of JPEG archives (`train_jpeg`, ...)."""
     keys = set(arrays.files)
-    missing = {"x_train", "x_test"} - keys
+    jpeg = "train_jpeg" in keys or jpeg_only
+    required = {"train_jpeg", "train_offsets", "test_jpeg", "test_offsets"} if jpeg else {"x_train", "x_test"}
+    missing = required - keys
     if missing:
-        raise DataError(f"{where}: missing array(s) {sorted(missing)}; found {sorted(keys)}")
+        layouts = "x_train/x_test image arrays, or train_jpeg/train_offsets/test_jpeg/test_offsets JPEG archives"
+        raise DataError(f"{where}: missing array(s) {sorted(missing)}; found {sorted(keys)} (expected {layouts})")
     splits = {}
     for split, suffix in (("train", "train"), ("val", "valid"), ("val", "val"), ("test", "test")):
-        if f"x_{suffix}" not in keys or split in splits:
+        name = f"{suffix}_jpeg" if jpeg else f"x_{suffix}"
+        if name not in keys or split in splits:
             continue
-        images = _as_uint8_images(arrays[f"x_{suffix}"], f"x_{suffix}", where)
+        if jpeg:
+            if f"{suffix}_offsets" not in keys:
+                raise DataError(f"{where}: {name} has no {suffix}_offsets array")
+            images = JpegImages(arrays[name], arrays[f"{suffix}_offsets"], suffix, where)
+        else:
+            images = _as_uint8_images(arrays[name], name, where)
         labels = arrays[f"y_{suffix}"] if f"y_{suffix}" in keys else None
         splits[split] = ImageSplit(images, _as_labels(labels, len(images), f"y_{suffix}", where))
     if (splits["train"].labels is None) != (splits["test"].labels is None):
@@ -247,12 +303,13 @@ def _npz_splits(arrays, where: str) -> dict[str, ImageSplit]:
     return splits
 
 
-def _load_npz(path: Path, where: str) -> tuple[dict[str, ImageSplit], list[str] | None]:
+def _load_npz(path: Path, where: str, jpeg_only: bool = False) -> tuple[dict[str, ImageSplit], list[str] | None]:
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     try:
+        # Arrays are read into memory here; JPEG archives stay encoded until a split is indexed.
         with np.load(path, allow_pickle=False) as arrays:
-            splits = _npz_splits(arrays, where)
+            splits = _npz_splits(arrays, where, jpeg_only)
             class_names = [str(name) for name in arrays["class_names"]] if "class_names" in arrays.files else None
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
         if isinstance(error, DataError):
@@ -373,8 +430,8 @@ def load_image_dataset(config: DataConfig) -> ImageDataset:
     class_names = None
     if config.source == "bundled":
         splits, class_names = _load_bundled()
-    elif config.source == "npz":
-        splits, class_names = _load_npz(Path(config.path), str(config.path))
+    elif config.source in ("npz", "cifar10_jpeg"):
+        splits, class_names = _load_npz(Path(config.path), str(config.path), config.source == "cifar10_jpeg")
     elif config.source == "imagefolder":
         splits, class_names = _load_imagefolder(Path(config.path), config)
     else:
@@ -395,9 +452,10 @@ def load_image_dataset(config: DataConfig) -> ImageDataset:
     if val is None:
         train, val = _holdout(train, config.val_fraction, rng)
     test, val = _subset(test, config.max_test, rng), _subset(val, config.max_test, rng)
-    if config.source in ("bundled", "npz"):
-        # Arrays are converted after subsetting, so that a small run never resizes the whole file.
-        train, val, test = (ImageSplit(_convert_array(split.images, config), split.labels)
+    if config.source in ("bundled", "npz", "cifar10_jpeg"):
+        # Arrays are converted (and JPEGs decoded) after subsetting, so that a small run never
+        # decodes or resizes the whole file.
+        train, val, test = (ImageSplit(_convert_array(np.asarray(split.images), config), split.labels)
                             for split in (train, val, test))
 
     named = (("train", train), ("val", val), ("test", test))
@@ -428,4 +486,7 @@ def load_image_dataset(config: DataConfig) -> ImageDataset:
 def _origin(config: DataConfig) -> str:
     if config.source == "bundled":
         return f"MNIST subset bundled with tokgen (pipelines/assets/{BUNDLED_FILE}, CC BY-SA 3.0)"
+    if config.source == "cifar10_jpeg":
+        return ("CIFAR-10 (Krizhevsky 2009) as JPEG quality-75 re-encodings: lossy, so its figures are not "
+                "comparable with those of lossless CIFAR-10")
     return {"npz": "npz file", "imagefolder": "local image folder", "hf": "Hugging Face Hub dataset"}[config.source]

@@ -1,7 +1,8 @@
 """Metric functions for both stages, each returning a flat `dict[str, float]` (or one float).
 
 Stage one is measured by reconstruction error (MSE on the [-1, 1] scale, PSNR on the [0, 1]
-scale) and by how well it uses its codebook (usage, perplexity and dead codes of the test-split
+scale), by structural similarity (SSIM of Wang et al. 2004, "Image Quality Assessment: From Error
+Visibility to Structural Similarity", through torchmetrics) and by how well it uses its codebook (usage, perplexity and dead codes of the test-split
 tokens, as reported since van den Oord et al. 2017, "Neural Discrete Representation Learning").
 Stage two is measured by its exact token likelihood, reported in nats per item and bits per token
 (and bits per dimension where the caller knows the data's dimensionality). Samples are measured by
@@ -28,30 +29,63 @@ from pipelines.classifier import (ImageClassifier, as_image_tensor, as_label_ten
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "reconstruction_metrics", "codebook_metrics", "nll_metrics", "frechet_distance", "gaussian_statistics",
-    "sample_quality", "classifier_accuracy",
+    "reconstruction_metrics", "structural_similarity", "codebook_metrics", "nll_metrics", "frechet_distance",
+    "gaussian_statistics", "reconstruction_frechet", "sample_quality", "classifier_accuracy",
 ]
 
 # PSNR of a perfect reconstruction is infinite; capping the per-image MSE at this value (100 dB)
 # keeps metrics.json finite (strict JSON has no Infinity) and the average meaningful.
 MIN_MSE_FOR_PSNR = 1e-10
+# SSIM's standard window: an 11x11 Gaussian of sigma 1.5 (Wang et al. 2004).
+SSIM_SIGMA = 1.5
+SSIM_WINDOW = 11
+SSIM_BATCH_SIZE = 256  # images per torchmetrics call, to bound the memory of its five filtered maps
+
+
+def structural_similarity(original: torch.Tensor, reconstruction: torch.Tensor) -> float:
+    """Mean SSIM of (b c h w) images in [-1, 1], measured on the [0, 1] scale (data range 1).
+
+    The standard 11x11 Gaussian window (sigma 1.5) for images of side >= 11; smaller images get the
+    largest odd uniform window that fits, since torchmetrics' reflection padding needs a window no
+    larger than the image. Per-image SSIM (averaged over channels and positions) is averaged over images.
+    """
+    from torchmetrics.functional import structural_similarity_index_measure
+
+    if original.ndim != 4 or original.shape != reconstruction.shape:
+        raise ValueError(f"SSIM needs two (b c h w) batches of one shape, got {tuple(original.shape)} "
+                         f"and {tuple(reconstruction.shape)}")
+    side = min(original.shape[-2:])
+    if side >= SSIM_WINDOW:
+        window = dict(gaussian_kernel=True, sigma=SSIM_SIGMA, kernel_size=SSIM_WINDOW)
+    else:
+        window = dict(gaussian_kernel=False, kernel_size=side if side % 2 else side - 1)
+    total = 0.0
+    for start in range(0, len(original), SSIM_BATCH_SIZE):
+        # [-1, 1] -> [0, 1]; clamped, because a decoder's raw output may overshoot the data range.
+        chunks = [(images[start : start + SSIM_BATCH_SIZE].detach().float().cpu().clamp(-1.0, 1.0) + 1.0) / 2.0
+                  for images in (reconstruction, original)]
+        per_image = structural_similarity_index_measure(*chunks, data_range=1.0, reduction="none", **window)
+        total += per_image.double().sum().item()
+    return total / len(original)
 
 
 def reconstruction_metrics(original: torch.Tensor, reconstruction: torch.Tensor) -> dict[str, float]:
-    """Images (b c h w) (or any (b ...)) in [-1, 1] -> {"mse", "psnr"}.
+    """Images (b c h w) (or any (b ...)) in [-1, 1] -> {"mse", "psnr"}, plus "ssim" for (b c h w) images.
 
     `mse` is the mean squared error on the [-1, 1] scale the models train on. `psnr` is computed
-    per image on the [0, 1] scale (data range 1), then averaged over images, in dB.
+    per image on the [0, 1] scale (data range 1), then averaged over images, in dB. `ssim` is
+    `structural_similarity` (images only: other shapes, such as audio, get no "ssim").
     """
     if original.shape != reconstruction.shape:
         raise ValueError(f"shapes differ: {tuple(original.shape)} vs {tuple(reconstruction.shape)}")
+    ssim = {"ssim": structural_similarity(original, reconstruction)} if original.ndim == 4 else {}
     original = rearrange(original.detach().double().cpu(), "b ... -> b (...)")
     reconstruction = rearrange(reconstruction.detach().double().cpu(), "b ... -> b (...)")
     squared_error = (original - reconstruction).pow(2)
     # Mapping [-1, 1] to [0, 1] halves every difference, so the [0, 1]-scale MSE is a quarter.
     per_image_mse_unit = (squared_error.mean(dim=1) / 4.0).clamp_min(MIN_MSE_FOR_PSNR)
     psnr = -10.0 * torch.log10(per_image_mse_unit)
-    return {"mse": squared_error.mean().item(), "psnr": psnr.mean().item()}
+    return {"mse": squared_error.mean().item(), "psnr": psnr.mean().item(), **ssim}
 
 
 def codebook_metrics(indices: torch.Tensor, codebook_size: int) -> dict[str, float]:
@@ -160,6 +194,21 @@ def frechet_distance(features_a, features_b, method: str = "auto") -> float:
     distance = mean_term + trace_term - 2.0 * _trace_sqrt_product(covariance_a, covariance_b, method)
     # Rounding can leave identical sets a hair below zero.
     return max(distance, 0.0)
+
+
+def reconstruction_frechet(classifier: ImageClassifier, originals: torch.Tensor, reconstructions: torch.Tensor,
+                           batch_size: int = 256) -> float:
+    """Frechet distance between the classifier features of reconstructions and of their originals.
+
+    The tokenizer's counterpart of a sample FID: how far decoding moves the images' feature
+    distribution (blurry reconstructions score high even at a good PSNR). Both sets are the same
+    images, so there is no sampling floor to subtract; the figure compares tokenizers on one data set.
+    """
+    originals, reconstructions = as_image_tensor(originals), as_image_tensor(reconstructions)
+    if originals.shape != reconstructions.shape:
+        raise ValueError(f"shapes differ: {tuple(originals.shape)} vs {tuple(reconstructions.shape)}")
+    return frechet_distance(classifier_features(classifier, reconstructions, batch_size),
+                            classifier_features(classifier, originals, batch_size))
 
 
 def sample_quality(classifier: ImageClassifier, samples: torch.Tensor, sample_labels: torch.Tensor | None,

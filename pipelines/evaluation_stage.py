@@ -1,7 +1,9 @@
 """Evaluate a finished run and write `metrics.json`.
 
 Three groups of figures, each with its space named in the key:
-- tokenizer: reconstruction MSE/PSNR on the test split, codebook usage/perplexity of test tokens;
+- tokenizer: reconstruction MSE/PSNR/SSIM on the test split, the Frechet distance of the
+  reconstructions to the originals in the classifier's feature space (labelled data), codebook
+  usage/perplexity/dead codes of test tokens and of the last logged training window;
 - prior: exact test NLL of the token sequences, in nats per image and bits per token (this is the
   prior's likelihood of the *tokens*; the image likelihood of a VQ model is only a bound and needs
   a decoder likelihood, which a plain VQ-VAE with an MSE decoder does not define);
@@ -21,7 +23,8 @@ import torch
 
 from pipelines.classifier import classifier_accuracy, load_or_train_classifier
 from pipelines.data import to_tensor_images
-from pipelines.evaluate import codebook_metrics, nll_metrics, reconstruction_metrics, sample_quality
+from pipelines.evaluate import (codebook_metrics, nll_metrics, reconstruction_frechet, reconstruction_metrics,
+                                sample_quality)
 from pipelines.generation import load_eval_samples
 from pipelines.images import plot_code_histogram, reconstruction_grid
 from pipelines.stages import Run, decode_tokens, load_matched_pair, module_device
@@ -36,18 +39,33 @@ def _batched(tensor: torch.Tensor, batch_size: int):
 
 @torch.no_grad()
 def tokenizer_metrics(tokenizer, test_images: torch.Tensor, test_tokens: torch.Tensor, out_dir: Path,
-                      batch_size: int, grid_images: int) -> dict:
+                      batch_size: int, grid_images: int, classifier=None) -> dict:
     device = module_device(tokenizer)
     reconstructions = torch.cat(
         [tokenizer.decode(tokenizer.encode(chunk.to(device))).float().cpu() for chunk in _batched(test_images, batch_size)]
     )
     metrics = reconstruction_metrics(test_images, reconstructions)
+    if classifier is not None:
+        metrics["reconstruction_frechet"] = reconstruction_frechet(classifier, test_images, reconstructions, batch_size)
+    metrics["codebook_size"] = tokenizer.vocab_size
     codebook = codebook_metrics(test_tokens, tokenizer.vocab_size)
     metrics.update({f"test_{key}": value for key, value in codebook.items()})
     counts = torch.bincount(test_tokens.flatten(), minlength=tokenizer.vocab_size)
     plot_code_histogram(counts, out_dir / "code_histogram.png", title="code frequencies, test split")
     reconstruction_grid(test_images[:grid_images], reconstructions[:grid_images], out_dir / "reconstructions.png")
     return metrics
+
+
+def training_codebook_metrics(tokenizer_dir: Path) -> dict:
+    """Usage, perplexity and dead codes of the tokenizer's last logged training window (from stage.json).
+
+    Training batches see fewer tokens than the test split, so these read lower; a phase prefix
+    ("generator/usage" for a VQ-GAN) is dropped.
+    """
+    path = tokenizer_dir / "stage.json"
+    final = json.loads(path.read_text()).get("final_metrics", {}) if path.is_file() else {}
+    return {f"training_{name.rsplit('/', 1)[-1]}": value for name, value in final.items()
+            if name.rsplit("/", 1)[-1] in ("usage", "perplexity", "dead_codes") and isinstance(value, (int, float))}
 
 
 @torch.no_grad()
@@ -83,15 +101,8 @@ def evaluate_run(run: Run) -> dict:
     samples_dir = run.path("samples")
 
     metrics: dict = {"run": config.name, "data_source": manifest.data_source}
-    metrics["tokenizer"] = tokenizer_metrics(
-        tokenizer, test_images, test_tokens, samples_dir, config.evaluation.batch_size,
-        config.evaluation.reconstruction_grid_images,
-    )
-    if getattr(prior, "has_density", True):  # a GAN defines no likelihood: only sample metrics
-        metrics["prior"] = prior_metrics(prior, test_tokens, test_labels, config.evaluation.batch_size,
-                                         image_dims=math.prod(manifest.image_shape))
-
-    if manifest.num_classes:
+    classifier = None
+    if manifest.num_classes:  # first, so that the tokenizer's reconstructions are measured in its space too
         classifier, classifier_info = load_or_train_classifier(
             run.path("classifier"),
             dataset.train.images, dataset.train.labels, config.evaluation.classifier, manifest.num_classes,
@@ -99,6 +110,16 @@ def evaluate_run(run: Run) -> dict:
                          "classifier": config.evaluation.classifier.__dict__},
             device=device,
         )
+    metrics["tokenizer"] = tokenizer_metrics(
+        tokenizer, test_images, test_tokens, samples_dir, config.evaluation.batch_size,
+        config.evaluation.reconstruction_grid_images, classifier=classifier,
+    )
+    metrics["tokenizer"].update(training_codebook_metrics(run.path("tokenizer")))
+    if getattr(prior, "has_density", True):  # a GAN defines no likelihood: only sample metrics
+        metrics["prior"] = prior_metrics(prior, test_tokens, test_labels, config.evaluation.batch_size,
+                                         image_dims=math.prod(manifest.image_shape))
+
+    if manifest.num_classes:
         classifier_real = classifier_accuracy(classifier, test_images, torch.as_tensor(dataset.test.labels))
         sample_tokens, sample_labels = load_eval_samples(samples_dir)
         samples = decode_tokens(tokenizer, sample_tokens, manifest)

@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
+from pipelines.audio_data import AudioDataset, AudioTensorDataset, load_audio_dataset
 from pipelines.config import RunConfig, fingerprint
 from pipelines.data import ImageDataset, ImageTensorDataset, load_image_dataset
 from pipelines.loop import TrainResult, train
-from pipelines.tokenset import TokenTensorDataset, export_tokens, load_tokenset, sha256_file
+from pipelines.tokenset import export_audio_tokens, export_tokens, load_tokenset, sha256_file
 from priors import PRIORS, load_prior
 from tokenizers_vq import TOKENIZERS, load_tokenizer
 
@@ -96,7 +97,7 @@ class Run:
 
     config: RunConfig
     state: PartialState = field(default_factory=process_state)
-    _dataset: ImageDataset | None = None
+    _dataset: ImageDataset | AudioDataset | None = None
 
     @property
     def directory(self) -> Path:
@@ -106,17 +107,20 @@ class Run:
         return self.directory.joinpath(*parts)
 
     @property
-    def dataset(self) -> ImageDataset:
+    def dataset(self) -> ImageDataset | AudioDataset:
         if self._dataset is None:
-            self._dataset = load_image_dataset(self.config.data)
+            config = self.config
+            self._dataset = load_audio_dataset(config.audio_data) if config.is_audio else load_image_dataset(config.data)
         return self._dataset
 
     # Fingerprints chain so that a change upstream invalidates everything after it.
     def tokenizer_fingerprint(self) -> str:
         c = self.config
-        return fingerprint("tokenizer", c.data, c.tokenizer, c.tokenizer_training)
+        return fingerprint("tokenizer", c.audio_data if c.is_audio else c.data, c.tokenizer, c.tokenizer_training)
 
     def tokens_fingerprint(self) -> str:
+        if self.config.is_audio:  # the layout decides the token sequences
+            return fingerprint("tokens", self.tokenizer_fingerprint(), self.config.audio.layout)
         return fingerprint("tokens", self.tokenizer_fingerprint())
 
     def prior_fingerprint(self) -> str:
@@ -124,13 +128,29 @@ class Run:
         return fingerprint("prior", self.tokens_fingerprint(), c.prior, c.prior_training)
 
     def samples_fingerprint(self) -> str:
-        return fingerprint("samples", self.prior_fingerprint(), self.config.sampling)
+        c = self.config
+        if c.is_audio:
+            audio = (c.audio.prefix_seconds, c.audio.completions, c.audio.spectrogram_clips, c.audio.classifier)
+            return fingerprint("samples", self.prior_fingerprint(), c.sampling, audio)
+        return fingerprint("samples", self.prior_fingerprint(), c.sampling)
 
     def write_resolved_config(self) -> None:
         if self.state.is_main_process:
             self.directory.mkdir(parents=True, exist_ok=True)
             text = json.dumps(self.config.to_dict(), indent=2, default=str)
             self.path("config.resolved.json").write_text(text)
+
+
+def check_audio_tokenizer(tokenizer_config, dataset: AudioDataset) -> None:
+    """An audio run needs a tokenizer of (c t) clips at the data's rate and channel count."""
+    rate, channels = getattr(tokenizer_config, "sample_rate", None), getattr(tokenizer_config, "channels", None)
+    if rate is None or channels is None:
+        raise RunError(f"[audio_data] needs an audio tokenizer (kind \"audio_vqvae\"), not {type(tokenizer_config).__name__}")
+    if rate != dataset.sample_rate or channels != dataset.channels:
+        raise RunError(
+            f"tokenizer.sample_rate={rate}, tokenizer.channels={channels} but the audio is {dataset.sample_rate} Hz "
+            f"with {dataset.channels} channel(s); set them equal (audio_data.sample_rate resamples the files)"
+        )
 
 
 def train_tokenizer_stage(run: Run, resume: bool = False, force: bool = False) -> Path:
@@ -143,6 +163,8 @@ def train_tokenizer_stage(run: Run, resume: bool = False, force: bool = False) -
     tokenizer_config = run.config.tokenizer_config()
     _, tokenizer_cls = TOKENIZERS[run.config.tokenizer.kind]
     tokenizer = tokenizer_cls(tokenizer_config)
+    if run.config.is_audio:
+        check_audio_tokenizer(tokenizer_config, dataset)
     expected_channels = getattr(tokenizer_config, "in_channels", dataset.channels)
     if expected_channels != dataset.channels:
         raise RunError(
@@ -153,7 +175,8 @@ def train_tokenizer_stage(run: Run, resume: bool = False, force: bool = False) -
         training_dir = run.path("checkpoints", "tokenizer")
         prepare_training_dir(training_dir, stage_fingerprint, resume, force, run.state.is_main_process)
         run.state.wait_for_everyone()
-        result = train(tokenizer, ImageTensorDataset(dataset.train), run.config.tokenizer_training, training_dir,
+        train_data = AudioTensorDataset(dataset.train) if run.config.is_audio else ImageTensorDataset(dataset.train)
+        result = train(tokenizer, train_data, run.config.tokenizer_training, training_dir,
                        resume=resume, description="tokenizer")
     else:  # the identity (pixels) tokenizer has nothing to learn
         result = TrainResult(steps=0, final_metrics={}, history=[], checkpoint_dir=None)
@@ -177,7 +200,11 @@ def export_tokens_stage(run: Run, force: bool = False) -> Path:
         tokenizer = load_tokenizer(tokenizer_dir).to(run.state.device)
         if out_dir.exists():
             shutil.rmtree(out_dir)
-        export_tokens(tokenizer, tokenizer_dir, run.dataset, out_dir, device=run.state.device)
+        if run.config.is_audio:
+            export_audio_tokens(tokenizer, tokenizer_dir, run.dataset, out_dir, layout=run.config.audio.layout,
+                                device=run.state.device)
+        else:
+            export_tokens(tokenizer, tokenizer_dir, run.dataset, out_dir, device=run.state.device)
         mark_stage_done(out_dir, stage_fingerprint)
     run.state.wait_for_everyone()
     return out_dir
@@ -194,7 +221,7 @@ def train_prior_stage(run: Run, resume: bool = False, force: bool = False) -> Pa
     prior_config = run.config.prior_config(manifest.vocab_size, manifest.sequence_length, manifest.num_classes)
     _, prior_cls = PRIORS[run.config.prior.kind]
     prior = prior_cls(prior_config)
-    train_tokens = TokenTensorDataset(tokenset.splits["train"])
+    train_tokens = tokenset.torch_dataset("train")  # audio items carry the loss mask of their padding
     if getattr(prior, "fit_by_counting", False):  # histograms are fit by counting, not by gradient steps
         result = fit_by_counting(prior, train_tokens, run.config.prior_training.batch_size)
     else:

@@ -29,6 +29,7 @@ import torch
 from einops import rearrange
 from tqdm.auto import tqdm
 
+from pipelines import layouts
 from pipelines.data import ImageDataset, to_tensor_images
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,10 @@ MANIFEST_NAME = "manifest.json"
 WEIGHTS_NAME = "model.safetensors"
 SPLITS = ("train", "val", "test")
 ORDER = "row-major"
+MODALITIES = ("image", "audio")
+# Manifest keys added after format 1 was first written; older manifests lack them and get the defaults.
+OPTIONAL_MANIFEST_FIELDS = ("modality", "codebook_size", "pad_token", "sample_rate", "hop_length")
+LENGTH_COLUMNS = ("num_frames", "num_samples")  # audio: real frames and samples of each clip
 
 
 class TokenSetError(ValueError):
@@ -68,16 +73,32 @@ class Manifest:
     tokenizer_kind: str
     tokenizer_config: dict
     tokenizer_sha256: str
-    vocab_size: int
-    token_grid: list[int]  # (h', w') of one image's tokens
-    sequence_length: int  # h' * w' * num_codebooks
-    order: str  # "row-major": token (i, j[, q]) is input_ids[(i * w' + j) * num_codebooks + q]
+    vocab_size: int  # ids a prior models: the codes, plus the pad token of a "delayed" layout
+    token_grid: list[int]  # (h', w') of one image's tokens, or (frames,) of one clip's
+    sequence_length: int  # h' * w' * num_codebooks, or `layouts.sequence_length` for audio
+    order: str  # "row-major": token (i, j[, q]) is input_ids[(i * w' + j) * num_codebooks + q];
+    #             audio: a `layouts.LAYOUTS` name ("flattened" or "delayed")
     num_codebooks: int
     num_classes: int  # 0 = unconditional
     class_names: list[str]
     data_source: dict
     split_sizes: dict[str, int]
-    image_shape: list[int]  # (c, h, w)
+    image_shape: list[int]  # the input shape of one item: (c, h, w), or (c, t) for audio
+    # Added with audio; manifests written before them read as images with these defaults.
+    modality: str = "image"  # "image" | "audio"
+    codebook_size: int = -1  # the tokenizer's codes; -1 = vocab_size (no pad token)
+    pad_token: int = -1  # the layout's pad id, -1 = none
+    sample_rate: int = 0  # audio only: Hz of the clips
+    hop_length: int = 0  # audio only: samples per frame
+
+    def __post_init__(self):
+        if self.codebook_size == -1:
+            object.__setattr__(self, "codebook_size", self.vocab_size)
+
+    @property
+    def has_lengths(self) -> bool:
+        """Audio splits carry per-clip `num_frames` and `num_samples` columns (variable-length clips)."""
+        return self.modality == "audio"
 
     def to_json(self) -> dict:
         return _jsonable(dataclasses.asdict(self))
@@ -88,7 +109,8 @@ class Manifest:
         if not isinstance(data, dict):
             raise TokenSetError(f"a manifest is a JSON object, got {type(data).__name__}")
         names = [f.name for f in dataclasses.fields(cls)]
-        unknown, missing = sorted(set(data) - set(names)), sorted(set(names) - set(data))
+        unknown = sorted(set(data) - set(names))
+        missing = sorted(set(names) - set(data) - set(OPTIONAL_MANIFEST_FIELDS))
         if unknown or missing:
             raise TokenSetError(f"manifest has unknown key(s) {unknown} and lacks key(s) {missing}; "
                                 f"valid keys: {names}")
@@ -98,9 +120,10 @@ class Manifest:
         expected_types = {"tokenizer_kind": str, "tokenizer_config": dict, "tokenizer_sha256": str, "vocab_size": int,
                           "token_grid": list, "sequence_length": int, "order": str, "num_codebooks": int,
                           "num_classes": int, "class_names": list, "data_source": dict, "split_sizes": dict,
-                          "image_shape": list}
-        wrong = [name for name, kind in expected_types.items()
-                 if not isinstance(data[name], kind) or (kind is int and isinstance(data[name], bool))]
+                          "image_shape": list, "modality": str, "codebook_size": int, "pad_token": int,
+                          "sample_rate": int, "hop_length": int}
+        wrong = [name for name, kind in expected_types.items() if name in data
+                 and (not isinstance(data[name], kind) or (kind is int and isinstance(data[name], bool)))]
         if wrong:
             raise TokenSetError(f"manifest field(s) {wrong} have the wrong type")
         manifest = cls(**data)
@@ -109,21 +132,57 @@ class Manifest:
 
     def check(self) -> None:
         problems = []
+        if self.modality not in MODALITIES:
+            problems.append(f"modality {self.modality!r} (one of {list(MODALITIES)})")
+        elif self.modality == "image":
+            problems += self._image_problems()
+        else:
+            problems += self._audio_problems()
+        if self.num_classes != len(self.class_names):
+            problems.append(f"num_classes {self.num_classes} but {len(self.class_names)} class names")
+        if sorted(self.split_sizes) != sorted(SPLITS) or any(not isinstance(v, int) for v in self.split_sizes.values()):
+            problems.append(f"split_sizes must give an integer size for each of {list(SPLITS)}: {self.split_sizes}")
+        if problems:
+            raise TokenSetError("inconsistent manifest: " + "; ".join(problems))
+
+    def _image_problems(self) -> list[str]:
+        problems = []
         if self.vocab_size < 1 or self.num_codebooks < 1 or len(self.token_grid) != 2:
             problems.append(f"vocab_size {self.vocab_size}, num_codebooks {self.num_codebooks}, grid {self.token_grid}")
         elif self.sequence_length != math.prod(self.token_grid) * self.num_codebooks:
             problems.append(f"sequence_length {self.sequence_length} != grid {self.token_grid} "
                             f"x {self.num_codebooks} codebook(s)")
         if self.order != ORDER:
-            problems.append(f"order {self.order!r} (only {ORDER!r} is defined)")
-        if self.num_classes != len(self.class_names):
-            problems.append(f"num_classes {self.num_classes} but {len(self.class_names)} class names")
-        if sorted(self.split_sizes) != sorted(SPLITS) or any(not isinstance(v, int) for v in self.split_sizes.values()):
-            problems.append(f"split_sizes must give an integer size for each of {list(SPLITS)}: {self.split_sizes}")
+            problems.append(f"order {self.order!r} (only {ORDER!r} is defined for images)")
         if len(self.image_shape) != 3:
             problems.append(f"image_shape {self.image_shape} is not (c, h, w)")
-        if problems:
-            raise TokenSetError("inconsistent manifest: " + "; ".join(problems))
+        if self.codebook_size != self.vocab_size or self.pad_token != -1:
+            problems.append(f"an image token set has no pad token (codebook_size {self.codebook_size}, "
+                            f"vocab_size {self.vocab_size}, pad_token {self.pad_token})")
+        return problems
+
+    def _audio_problems(self) -> list[str]:
+        if self.order not in layouts.LAYOUTS:
+            return [f"order {self.order!r} (audio layouts are {list(layouts.LAYOUTS)})"]
+        if self.codebook_size < 1 or self.num_codebooks < 1 or len(self.token_grid) != 1:
+            return [f"codebook_size {self.codebook_size}, num_codebooks {self.num_codebooks}, grid {self.token_grid}"]
+        problems = []
+        frames = self.token_grid[0]
+        if self.sequence_length != layouts.sequence_length(self.order, frames, self.num_codebooks):
+            problems.append(f"sequence_length {self.sequence_length} does not fit {frames} frames x "
+                            f"{self.num_codebooks} codebook(s) in the {self.order!r} layout")
+        if self.vocab_size != layouts.prior_vocab_size(self.order, self.codebook_size):
+            problems.append(f"vocab_size {self.vocab_size} != {self.order!r} vocabulary of {self.codebook_size} codes")
+        if self.pad_token != layouts.pad_token(self.order, self.codebook_size):
+            problems.append(f"pad_token {self.pad_token} is not the {self.order!r} pad id")
+        if len(self.image_shape) != 2 or self.sample_rate < 1 or self.hop_length < 1:
+            problems.append(f"audio needs (c, t) image_shape, sample_rate and hop_length: {self.image_shape}, "
+                            f"{self.sample_rate}, {self.hop_length}")
+        return problems
+
+    def valid_token_mask(self, num_frames: torch.Tensor) -> torch.Tensor:
+        """(n,) real frames per clip -> (n L) bool: the positions a prior scores (see `layouts`)."""
+        return layouts.valid_token_mask(num_frames, self.order, self.token_grid[0], self.num_codebooks)
 
 
 @dataclass
@@ -135,30 +194,40 @@ class TokenSet:
     def tensors(self, split: str) -> dict[str, torch.Tensor]:
         """One whole split as `{"input_ids": (n L) int64, "label": (n,) int64}` (label only when labelled).
 
-        `datasets` >= 4 returns a lazy `Column` for `split["input_ids"]`, which torch cannot convert;
-        this is the one-call way to get tensors.
+        Audio token sets add `num_frames` and `num_samples` (n,) int64 and `loss_mask` (n L) bool, the
+        positions a prior scores. `datasets` >= 4 returns a lazy `Column` for `split["input_ids"]`,
+        which torch cannot convert; this is the one-call way to get tensors.
         """
-        return _split_tensors(self.splits[split])
+        return _split_tensors(self.splits[split], self.manifest)
+
+    def torch_dataset(self, split: str) -> "TokenTensorDataset":
+        return TokenTensorDataset(self.splits[split], self.manifest)
 
 
-def _split_tensors(dataset: datasets.Dataset) -> dict[str, torch.Tensor]:
-    columns = [name for name in ("input_ids", "label") if name in dataset.column_names]
+def _split_tensors(dataset: datasets.Dataset, manifest: Manifest | None = None) -> dict[str, torch.Tensor]:
+    columns = [name for name in ("input_ids", "label", *LENGTH_COLUMNS) if name in dataset.column_names]
     rows = dataset.with_format("numpy", columns=columns)[:]
     tensors = {"input_ids": torch.from_numpy(np.asarray(rows["input_ids"], dtype=np.int64).reshape(len(dataset), -1))}
-    if "label" in rows:
-        tensors["label"] = torch.from_numpy(np.asarray(rows["label"], dtype=np.int64))
+    for name in ("label", *LENGTH_COLUMNS):
+        if name in rows:
+            tensors[name] = torch.from_numpy(np.asarray(rows[name], dtype=np.int64))
+    if manifest is not None and manifest.has_lengths and "num_frames" in tensors:
+        tensors["loss_mask"] = manifest.valid_token_mask(tensors["num_frames"])
     return tensors
 
 
 class TokenTensorDataset(torch.utils.data.Dataset):
     """A token split as `{"input_ids": (L,) int64, "label": () int64}` items; batches to (b L) and (b,).
 
-    The split is read into one tensor up front: a prior step then costs an index, not an Arrow read.
+    With the manifest of an audio token set, items also carry `loss_mask` (L,) bool, so that a
+    prior's loss leaves the padding of short clips out. The split is read into one tensor up
+    front: a prior step then costs an index, not an Arrow read.
     """
 
-    def __init__(self, dataset: datasets.Dataset):
-        tensors = _split_tensors(dataset)
+    def __init__(self, dataset: datasets.Dataset, manifest: Manifest | None = None):
+        tensors = _split_tensors(dataset, manifest)
         self.input_ids, self.labels = tensors["input_ids"], tensors.get("label")
+        self.loss_mask = tensors.get("loss_mask")
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -167,6 +236,8 @@ class TokenTensorDataset(torch.utils.data.Dataset):
         item = {"input_ids": self.input_ids[index]}
         if self.labels is not None:
             item["label"] = self.labels[index]
+        if self.loss_mask is not None:
+            item["loss_mask"] = self.loss_mask[index]
         return item
 
 
@@ -186,13 +257,29 @@ def _encode_split(tokenizer, images: np.ndarray, batch_size: int, device, progre
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.int64)
 
 
-def _token_dataset(tokens: np.ndarray, labels: np.ndarray | None, sequence_length: int) -> datasets.Dataset:
+def _encode_audio_split(tokenizer, waveforms: np.ndarray, layout: str, batch_size: int, device, progress: bool,
+                        name: str) -> np.ndarray:
+    """float32 (n c t) clips -> (n L) int64 tokens in `layout` (padding is zeros, encoded like any audio)."""
+    chunks = []
+    starts = range(0, len(waveforms), batch_size)
+    for start in tqdm(starts, desc=f"encode {name}", disable=not progress or not len(starts), leave=False):
+        clips = torch.from_numpy(np.ascontiguousarray(waveforms[start : start + batch_size])).to(device)
+        codes = tokenizer.encode(clips)
+        chunks.append(layouts.apply_layout(codes, layout, tokenizer.vocab_size).long().cpu().numpy())
+    return np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.int64)
+
+
+def _token_dataset(tokens: np.ndarray, labels: np.ndarray | None, sequence_length: int,
+                   lengths: dict[str, np.ndarray] | None = None) -> datasets.Dataset:
     # int32 halves the files; every vocabulary tokgen builds is far below 2**31.
     features = {"input_ids": datasets.List(datasets.Value("int32"))}
     columns = {"input_ids": tokens.reshape(len(tokens), sequence_length).astype(np.int32)}
     if labels is not None:
         features["label"] = datasets.Value("int64")
         columns["label"] = labels.astype(np.int64)
+    for name, values in (lengths or {}).items():
+        features[name] = datasets.Value("int64")
+        columns[name] = values.astype(np.int64)
     return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
 
 
@@ -208,6 +295,54 @@ def _quiet_datasets_progress():
             datasets.enable_progress_bars()
 
 
+@contextlib.contextmanager
+def _eval_mode(tokenizer):
+    was_training = getattr(tokenizer, "training", False)
+    if hasattr(tokenizer, "eval"):
+        tokenizer.eval()
+    try:
+        with torch.no_grad(), _quiet_datasets_progress():
+            yield
+    finally:
+        if was_training:
+            tokenizer.train()
+
+
+def _check_tokens(tokens: np.ndarray, sequence_length: int, vocab_size: int) -> None:
+    if len(tokens) and tokens.shape[1] != sequence_length:
+        raise TokenSetError(f"tokenizer gave {tokens.shape[1]} tokens per item, its grid says {sequence_length}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise TokenSetError(f"tokenizer gave tokens in [{tokens.min()}, {tokens.max()}], outside [0, {vocab_size})")
+
+
+def _write_split(token_dataset: datasets.Dataset, out_dir: Path, name: str) -> int:
+    token_dataset.save_to_disk(str(out_dir / name))
+    token_dataset.to_parquet(str(out_dir / f"{name}.parquet"))
+    return len(token_dataset)
+
+
+def _tokenizer_weights(tokenizer_dir: Path) -> Path:
+    weights = tokenizer_dir / WEIGHTS_NAME
+    if not weights.is_file():
+        raise TokenSetError(f"{weights} does not exist; export needs the saved tokenizer the tokens come from")
+    return weights
+
+
+def _tokenizer_record(tokenizer) -> tuple[str, dict]:
+    config = getattr(tokenizer, "config", None)
+    kind = str(getattr(config, "kind", type(tokenizer).__name__.lower()))
+    return kind, _jsonable(dataclasses.asdict(config)) if dataclasses.is_dataclass(config) else {}
+
+
+def _write_manifest(manifest: Manifest, out_dir: Path) -> Manifest:
+    """Written last, so a half-written export never loads."""
+    manifest.check()
+    (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
+    logger.info("exported %s tokens (vocab %d, length %d) to %s", manifest.split_sizes, manifest.vocab_size,
+                manifest.sequence_length, out_dir)
+    return manifest
+
+
 def export_tokens(tokenizer, tokenizer_dir: str | Path, dataset: ImageDataset, out_dir: str | Path, *,
                   batch_size: int = 256, device="cpu", progress: bool = True) -> Manifest:
     """Encode train/val/test with `tokenizer` (already on `device`) and write the token set to `out_dir`.
@@ -215,57 +350,67 @@ def export_tokens(tokenizer, tokenizer_dir: str | Path, dataset: ImageDataset, o
     The manifest is written last, so a half-written export never loads.
     """
     tokenizer_dir, out_dir = Path(tokenizer_dir), Path(out_dir)
-    weights = tokenizer_dir / WEIGHTS_NAME
-    if not weights.is_file():
-        raise TokenSetError(f"{weights} does not exist; export needs the saved tokenizer the tokens come from")
+    weights = _tokenizer_weights(tokenizer_dir)
     image_shape = (dataset.channels, *dataset.image_size)
     token_grid = tuple(int(size) for size in tokenizer.token_grid(image_shape))
     num_codebooks = int(getattr(tokenizer, "num_codebooks", 1))
     sequence_length = math.prod(token_grid) * num_codebooks
     vocab_size = int(tokenizer.vocab_size)
     out_dir.mkdir(parents=True, exist_ok=True)
-    was_training = getattr(tokenizer, "training", False)
-    if hasattr(tokenizer, "eval"):
-        tokenizer.eval()
     split_sizes = {}
-    try:
-        with torch.no_grad(), _quiet_datasets_progress():
-            for name, split in dataset.splits().items():
-                tokens = _encode_split(tokenizer, split.images, batch_size, device, progress, name)
-                if len(tokens) and tokens.shape[1] != sequence_length:
-                    raise TokenSetError(f"tokenizer gave {tokens.shape[1]} tokens per image, "
-                                        f"its grid says {sequence_length}")
-                if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
-                    raise TokenSetError(f"tokenizer gave tokens in [{tokens.min()}, {tokens.max()}], "
-                                        f"outside [0, {vocab_size})")
-                token_dataset = _token_dataset(tokens, split.labels, sequence_length)
-                token_dataset.save_to_disk(str(out_dir / name))
-                token_dataset.to_parquet(str(out_dir / f"{name}.parquet"))
-                split_sizes[name] = len(token_dataset)
-    finally:
-        if was_training:
-            tokenizer.train()
-    config = getattr(tokenizer, "config", None)
-    manifest = Manifest(
-        format_version=FORMAT_VERSION,
-        tokenizer_kind=str(getattr(config, "kind", type(tokenizer).__name__.lower())),
-        tokenizer_config=_jsonable(dataclasses.asdict(config)) if dataclasses.is_dataclass(config) else {},
-        tokenizer_sha256=sha256_file(weights),
-        vocab_size=vocab_size,
-        token_grid=list(token_grid),
-        sequence_length=sequence_length,
-        order=ORDER,
-        num_codebooks=num_codebooks,
-        num_classes=dataset.num_classes,
-        class_names=list(dataset.class_names),
-        data_source=_jsonable(dataset.source),
-        split_sizes=split_sizes,
+    with _eval_mode(tokenizer):
+        for name, split in dataset.splits().items():
+            tokens = _encode_split(tokenizer, split.images, batch_size, device, progress, name)
+            _check_tokens(tokens, sequence_length, vocab_size)
+            split_sizes[name] = _write_split(_token_dataset(tokens, split.labels, sequence_length), out_dir, name)
+    kind, config = _tokenizer_record(tokenizer)
+    return _write_manifest(Manifest(
+        format_version=FORMAT_VERSION, tokenizer_kind=kind, tokenizer_config=config,
+        tokenizer_sha256=sha256_file(weights), vocab_size=vocab_size, token_grid=list(token_grid),
+        sequence_length=sequence_length, order=ORDER, num_codebooks=num_codebooks, num_classes=dataset.num_classes,
+        class_names=list(dataset.class_names), data_source=_jsonable(dataset.source), split_sizes=split_sizes,
         image_shape=list(image_shape),
-    )
-    manifest.check()
-    (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
-    logger.info("exported %s tokens (vocab %d, length %d) to %s", split_sizes, vocab_size, sequence_length, out_dir)
-    return manifest
+    ), out_dir)
+
+
+def export_audio_tokens(tokenizer, tokenizer_dir: str | Path, dataset, out_dir: str | Path, *,
+                        layout: str = "flattened", batch_size: int = 64, device="cpu",
+                        progress: bool = True) -> Manifest:
+    """Encode the clips of an `AudioDataset` into a token set in `layout` (see `pipelines.layouts`).
+
+    Each row keeps its clip's real length, `num_samples`, and the frames that hold any of it,
+    `num_frames = ceil(num_samples / hop)`; `TokenSet.tensors` turns them into the prior's loss mask.
+    """
+    layouts.check_layout(layout)
+    tokenizer_dir, out_dir = Path(tokenizer_dir), Path(out_dir)
+    weights = _tokenizer_weights(tokenizer_dir)
+    clip_shape = tuple(int(size) for size in dataset.train.waveforms.shape[1:])  # (c, t)
+    frames = int(tokenizer.token_grid(clip_shape)[0])
+    hop_length = int(getattr(tokenizer, "hop_length", 0) or math.ceil(clip_shape[-1] / frames))
+    num_codebooks = int(getattr(tokenizer, "num_codebooks", 1))
+    codebook_size = int(tokenizer.vocab_size)
+    vocab_size = layouts.prior_vocab_size(layout, codebook_size)
+    sequence_length = layouts.sequence_length(layout, frames, num_codebooks)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    split_sizes = {}
+    with _eval_mode(tokenizer):
+        for name, split in dataset.splits().items():
+            tokens = _encode_audio_split(tokenizer, split.waveforms, layout, batch_size, device, progress, name)
+            _check_tokens(tokens, sequence_length, vocab_size)
+            lengths = {"num_frames": -(-np.asarray(split.lengths, dtype=np.int64) // hop_length),
+                       "num_samples": np.asarray(split.lengths, dtype=np.int64)}
+            token_dataset = _token_dataset(tokens, split.labels, sequence_length, lengths)
+            split_sizes[name] = _write_split(token_dataset, out_dir, name)
+    kind, config = _tokenizer_record(tokenizer)
+    return _write_manifest(Manifest(
+        format_version=FORMAT_VERSION, tokenizer_kind=kind, tokenizer_config=config,
+        tokenizer_sha256=sha256_file(weights), vocab_size=vocab_size, token_grid=[frames],
+        sequence_length=sequence_length, order=layout, num_codebooks=num_codebooks, num_classes=dataset.num_classes,
+        class_names=list(dataset.class_names), data_source=_jsonable(dataset.source), split_sizes=split_sizes,
+        image_shape=list(clip_shape), modality="audio", codebook_size=codebook_size,
+        pad_token=layouts.pad_token(layout, codebook_size), sample_rate=int(dataset.sample_rate),
+        hop_length=hop_length,
+    ), out_dir)
 
 
 # --- load and validate --------------------------------------------------------------------------
@@ -303,6 +448,8 @@ def _check_split(dataset: datasets.Dataset, manifest: Manifest, name: str, path:
     if len(dataset) != expected_size:
         raise TokenSetError(f"{path} has {len(dataset)} rows, the manifest says {expected_size}")
     wanted = {"input_ids", "label"} if manifest.num_classes else {"input_ids"}
+    if manifest.has_lengths:
+        wanted |= set(LENGTH_COLUMNS)
     if set(dataset.column_names) != wanted:
         raise TokenSetError(f"{path} has columns {dataset.column_names}, expected {sorted(wanted)}")
     if not len(dataset):
@@ -322,6 +469,11 @@ def _check_split(dataset: datasets.Dataset, manifest: Manifest, name: str, path:
         if labels["min"] < 0 or labels["max"] >= manifest.num_classes:
             raise TokenSetError(f"{path} has labels in [{labels['min']}, {labels['max']}], "
                                 f"outside [0, {manifest.num_classes})")
+    if manifest.has_lengths:
+        frames = pc.min_max(table.column("num_frames")).as_py()
+        if frames["min"] < 0 or frames["max"] > manifest.token_grid[0]:
+            raise TokenSetError(f"{path} has num_frames in [{frames['min']}, {frames['max']}], "
+                                f"outside [0, {manifest.token_grid[0]}]")
 
 
 def load_tokenset(directory: str | Path, *, tokenizer_dir: str | Path | None = None,

@@ -161,16 +161,24 @@ class TransformerPrior(nn.Module):
 
     # ---- likelihood and training ------------------------------------------------------------------
 
-    def token_log_probs(self, input_ids: Tensor, label: Tensor | int | None = None) -> Tensor:
-        """`(b L)` -> `(b L)` log p(x_i | x_<i, class) in nats."""
+    @staticmethod
+    def _mask_inputs(input_ids: Tensor, mask: Tensor | None) -> Tensor:
+        # A masked token (padding of a short clip) is read as token 0, so that no scored position
+        # depends on it: masks need no attention mask, and may hold gaps (delayed layouts).
+        return input_ids if mask is None else torch.where(mask.bool(), input_ids, torch.zeros_like(input_ids))
+
+    def token_log_probs(self, input_ids: Tensor, label: Tensor | int | None = None,
+                        mask: Tensor | None = None) -> Tensor:
+        """`(b L)` -> `(b L)` log p(x_i | x_<i, class) in nats; 0 where the optional `(b L)` mask is False."""
         self._check_tokens(input_ids)
         cond = self.condition_tokens(label, input_ids.shape[0], input_ids.device)
-        log_probs = self.image_logits(input_ids, cond).float().log_softmax(dim=-1)
-        return log_probs.gather(-1, rearrange(input_ids, "b l -> b l 1")).squeeze(-1)
+        log_probs = self.image_logits(self._mask_inputs(input_ids, mask), cond).float().log_softmax(dim=-1)
+        token_log_probs = log_probs.gather(-1, rearrange(input_ids, "b l -> b l 1")).squeeze(-1)
+        return token_log_probs if mask is None else token_log_probs * mask.to(token_log_probs.dtype)
 
-    def log_prob(self, input_ids: Tensor, label: Tensor | int | None = None) -> Tensor:
-        """`(b L)` -> `(b,)` exact log-likelihood of each sequence in nats."""
-        return self.token_log_probs(input_ids, label).sum(dim=-1)
+    def log_prob(self, input_ids: Tensor, label: Tensor | int | None = None, mask: Tensor | None = None) -> Tensor:
+        """`(b L)` -> `(b,)` exact log-likelihood of each sequence in nats (of its unmasked tokens)."""
+        return self.token_log_probs(input_ids, label, mask).sum(dim=-1)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"main": [p for p in self.parameters() if p.requires_grad]}
@@ -179,8 +187,12 @@ class TransformerPrior(nn.Module):
         return ["main"]
 
     def loss(self, batch: dict, phase: str, step: int) -> tuple[Tensor, dict[str, Tensor]]:
-        """Mean NLL per token (nats). Labels drop to the null token with `label_dropout` while training."""
+        """Mean NLL per token (nats), over the tokens of `batch["loss_mask"]` when the batch has one.
+
+        Labels drop to the null token with `label_dropout` while training.
+        """
         input_ids = batch["input_ids"]
+        mask = batch.get("loss_mask")
         batch_size = input_ids.shape[0]
         label = batch.get("label") if self.config.num_classes else None  # an unconditional prior ignores labels
         cond = self.condition_tokens(label, batch_size, input_ids.device)
@@ -188,8 +200,12 @@ class TransformerPrior(nn.Module):
             # Global torch RNG on purpose: the training loop seeds it per (seed, step, process).
             dropped = torch.rand(batch_size, device=input_ids.device) < self.config.label_dropout
             cond = torch.where(dropped, torch.full_like(cond, self.config.null_token), cond)
-        logits = self.image_logits(input_ids, cond)
-        nll = F.cross_entropy(rearrange(logits.float(), "b l v -> (b l) v"), rearrange(input_ids, "b l -> (b l)"))
+        logits = self.image_logits(self._mask_inputs(input_ids, mask), cond)
+        nll = F.cross_entropy(rearrange(logits.float(), "b l v -> (b l) v"), rearrange(input_ids, "b l -> (b l)"),
+                              reduction="mean" if mask is None else "none")
+        if mask is not None:
+            weights = rearrange(mask, "b l -> (b l)").to(nll.dtype)
+            nll = (nll * weights).sum() / weights.sum().clamp_min(1.0)
         detached = nll.detach()
         return nll, {"nll_per_token": detached, "bits_per_token": detached / math.log(2)}
 

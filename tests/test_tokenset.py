@@ -204,6 +204,9 @@ def test_corrupt_or_inconsistent_manifest_is_refused(exported):
         load_tokenset(root / "tokens")
     path.write_text(original)
     edit_manifest(root, vocab_size=2)
+    with pytest.raises(TokenSetError, match="no pad token"):  # vocab_size no longer equals the codebook
+        load_tokenset(root / "tokens")
+    edit_manifest(root, vocab_size=2, codebook_size=2)
     with pytest.raises(TokenSetError, match=r"outside \[0, 2\)"):
         load_tokenset(root / "tokens")
     path.unlink()

@@ -10,7 +10,11 @@ strictly: a folder whose tensors do not match the config exactly is refused with
 the missing, unexpected or mis-shaped tensors. The quantizer is pluggable (any `QUANTIZERS`
 kind); a residual quantizer adds a trailing codebook axis to the tokens, `(b h' w' q)`. The
 `"lfq"` tokenizer is the same model with a lookup-free quantizer by default (MAGVIT-v2's
-quantiser in a VQ-VAE).
+quantiser in a VQ-VAE). With `reconstruction_loss = "bernoulli"` the decoder outputs one logit
+per pixel of a binary image (ink where x > 0), trained by binary cross-entropy as the Bernoulli
+decoders of the binarized-MNIST density literature (e.g. Kingma & Welling 2014); the decoder then
+defines a likelihood log p(x | z), so a two-stage model's negative ELBO with the deterministic
+posterior z = encode(x), -log p(x | z) - log p_prior(z), bounds its NLL on binary images.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-RECONSTRUCTION_LOSSES = ("mse", "l1")
+# "bernoulli": the decoder outputs per-pixel logits of binary images (x > 0 is ink); see the docstring
+RECONSTRUCTION_LOSSES = ("mse", "l1", "bernoulli")
 
 
 @dataclass(frozen=True)
@@ -80,8 +85,9 @@ class LFQVAEConfig(VQVAEConfig):
 
 
 class TokenizerOutput(NamedTuple):
-    """reconstruction (b c h w) unclamped decoder output; indices (b h' w') int64, or (b h' w' q)
-    with a residual quantizer; aux_loss scalar; metrics 0-d tensors from the quantizer."""
+    """reconstruction (b c h w) unclamped decoder output (for a Bernoulli decoder, the mean image
+    2 sigmoid(logits) - 1); indices (b h' w') int64, or (b h' w' q) with a residual quantizer;
+    aux_loss scalar; metrics 0-d tensors from the quantizer."""
 
     reconstruction: Tensor
     indices: Tensor
@@ -165,9 +171,13 @@ class VQVAE(nn.Module):
         latents, (height, width) = self._latents(x)
         return rearrange(self.quantizer.to_indices(latents), "b (h w) ... -> b h w ...", h=height, w=width)
 
-    @torch.no_grad()
-    def decode(self, tokens: Tensor) -> Tensor:
-        """(b h' w') int64 tokens, or (b h' w' q) with q codebooks -> (b c h w) images in [-1, 1]."""
+    @property
+    def has_decoder_likelihood(self) -> bool:
+        """True when the decoder defines log p(x | z) (`reconstruction_loss = "bernoulli"`)."""
+        return self.config.reconstruction_loss == "bernoulli"
+
+    def _decoder_output_from_tokens(self, tokens: Tensor) -> Tensor:
+        """(b h' w') or (b h' w' q) tokens, validated -> (b c h w) raw decoder output."""
         expected_ndim = 3 if self.num_codebooks == 1 else 4
         if tokens.ndim != expected_ndim or (expected_ndim == 4 and tokens.shape[-1] != self.num_codebooks):
             expected = "(b h w)" if expected_ndim == 3 else f"(b h w q) with q={self.num_codebooks}"
@@ -176,9 +186,46 @@ class VQVAE(nn.Module):
             raise ValueError(f"tokens must lie in [0, {self.vocab_size}), got [{int(tokens.min())}, {int(tokens.max())}]")
         grid = tuple(tokens.shape[1:3])
         codes = self.quantizer.lookup(rearrange(tokens.long(), "b h w ... -> b (h w) ..."))
-        return self._decode_codes(codes, grid).clamp(-1.0, 1.0)
+        return self._decode_codes(codes, grid)
+
+    def output_image(self, decoder_output: Tensor) -> Tensor:
+        """Raw decoder output -> image in [-1, 1]: the Bernoulli mean 2 sigmoid(l) - 1 = tanh(l / 2) for
+        logits, the clamped output otherwise."""
+        if self.has_decoder_likelihood:
+            return torch.tanh(decoder_output.float() / 2.0).to(decoder_output.dtype)
+        return decoder_output.clamp(-1.0, 1.0)
+
+    @torch.no_grad()
+    def decode(self, tokens: Tensor) -> Tensor:
+        """(b h' w') int64 tokens, or (b h' w' q) with q codebooks -> (b c h w) images in [-1, 1]
+        (for a Bernoulli decoder, the mean image: each pixel 2 p(ink) - 1)."""
+        return self.output_image(self._decoder_output_from_tokens(tokens))
+
+    @torch.no_grad()
+    def decoder_log_likelihood(self, x: Tensor, tokens: Tensor) -> Tensor:
+        """(b c h w) images in [-1, 1] and their (b h' w') tokens -> (b,) log p(x | z) in nats, float32.
+
+        The images are binarised as the training target was (x > 0 is 1); the likelihood is the
+        product of independent Bernoullis with the decoder's logits, so its sum over pixels is
+        minus the summed binary cross-entropy. Only defined for `reconstruction_loss = "bernoulli"`.
+        """
+        if not self.has_decoder_likelihood:
+            raise ValueError(f"decoder_log_likelihood needs reconstruction_loss='bernoulli'; this tokenizer's "
+                             f"decoder was trained with {self.config.reconstruction_loss!r} and defines no likelihood")
+        logits = self._decoder_output_from_tokens(tokens).float()
+        if logits.shape != x.shape:
+            raise ValueError(f"images {tuple(x.shape)} do not match the decoded shape {tuple(logits.shape)}")
+        target = (x > 0).float()
+        bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        return -bce.sum(dim=(1, 2, 3))
 
     def forward(self, x: Tensor) -> TokenizerOutput:
+        output = self._forward_raw(x)
+        if self.has_decoder_likelihood:  # logits stay internal: the output is an image like every tokenizer's
+            output = output._replace(reconstruction=self.output_image(output.reconstruction))
+        return output
+
+    def _forward_raw(self, x: Tensor) -> TokenizerOutput:
         latents, grid = self._latents(x)
         quantized = self.quantizer(latents)
         reconstruction = self._decode_codes(quantized.quantized, grid)
@@ -197,17 +244,22 @@ class VQVAE(nn.Module):
         if phase != "main":
             raise ValueError(f"VQVAE has one phase, 'main'; got {phase!r}")
         images = batch["pixel_values"]
-        output = self(images)
+        output = self._forward_raw(images)
         # The loss is taken in float32 even when the decoder ran under bf16 autocast.
         reconstruction, target = output.reconstruction.float(), images.float()
+        extra = {}
         if self.config.reconstruction_loss == "mse":
             reconstruction_loss = F.mse_loss(reconstruction, target)
-        else:
+        elif self.config.reconstruction_loss == "l1":
             reconstruction_loss = F.l1_loss(reconstruction, target)
+        else:  # Bernoulli logits against binary targets; mean per pixel keeps the scale of the other losses
+            reconstruction_loss = F.binary_cross_entropy_with_logits(reconstruction, (target > 0).float())
+            extra["reconstruction_nats_per_image"] = reconstruction_loss.detach() * target[0].numel()
         total = reconstruction_loss + output.aux_loss
         metrics = {
             "reconstruction_loss": reconstruction_loss.detach(),
             "quantizer_loss": output.aux_loss.detach(),
+            **extra,
             **{name: value.detach() for name, value in output.metrics.items()},
         }
         return total, metrics

@@ -156,16 +156,27 @@ class AutoregressiveDensityModel(nn.Module):
         """(b L) tokens (only [:, :position] are read), (b,) -> (b V) logits of token `position`."""
         return self.token_logits(input_ids, class_index)[:, position]
 
-    def token_log_probs(self, input_ids: Tensor, label: Tensor | int | None = None) -> Tensor:
-        """(b L) -> (b L) log p(x_t | x_<t, label) in nats."""
-        input_ids = self.check_tokens(input_ids.to(self.device))
-        logits = self.token_logits(input_ids, self.class_index(label, input_ids.shape[0]))
-        log_probs = F.log_softmax(logits.float(), dim=-1)
-        return log_probs.gather(-1, input_ids.unsqueeze(-1)).squeeze(-1)
+    @staticmethod
+    def mask_inputs(input_ids: Tensor, mask: Tensor | None) -> Tensor:
+        """Masked positions (padding of a short clip) read as token 0, so no scored position depends on them."""
+        return input_ids if mask is None else torch.where(mask.bool(), input_ids, torch.zeros_like(input_ids))
 
-    def log_prob(self, input_ids: Tensor, label: Tensor | int | None = None) -> Tensor:
-        """(b L) -> (b,) exact log-likelihood of each sequence in nats."""
-        return self.token_log_probs(input_ids, label).sum(dim=-1)
+    def token_log_probs(self, input_ids: Tensor, label: Tensor | int | None = None,
+                        mask: Tensor | None = None) -> Tensor:
+        """(b L) -> (b L) log p(x_t | x_<t, label) in nats; 0 where the optional (b L) mask is False."""
+        input_ids = self.check_tokens(input_ids.to(self.device))
+        logits = self.token_logits(self.mask_inputs(input_ids, mask), self.class_index(label, input_ids.shape[0]))
+        log_probs = F.log_softmax(logits.float(), dim=-1).gather(-1, input_ids.unsqueeze(-1)).squeeze(-1)
+        return log_probs if mask is None else log_probs * mask.to(log_probs.device, log_probs.dtype)
+
+    def log_prob(self, input_ids: Tensor, label: Tensor | int | None = None, mask: Tensor | None = None) -> Tensor:
+        """(b L) -> (b,) exact log-likelihood of each sequence in nats (of its unmasked tokens)."""
+        if mask is None:
+            return self.token_log_probs(input_ids, label).sum(dim=-1)
+        # Through the two-argument form, which subclasses (the histogram) may override.
+        mask = mask.to(self.device).bool()
+        log_probs = self.token_log_probs(self.mask_inputs(input_ids.to(self.device), mask), label)
+        return (log_probs * mask.to(log_probs.dtype)).sum(dim=-1)
 
     # ---- training (`Trainable`) ----------------------------------------------------------
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -185,11 +196,18 @@ class AutoregressiveDensityModel(nn.Module):
         return torch.where(dropped, torch.full_like(classes, self.null_class), classes)
 
     def loss(self, batch: dict, phase: str, step: int) -> tuple[Tensor, dict[str, Tensor]]:
-        """Mean negative log-likelihood per token (nats) of `batch["input_ids"]`."""
+        """Mean negative log-likelihood per token (nats) of `batch["input_ids"]`, over the tokens of
+        `batch["loss_mask"]` when the batch has one."""
         input_ids = self.check_tokens(batch["input_ids"].to(self.device))
+        mask = batch.get("loss_mask")
         label = batch.get("label") if self.config.num_classes > 0 else None
-        logits = self.token_logits(input_ids, self.drop_labels(label, input_ids.shape[0]))
-        nll = F.cross_entropy(logits.float().flatten(0, 1), input_ids.flatten())
+        logits = self.token_logits(self.mask_inputs(input_ids, mask), self.drop_labels(label, input_ids.shape[0]))
+        if mask is None:
+            nll = F.cross_entropy(logits.float().flatten(0, 1), input_ids.flatten())
+        else:
+            weights = mask.to(self.device).flatten().float()
+            nll = F.cross_entropy(logits.float().flatten(0, 1), input_ids.flatten(), reduction="none")
+            nll = (nll * weights).sum() / weights.sum().clamp_min(1.0)
         detached = nll.detach()
         return nll, {"nll_per_token": detached, "bits_per_token": detached / math.log(2.0)}
 
