@@ -125,6 +125,10 @@ def train_and_evaluate(name: str, train_images: np.ndarray, test_images: np.ndar
         step_seconds.append(time.perf_counter() - start)
         if not math.isfinite(loss.item()):
             raise RuntimeError(f"{name}: loss is {loss.item()} at step {step}")
+        if args.log_every and (step + 1) % args.log_every == 0:
+            print(f"{name} step {step + 1}/{args.steps}: loss {loss.item():.4f}, batch usage "
+                  f"{float(output.metrics['usage']):.4f}, dead {float(output.metrics['dead_codes']):.0f}, "
+                  f"{time.perf_counter() - started:.0f} s", flush=True)
     train_seconds = time.perf_counter() - started
 
     model.eval()
@@ -163,7 +167,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for training and evaluation")
     parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--eval-batch-size", type=int, default=500)
+    # 200 images = 12,800 tokens: the (tokens x 16384) float32 distance matrix stays under 1 GiB
+    parser.add_argument("--eval-batch-size", type=int, default=200)
     parser.add_argument("--train-images", type=int, default=0, help="0: all 50,000 (class-balanced subset otherwise)")
     parser.add_argument("--test-images", type=int, default=0, help="0: all 10,000")
     parser.add_argument("--hidden-channels", type=int, default=64)
@@ -177,6 +182,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--entropy-weight", type=float, default=0.1, help="LFQ entropy loss weight")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    parser.add_argument("--log-every", type=int, default=50, help="progress line every this many steps (0: none)")
+    parser.add_argument("--note", default="", help="free text recorded in the JSON (e.g. the machine's load)")
     return parser.parse_args()
 
 
@@ -190,15 +197,18 @@ def main() -> None:
                                             max_train=args.train_images, max_test=args.test_images, seed=args.seed))
     print(f"CIFAR-10 decoded in {time.perf_counter() - started:.1f} s: train {len(dataset.train)}, "
           f"test {len(dataset.test)} images", flush=True)
+    device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} torch threads")
     results = {}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.quantizers:
         results[name] = train_and_evaluate(name, dataset.train.images, dataset.test.images, args, device)
         print(f"{name}: {json.dumps({k: v for k, v in results[name].items() if k != 'quantizer'})}", flush=True)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    report = {"settings": {**vars(args), "data": str(args.data), "out": str(args.out)},
-              "device": device_name, "torch": torch.__version__, "results": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+        # Written after every case, so that an interrupted grid keeps the cases it finished.
+        report = {"settings": {**vars(args), "data": str(args.data), "out": str(args.out)},
+                  "device": device_name, "torch": torch.__version__, "train_images": len(dataset.train),
+                  "test_images": len(dataset.test), "results": results}
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\n{'case':<9}{'codes':>7}{'usage':>8}{'ceiling':>9}{'perplex.':>10}{'dead':>7}{'PSNR dB':>9}"
           f"{'SSIM':>7}{'step ms':>9}")
     for name, row in results.items():

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from pipelines import audio_eval, layouts
 from pipelines.audio_data import lengths_to_mask
 from pipelines.generation import class_labels, sample_labelled, sampling_options
-from pipelines.stages import Run, load_matched_pair, mark_stage_done, module_device, stage_is_current
+from pipelines.stages import Run, RunError, load_matched_pair, mark_stage_done, module_device, stage_is_current
 from priors import SamplingOptions
 
 logger = logging.getLogger(__name__)
@@ -198,15 +198,18 @@ def complete_test_prefixes(tokenizer, prior, tokenset, test: dict, audio, option
     prefix_frames = min(round(audio.prefix_seconds * frames_per_second), manifest.token_grid[0])
     prefix_length = layouts.prefix_length(manifest.order, prefix_frames, manifest.num_codebooks)
     take = min(audio.completions, len(test["input_ids"]))
-    labels = test["label"][:take].to(device) if manifest.num_classes else None
-    prefix = test["input_ids"][:take, :prefix_length].to(device)
+    # Evenly spaced test clips: test splits are often sorted by class, and the first few would be one digit.
+    chosen = torch.linspace(0, len(test["input_ids"]) - 1, take).round().long()
+    labels = test["label"][chosen].to(device) if manifest.num_classes else None
+    prefix = test["input_ids"][chosen, :prefix_length].to(device)
     continued = sample_labelled(prior, labels, options, generator, batch_size=take, prefix=prefix)
-    lengths = test["num_samples"][:take]
-    clips = silence_after(decode_audio_tokens(tokenizer, continued, manifest), lengths)
+    clips = silence_after(decode_audio_tokens(tokenizer, continued, manifest), test["num_samples"][chosen])
     folder = out_dir / "completions"
-    write_wavs(real_clips[:take], [f"{i}_real" for i in range(take)], folder, manifest.sample_rate)
-    write_wavs(clips, [f"{i}_continued" for i in range(take)], folder, manifest.sample_rate)
-    rows = [(f"real, {audio.prefix_seconds:g} s given", real_clips[:take]), ("continued", clips)]
+    names = [f"{i}_{manifest.class_names[label]}" if manifest.num_classes else str(i)
+             for i, label in enumerate(test["label"][chosen].tolist() if manifest.num_classes else range(take))]
+    write_wavs(real_clips[chosen], [f"{name}_real" for name in names], folder, manifest.sample_rate)
+    write_wavs(clips, [f"{name}_continued" for name in names], folder, manifest.sample_rate)
+    rows = [(f"real, {audio.prefix_seconds:g} s given", real_clips[chosen]), ("continued", clips)]
     return plot_spectrograms(rows, out_dir / "completions.png", manifest.sample_rate, audio.classifier)
 
 
@@ -257,6 +260,8 @@ def evaluate_audio_run(run: Run) -> dict:
     if getattr(prior, "has_density", True):
         metrics["prior"] = prior_metrics(prior, test, manifest.num_classes, config.evaluation.batch_size)
     samples_dir = run.path("samples")
+    if not (samples_dir / "eval_samples.safetensors").is_file():
+        raise RunError(f"{samples_dir / 'eval_samples.safetensors'} is missing: run `tokgen sample` first")
     stored = load_file(str(samples_dir / "eval_samples.safetensors"))
     samples = silence_after(decode_audio_tokens(tokenizer, stored["input_ids"], manifest), stored["num_samples"])
     if manifest.num_classes:
@@ -279,3 +284,28 @@ def evaluate_audio_run(run: Run) -> dict:
     logger.info("metrics written to %s", path)
     run.state.wait_for_everyone()
     return metrics
+
+
+# --- ad-hoc generation (`tokgen generate RUN_DIR --label 3` on an audio run) ----------------------
+
+
+def generate_audio_clips(tokenizer, prior, tokenset, label: int | None, num: int, options: SamplingOptions,
+                         seed: int, out_dir: Path, device) -> Path:
+    """`num` clips of class `label` (None: unconditional) as WAVs in `out_dir`, plus their spectrograms.
+
+    Lengths are drawn from train clips of the class, as in the sample stage. Returns the folder.
+    """
+    manifest = tokenset.manifest
+    train = tokenset.tensors("train")
+    generator = torch.Generator(device=device).manual_seed(seed)
+    labels = torch.full((num,), label, device=device) if label is not None else None
+    tokens = (sample_labelled(prior, labels, options, generator, batch_size=256) if labels is not None
+              else prior.sample(num, options=options, generator=generator).cpu())
+    labels = labels.cpu() if labels is not None else None
+    lengths = draw_lengths(labels, num, train["num_samples"], train.get("label"), torch.Generator().manual_seed(seed))
+    clips = silence_after(decode_audio_tokens(tokenizer, tokens, manifest), lengths)
+    name = manifest.class_names[label] if label is not None else "unconditional"
+    write_wavs(clips, [f"{name}_{i}" for i in range(num)], out_dir, manifest.sample_rate)
+    plot_spectrograms([(f"{name} generated", clips)], out_dir / f"{name}_spectrograms.png", manifest.sample_rate,
+                      audio_eval.SpokenDigitClassifierConfig())
+    return out_dir

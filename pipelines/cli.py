@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare = subparsers.add_parser("compare", help="train and evaluate several models on one split; write a table")
     compare.add_argument("config", help="TOML compare config (see configs/compare/)")
     compare.add_argument("overrides", nargs="*", help="key=value overrides; models.<name>.key=value for one model")
-    generate = subparsers.add_parser("generate", help="sample images from a finished run")
+    generate = subparsers.add_parser("generate", help="sample images (or WAV clips) from a finished run")
     generate.add_argument("run_dir", type=Path)
     generate.add_argument("--label", type=int, default=None, help="class label (default: unconditional / null class)")
     generate.add_argument("--num", type=int, default=16)
@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--guidance-scale", type=float, default=1.0)
     generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--out", type=Path, default=None, help="PNG path (default RUN_DIR/samples/generated.png)")
+    generate.add_argument("--out", type=Path, default=None, help="PNG path (default RUN_DIR/samples/generated.png); for audio a folder "
+                          "for the WAVs (default RUN_DIR/samples/generated/)")
     return parser
 
 
@@ -110,6 +111,11 @@ def generate_command(args) -> Path:
     if args.label is not None and not 0 <= args.label < max(manifest.num_classes, 1):
         raise SystemExit(f"--label {args.label} is outside this run's {manifest.num_classes} classes")
     options = SamplingOptions(args.temperature, args.top_k, args.top_p, args.guidance_scale)
+    if manifest.modality == "audio":  # WAVs (and a spectrogram PNG) instead of an image grid
+        from pipelines.audio_stages import generate_audio_clips
+
+        out = args.out or args.run_dir / "samples" / "generated"
+        return generate_audio_clips(tokenizer, prior, tokenset, args.label, args.num, options, args.seed, out, device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     if args.label is None:
         tokens = prior.sample(args.num, options=options, generator=generator).cpu()
@@ -157,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
 def summarise(metrics: dict) -> dict:
     """The handful of figures a person looks at first; metrics.json has the rest."""
     keys = {
-        "tokenizer": ("psnr", "test_usage", "test_perplexity"),
+        "tokenizer": ("psnr", "si_snr_db", "stft_distance", "mel_distance", "bitrate_bps", "test_usage",
+                      "test_perplexity"),
         "prior": ("nll_nats_per_item", "bits_per_token"),
         "samples": ("class_accuracy", "frechet_distance", "frechet_floor", "classifier_test_accuracy"),
     }

@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # a model name is also its folder name
 TIMING_FILE = "compare_timing.json"
+ROW_FILE = "compare_row.json"  # a model's evaluated row, reused while its stages and the evaluation config hold
 
 
 # --- config -------------------------------------------------------------------------------------
@@ -370,6 +371,28 @@ def evaluate_model(spec: ModelSpec, run: SharedTokensRun, dataset: ImageDataset,
 # --- the whole comparison ------------------------------------------------------------------------
 
 
+def evaluation_key(run: Run, config: CompareConfig) -> str:
+    """What a row depends on: the trained prior and tokenizer (their stage records) and how we evaluate."""
+    return fingerprint(read_stage(run.path("prior")), read_stage(run.path("tokenizer")), config.evaluation,
+                       config.conditional, config.binarize, config.data)
+
+
+def cached_row(spec: ModelSpec, run: Run, dataset: ImageDataset, config: CompareConfig, classifier) -> dict:
+    """Evaluate a model, or reuse its row: scoring 10k test images (the VAE's k-sample estimate) is slow."""
+    key = evaluation_key(run, config)
+    path = run.path(ROW_FILE)
+    if path.is_file():
+        record = json.loads(path.read_text())
+        if record.get("key") == key and Path(record["row"]["sample_grid"]).is_file():
+            logger.info("compare: reusing the evaluation of %s", spec.name)
+            return {**record["row"], "published_nats": spec.published_nats}
+    start = time.perf_counter()
+    row = evaluate_model(spec, run, dataset, config, classifier)
+    row["evaluation_seconds"] = time.perf_counter() - start  # scoring the test split, sampling, Frechet
+    path.write_text(json.dumps({"key": key, "row": row}, indent=2))
+    return row
+
+
 def tokenizer_key(section: ComponentSection, training: TrainConfig, config: CompareConfig) -> str:
     digest = fingerprint(section, training if section.kind != "pixels" else None, config.data,
                          config.binarize, config.conditional)
@@ -419,8 +442,10 @@ def run_comparison(config: CompareConfig) -> dict:
         seconds = timed_stage(model_run.path("prior"), model_run.path(TIMING_FILE),
                               lambda: train_prior_stage(model_run), state.is_main_process)
         if state.is_main_process:
-            row = evaluate_model(spec, model_run, dataset, config, classifier)
-            row.update(train_seconds=seconds, tokenizer_folder=key, tokenizer_train_seconds=tokenizer_seconds)
+            row = cached_row(spec, model_run, dataset, config, classifier)
+            steps = (read_stage(model_run.path("prior")) or {}).get("steps")
+            row.update(train_seconds=seconds, train_steps=steps, train_batch_size=spec.training.batch_size,
+                       tokenizer_folder=key, tokenizer_train_seconds=tokenizer_seconds)
             rows.append(row)
             logger.info("compare: %s -> %s", spec.name, {k: row.get(k) for k in ("nll_nats_per_image", "likelihood")})
         state.wait_for_everyone()

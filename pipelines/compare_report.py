@@ -25,6 +25,16 @@ def _number(value, digits: int = 2) -> str:
     return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
 
 
+def kind_cell(row: dict) -> str:
+    """The kind of the NLL, with the parts a reader needs to judge it: the VAE's -ELBO, the bound's two terms."""
+    parts = []
+    if "negative_elbo_nats" in row:
+        parts.append(f"-ELBO {_number(row['negative_elbo_nats'])}")
+    if "decoder_nll_nats" in row:
+        parts.append(f"-log p(x \\| z) {_number(row['decoder_nll_nats'])} + -log p_prior(z) {_number(row['prior_nll_nats'])}")
+    return row["likelihood"] + (f" ({'; '.join(parts)})" if parts else "")
+
+
 def markdown_table(report: dict) -> str:
     header = ("| model | prior | tokenizer | NLL (nats/image) | bits/dim | bits/token | kind | published | parameters "
               "| train (s) | sampling (ms/image) | Frechet (floor) | samples |")
@@ -40,7 +50,7 @@ def markdown_table(report: dict) -> str:
         parameters = f"{row['parameters']:,}" + (f" + {row['tokenizer_parameters']:,} tok." if row["tokenizer_parameters"] else "")
         milliseconds = row["sample_seconds_per_image"] * 1000.0
         lines.append(f"| {row['name']} | {row['prior']} | {row['tokenizer']} | {nll} | {_number(row.get('bits_per_dim'), 4)} "
-                     f"| {_number(row.get('bits_per_token'), 4)} | {row['likelihood']} | {_number(row.get('published_nats'))} "
+                     f"| {_number(row.get('bits_per_token'), 4)} | {kind_cell(row)} | {_number(row.get('published_nats'))} "
                      f"| {parameters} | {_number(row.get('train_seconds'), 1)} | {_number(milliseconds, 2)} | {frechet} "
                      f"| [grid]({row['sample_grid_relative']}) |")
     lines += ["", "Kinds: *exact* = the model's own likelihood of the (binarised) pixels; *estimate* = the VAE's "
@@ -49,7 +59,8 @@ def markdown_table(report: dict) -> str:
               "with z = encode(x), an upper bound on the two-stage model's NLL; *tokens only* = NLL of the token "
               "sequence, not comparable with image NLLs; *no density* = a GAN (judge it by the Frechet distance in "
               "tokgen's classifier features, beside the real-vs-real floor). Training time excludes a shared "
-              "tokenizer's (see tokenizer_train_seconds in comparison.json).", ""]
+              "tokenizer's (see tokenizer_train_seconds in comparison.json). Each model trains for its configured "
+              "number of steps and is scored as it ends: the validation split is not used for early stopping.", ""]
     return "\n".join(lines)
 
 

@@ -85,6 +85,10 @@ def prior_metrics(prior, tokens: torch.Tensor, labels: torch.Tensor | None, batc
 
 
 def evaluate_run(run: Run) -> dict:
+    if run.config.is_audio:  # SI-SNR, spectral distances and the spoken-digit classifier
+        from pipelines.audio_stages import evaluate_audio_run
+
+        return evaluate_audio_run(run)
     if not run.state.is_main_process:
         run.state.wait_for_everyone()
         return {}

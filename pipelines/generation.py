@@ -46,6 +46,10 @@ def class_labels(num_classes: int, per_class: int, device) -> torch.Tensor:
 
 
 def sample_stage(run: Run, force: bool = False) -> Path:
+    if run.config.is_audio:  # WAVs and spectrograms instead of image grids; same reuse rules
+        from pipelines.audio_stages import sample_audio_stage  # imports this module
+
+        return sample_audio_stage(run, force=force)
     out_dir = run.path("samples")
     stage_fingerprint = run.samples_fingerprint()
     if not force and stage_is_current(out_dir, stage_fingerprint):

@@ -246,7 +246,7 @@ class TransformerPrior(nn.Module):
         `torch.compile(mode="reduce-overhead")` decode step. `_use_cache=False` is the reference loop.
         """
         device = next(self.parameters()).device
-        length, vocab = self.config.seq_len, self.config.vocab_size
+        length = self.config.seq_len
         output = torch.empty((n, length), dtype=torch.long, device=device)
         prefix = self._prefix(prefix, n, device)
         output[:, : prefix.shape[1]] = prefix
@@ -259,7 +259,7 @@ class TransformerPrior(nn.Module):
     def _decode(self, cond: Tensor, prefix: Tensor, output: Tensor, guided: bool, options: SamplingOptions,
                 generator, compile: bool | None, use_cache: bool) -> Tensor:
         """Decode into `output` `(n L)`; `guided` adds the null-token rows (tests force it at scale 1)."""
-        n, device = output.shape[0], output.device
+        device = output.device
         if guided:
             cond = torch.cat([cond, torch.full_like(cond, self.config.null_token)])
         start = torch.cat([rearrange(cond, "r -> r 1"), repeat(prefix, "n p -> (g n) p", g=2 if guided else 1)], dim=1)

@@ -37,6 +37,7 @@ def test_writes_table_json_and_chart(comparison):
     for name in ("histogram", "nade", "vae", "gan", "two_stage"):
         assert f"| {name} |" in table
     assert "no density" in table
+    assert "-ELBO " in table and "-log p_prior(z)" in table  # the VAE's bound and the two-stage bound's terms
     for row in report["models"]:
         assert Path(row["sample_grid"]).is_file()
         assert row["sample_seconds_per_image"] > 0
@@ -99,6 +100,20 @@ def test_second_compare_reuses_training_and_its_times(comparison):
     assert weights.stat().st_mtime_ns == before
     assert again["models"][0]["train_seconds"] == rows_by_name(report)["nade"]["train_seconds"]
     assert again["models"][0]["nll_nats_per_image"] == pytest.approx(rows_by_name(report)["nade"]["nll_nats_per_image"])
+
+
+def test_evaluation_is_reused_until_its_config_changes(comparison):
+    directory, _ = comparison
+    row_file = directory / "models" / "histogram" / "compare_row.json"
+    first = json.loads(row_file.read_text())
+    assert main(["compare", str(TINY), f"output_dir={directory.parent}", 'only=["histogram"]']) == 0
+    assert json.loads(row_file.read_text()) == first  # same trained model, same evaluation: not re-scored
+    assert main(["compare", str(TINY), f"output_dir={directory.parent}", 'only=["histogram"]',
+                 "evaluation.sample_images=8"]) == 0
+    second = json.loads(row_file.read_text())
+    assert second["key"] != first["key"]
+    assert second["row"]["evaluation_seconds"] != first["row"]["evaluation_seconds"]
+    assert second["row"]["nll_nats_per_image"] == pytest.approx(first["row"]["nll_nats_per_image"])
 
 
 def test_model_overrides_reach_one_or_every_model():

@@ -1,0 +1,122 @@
+"""End-to-end smoke run of `tokgen run` on the tiny audio config, over a folder of synthetic WAVs.
+
+Covers what the unit tests of audio data, tokenizer and layouts cannot: the sample and eval stages
+of an audio run (WAVs per class, spectrogram PNGs, finite audio metrics), stage reuse, `tokgen
+generate` on an audio run, and a tokenizer whose rate or channels disagree with the data. Corrupt
+files and wrong channel counts in the data itself are tested in test_audio_data.py, padding kept
+out of the NLL in test_layouts.py.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from safetensors.torch import load_file
+
+from pipelines.cli import main
+
+SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke" / "tiny_audio.toml"
+RATE = 8000
+CLASSES = {"low": 300.0, "mid": 700.0, "high": 1500.0}
+
+
+def write_clips(root: Path, per_class: int = 8) -> Path:
+    """Noisy tones of varied lengths (some longer than the 0.25 s clip, so some are cropped), one folder per class."""
+    rng = np.random.default_rng(0)
+    for name, frequency in CLASSES.items():
+        (root / name).mkdir(parents=True)
+        for index in range(per_class):
+            t = np.arange(round(RATE * (0.12 + 0.025 * index))) / RATE
+            clip = 0.4 * np.sin(2 * np.pi * frequency * t) + 0.01 * rng.standard_normal(len(t))
+            soundfile.write(root / name / f"{index}.wav", clip.astype(np.float32), RATE)
+    return root
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    # The suite shares 2 cores; more threads than cores make the tiny models' matmuls spin, not speed up.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def audio_run(tmp_path_factory, single_thread):
+    root = tmp_path_factory.mktemp("audio")
+    clips = write_clips(root / "clips")
+    args = [str(SMOKE), f"audio_data.path={clips}", f"output_dir={root / 'runs'}", "name=smoke"]
+    assert main(["run", *args]) == 0
+    return root / "runs" / "smoke", args
+
+
+def test_run_writes_wavs_per_class_and_spectrograms(audio_run):
+    run_dir, _ = audio_run
+    manifest = json.loads((run_dir / "tokens" / "manifest.json").read_text())
+    assert manifest["modality"] == "audio" and manifest["order"] == "delayed"
+    assert sorted(manifest["class_names"]) == sorted(CLASSES)
+    for name in CLASSES:
+        wavs = sorted((run_dir / "samples" / "wav" / name).glob("*.wav"))
+        assert len(wavs) == 2  # grid_samples_per_class
+        audio, rate = soundfile.read(wavs[0], dtype="float32")
+        assert rate == RATE and len(audio) == round(0.25 * RATE) and np.isfinite(audio).all()
+    assert len(list((run_dir / "samples" / "completions").glob("*_continued.wav"))) > 0
+    for png in ("spectrograms.png", "completions.png"):
+        assert (run_dir / "samples" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    samples = load_file(str(run_dir / "samples" / "eval_samples.safetensors"))
+    assert samples["input_ids"].shape == (3 * len(CLASSES), manifest["sequence_length"])
+    assert samples["label"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+def test_metrics_hold_finite_audio_figures(audio_run):
+    metrics = json.loads((audio_run[0] / "metrics.json").read_text())
+    assert metrics["modality"] == "audio"
+    tokenizer = metrics["tokenizer"]
+    for key in ("si_snr_db", "stft_distance", "mel_distance", "test_usage"):
+        assert math.isfinite(tokenizer[key]), key
+    assert tokenizer["stft_distance"] > 0 and tokenizer["mel_distance"] > 0
+    assert tokenizer["bitrate_bps"] == pytest.approx(100 * 2 * 4)  # 100 frames/s x 2 codebooks x log2(16)
+    prior = metrics["prior"]
+    assert prior["padding_masked"] and prior["bits_per_token"] > 0 and math.isfinite(prior["nll_nats_per_item"])
+    samples = metrics["samples"]
+    assert 0 <= samples["class_accuracy"] <= 1 and 0 <= samples["classifier_test_accuracy"] <= 1
+    assert samples["frechet_distance"] >= 0 and samples["frechet_floor"] >= 0
+
+
+def test_second_run_reuses_every_stage_before_evaluation(audio_run):
+    run_dir, args = audio_run
+    outputs = [run_dir / "tokenizer" / "model.safetensors", run_dir / "prior" / "model.safetensors",
+               run_dir / "samples" / "eval_samples.safetensors"]
+    before = {path: path.stat().st_mtime_ns for path in outputs}
+    assert main(["run", *args]) == 0
+    assert {path: path.stat().st_mtime_ns for path in outputs} == before
+
+
+def test_generate_writes_wavs_of_the_requested_class(audio_run):
+    run_dir, _ = audio_run
+    out = run_dir.parent / "generated"
+    assert main(["generate", str(run_dir), "--label", "1", "--num", "2", "--out", str(out)]) == 0
+    manifest = json.loads((run_dir / "tokens" / "manifest.json").read_text())
+    name = manifest["class_names"][1]
+    assert sorted(p.name for p in out.glob("*.wav")) == [f"{name}_0.wav", f"{name}_1.wav"]
+    assert (out / f"{name}_spectrograms.png").is_file()
+    with pytest.raises(SystemExit, match="outside"):
+        main(["generate", str(run_dir), "--label", "7"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("tokenizer.sample_rate=16000", "tokenizer.sample_rate=16000"),
+    ("tokenizer.channels=2", "tokenizer.channels=2"),
+])
+def test_tokenizer_that_disagrees_with_the_data_is_refused(tmp_path, capsys, override, message):
+    clips = write_clips(tmp_path / "clips", per_class=4)
+    code = main(["train-tokenizer", str(SMOKE), f"audio_data.path={clips}", f"output_dir={tmp_path / 'runs'}",
+                 override])
+    error = capsys.readouterr().err
+    assert code == 2 and message in error and "8000 Hz with 1 channel" in error
+    assert not (tmp_path / "runs" / "smoke_audio" / "tokenizer").exists()
+
