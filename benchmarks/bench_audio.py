@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 from pathlib import Path
 
@@ -25,24 +24,13 @@ import torch
 
 from tokenizers_vq.audio import AudioVQVAE, AudioVQVAEConfig
 
+try:
+    from benchmarks.timing import timed
+except ImportError:  # run as a script, `python benchmarks/bench_audio.py`
+    from timing import timed
+
 SAMPLE_RATE = 8000
 WIDTHS = {"fsdd_cpu": 8, "fsdd_gpu": 64}
-
-
-def timed(function, device: torch.device, repeats: int) -> float:
-    """Median seconds of `function()` over `repeats` runs, after two warm-up runs."""
-    for _ in range(2):
-        function()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        function()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench_width(name: str, hidden_channels: int, device: torch.device, batch_size: int, long_seconds: float,

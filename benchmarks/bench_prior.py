@@ -17,8 +17,6 @@ import argparse
 import copy
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -28,26 +26,15 @@ from torch import nn
 
 from priors import SamplingOptions, TransformerPrior, TransformerPriorConfig
 
+try:
+    from benchmarks.timing import timed
+except ImportError:  # run as a script, `python benchmarks/bench_prior.py`
+    from timing import timed
+
 try:  # run as `python benchmarks/bench_prior.py` (script folder on sys.path) or as a module
     from bench_tokenizer import bench_tokenizer
 except ImportError:
     from benchmarks.bench_tokenizer import bench_tokenizer
-
-
-def timed(function, device: torch.device, repeats: int, warmup: int) -> float:
-    """Median seconds of `function()` over `repeats` runs, after `warmup` runs (compilation, graphs)."""
-    for _ in range(warmup):
-        function()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        function()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 # ---- the baseline: a nanoGPT-style model in a few lines ----------------------------------------------

@@ -21,32 +21,16 @@ import argparse
 import dataclasses
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from tokenizers_vq.quantizers import LFQConfig, ResidualVQConfig, VQConfig, build_quantizer
 
-
-def timed(function, device: torch.device, repeats: int) -> tuple[float, float]:
-    """Median wall seconds and median process CPU seconds of `function()` over `repeats` runs, after
-    two warm-up runs. On a shared CPU the wall time includes waiting for a core; the CPU time does not
-    (with one torch thread it is the step's compute time)."""
-    for _ in range(2):
-        function()
-    times, cpu_times = [], []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start, cpu_start = time.perf_counter(), time.process_time()
-        function()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-        cpu_times.append(time.process_time() - cpu_start)
-    return statistics.median(times), statistics.median(cpu_times)
+try:
+    from benchmarks.timing import measure
+except ImportError:  # run as a script, `python benchmarks/bench_quantizers.py`
+    from timing import measure
 
 
 def cases(dim: int) -> dict[str, tuple[object, int]]:
@@ -77,7 +61,7 @@ def bench_case(config, dim: int, device: torch.device, tokens: int, repeats: int
         quantizer.zero_grad(set_to_none=True)
         return output
 
-    seconds, cpu_seconds = timed(step, device, repeats)
+    seconds, cpu_seconds = measure(step, device, repeats)
     output = step()
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return {

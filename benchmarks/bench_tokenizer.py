@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 from pathlib import Path
 
@@ -20,21 +19,10 @@ import torch
 from tokenizers_vq.quantizers.vq import VQConfig
 from tokenizers_vq.vqvae import VQVAE, VQVAEConfig
 
-
-def timed(function, device: torch.device, repeats: int) -> float:
-    """Median seconds of `function()` over `repeats` runs, after two warm-up runs."""
-    for _ in range(2):
-        function()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        function()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+try:
+    from benchmarks.timing import timed
+except ImportError:  # run as a script, `python benchmarks/bench_tokenizer.py`
+    from timing import timed
 
 
 def bench_tokenizer(device: torch.device, batch_size: int, image_size: int, channels: int, hidden_channels: int,

@@ -26,7 +26,7 @@ from tokenizers_vq.quantizers import (
     quantizer_config_from_dict,
 )
 from tokenizers_vq.quantizers.base import code_counts, usage_and_perplexity
-from tokenizers_vq.vqvae import load_state_strictly
+from tokenizers_vq.checkpoint import load_state_strictly
 
 DIM = 4
 

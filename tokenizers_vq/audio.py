@@ -16,20 +16,18 @@ than a training window can be tokenized in hop-aligned chunks (`encode_chunked`,
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import ClassVar, NamedTuple
 
 import torch
 from einops import rearrange, reduce
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from tokenizers_vq.audio_losses import mel_filterbank, mel_loss, masked_l1, multi_resolution_stft_loss
+from tokenizers_vq.checkpoint import PretrainedTokenizer
 from tokenizers_vq.losses import GAN_LOSSES, discriminator_loss, generator_loss
 from tokenizers_vq.nets.audio_discriminators import (
     AudioDiscriminatorConfig,
@@ -39,12 +37,9 @@ from tokenizers_vq.nets.audio_discriminators import (
 from tokenizers_vq.nets.conv1d import Decoder1d, Encoder1d, check_strides, hop_length
 from tokenizers_vq.quantizers import QUANTIZERS, QuantizerConfig, ResidualVQConfig, VQConfig, build_quantizer
 from tokenizers_vq.quantizers.base import config_from_dict
-from tokenizers_vq.vqvae import load_state_strictly
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
 class ChunkSpan(NamedTuple):
@@ -134,7 +129,7 @@ class AudioVQVAEConfig:
         return config_from_dict(cls, data)
 
 
-class AudioVQVAE(nn.Module):
+class AudioVQVAE(PretrainedTokenizer, nn.Module):
     """Audio tokenizer and `Trainable`. Tokens are `(b frames)`, or `(b frames q)` with q codebooks.
 
     Submodules: `encoder`, `quantizer`, `decoder`, and `discriminator` only when `gan_weight > 0`
@@ -393,32 +388,3 @@ class AudioVQVAE(nn.Module):
             "logits_fake": torch.stack([o.logits.detach().float().mean() for o in fake_outputs]).mean(),
         }
         return d_loss, metrics
-
-    # --- checkpoints ----------------------------------------------------------------------------
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        config = {"kind": self.config.kind, "config": asdict(self.config)}
-        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
-        save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
-        logger.info("saved %s tokenizer to %s", self.config.kind, directory)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "AudioVQVAE":
-        """Build from `config.json` and load `model.safetensors` strictly; returns the model in eval mode."""
-        directory = Path(directory)
-        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"{path} does not exist; a tokenizer folder holds {CONFIG_NAME} and {WEIGHTS_NAME}"
-                )
-        data = json.loads(config_path.read_text())
-        if data.get("kind") != cls.config_class.kind or "config" not in data:
-            raise ValueError(f"{config_path} describes kind {data.get('kind')!r}, not a "
-                             f"{cls.config_class.kind!r} tokenizer")
-        model = cls(cls.config_class.from_dict(data["config"]))
-        load_state_strictly(model, load_file(weights_path), weights_path)
-        return model.eval()

@@ -15,23 +15,19 @@ codebook axis. Nothing is learned: `needs_training = False`, no parameters and n
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from einops import rearrange
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from tokenizers_vq.checkpoint import PretrainedTokenizer
 from tokenizers_vq.quantizers.base import config_from_dict
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -59,7 +55,7 @@ class PixelsConfig:
         return config_from_dict(cls, data)
 
 
-class PixelTokenizer(nn.Module):
+class PixelTokenizer(PretrainedTokenizer, nn.Module):
     """Images <-> quantised pixel tokens, with the tokenizer API of `VQVAE` (nothing to train).
 
     The module holds one empty buffer, `anchor`, so that `.to(device)` moves it and `device` says
@@ -144,35 +140,3 @@ class PixelTokenizer(nn.Module):
 
     def loss(self, batch: dict, phase: str, step: int):
         raise RuntimeError("the pixels tokenizer has nothing to train (needs_training = False); skip its training")
-
-    # --- checkpoints ----------------------------------------------------------------------------
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        record = {"kind": self.config.kind, "config": asdict(self.config)}
-        (directory / CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
-        save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
-        logger.info("saved pixels tokenizer to %s", directory)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "PixelTokenizer":
-        """Build from `config.json` and check `model.safetensors` holds exactly the anchor; eval mode."""
-        directory = Path(directory)
-        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise FileNotFoundError(f"{path} does not exist; "
-                                        f"a tokenizer folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-        data = json.loads(config_path.read_text())
-        if data.get("kind") != PixelsConfig.kind or "config" not in data:
-            raise ValueError(f"{config_path} describes kind {data.get('kind')!r}, not a 'pixels' tokenizer")
-        model = cls(PixelsConfig.from_dict(data["config"]))
-        tensors = load_file(weights_path)
-        expected = model.state_dict()
-        if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
-            raise ValueError(f"{weights_path} does not match a pixels tokenizer: tensors "
-                             f"{ {k: tuple(v.shape) for k, v in tensors.items()} }, expected {{'anchor': (0,)}}")
-        model.load_state_dict(tensors, strict=True)
-        return model.eval()

@@ -15,14 +15,12 @@ regularisation (Tseng et al. 2021). For stage two it is a tokenizer like any oth
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -36,12 +34,11 @@ from tokenizers_vq.losses import (
     reconstruction_loss,
 )
 from tokenizers_vq.nets.discriminators import DiscriminatorConfig, build_discriminator
-from tokenizers_vq.vqvae import VQVAE, TokenizerOutput, VQVAEConfig, load_state_strictly
+from tokenizers_vq.checkpoint import PretrainedTokenizer
+from tokenizers_vq.vqvae import VQVAE, TokenizerOutput, VQVAEConfig
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 PHASES = ("generator", "discriminator")
 
 
@@ -105,7 +102,7 @@ def last_conv_layer(module: nn.Module) -> nn.Conv2d:
     return convs[-1]
 
 
-class VQGAN(nn.Module):
+class VQGAN(PretrainedTokenizer, nn.Module):
     """Image tokenizer and two-group `Trainable` ("generator", "discriminator") around a `VQVAE`.
 
     Submodules: `vqvae` (the tokenizer proper), `discriminator`, `lecam` (EMA buffers only).
@@ -114,6 +111,8 @@ class VQGAN(nn.Module):
     and as module buffers DDP would broadcast them at every forward. `_apply` still moves it with
     the model (`.to`, `.cuda`, `.half`).
     """
+
+    config_class: ClassVar[type[VQGANConfig]] = VQGANConfig
 
     def __init__(self, config: VQGANConfig):
         super().__init__()
@@ -251,39 +250,13 @@ class VQGAN(nn.Module):
 
     # --- checkpoints ----------------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """`config.json` ({"kind": "vqgan", "config": asdict}) + `model.safetensors` (all three submodules)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        config = {"kind": self.config.kind, "config": asdict(self.config)}
-        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
-        save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
-        logger.info("saved vqgan tokenizer to %s", directory)
-
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "VQGAN":
-        """Build from `config.json`, load `model.safetensors` strictly; returns the model in eval mode.
-
-        The perceptual weights are a training-time file outside the folder: when the config names
+    def prepare_loaded_config(cls, config: VQGANConfig, directory: Path) -> VQGANConfig:
+        """The perceptual weights are a training-time file outside the folder: when the config names
         one that is not there, the tokenizer still loads (for encoding and decoding), with the
-        perceptual loss switched off in its config and a warning.
-        """
-        directory = Path(directory)
-        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"{path} does not exist; a tokenizer folder holds {CONFIG_NAME} and {WEIGHTS_NAME}"
-                )
-        data = json.loads(config_path.read_text())
-        if data.get("kind") != VQGANConfig.kind or "config" not in data:
-            raise ValueError(f"{config_path} describes kind {data.get('kind')!r}, not a {VQGANConfig.kind!r} tokenizer")
-        config = VQGANConfig.from_dict(data["config"])
+        perceptual loss switched off in its config and a warning."""
         if config.perceptual_weight > 0 and not Path(config.perceptual_weights_path).is_file():
             logger.warning("perceptual weights %s not found; loading %s without the perceptual loss",
                            config.perceptual_weights_path, directory)
             config = dataclasses.replace(config, perceptual_weight=0.0, perceptual_weights_path="")
-        model = cls(config)
-        load_state_strictly(model, load_file(weights_path), weights_path)
-        return model.eval()
+        return config

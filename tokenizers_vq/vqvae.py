@@ -19,26 +19,22 @@ posterior z = encode(x), -log p(x | z) - log p_prior(z), bounds its NLL on binar
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from tokenizers_vq.checkpoint import PretrainedTokenizer
 from tokenizers_vq.nets.conv2d import Decoder2d, Encoder2d, downsampled_size
 from tokenizers_vq.quantizers import QUANTIZERS, LFQConfig, QuantizerConfig, VQConfig, build_quantizer
 from tokenizers_vq.quantizers.base import config_from_dict
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 # "bernoulli": the decoder outputs per-pixel logits of binary images (x > 0 is ink); see the docstring
 RECONSTRUCTION_LOSSES = ("mse", "l1", "bernoulli")
 
@@ -95,25 +91,7 @@ class TokenizerOutput(NamedTuple):
     metrics: dict[str, Tensor]
 
 
-def load_state_strictly(module: nn.Module, tensors: dict[str, Tensor], source: str | Path) -> None:
-    """`module.load_state_dict(tensors, strict=True)`, with an error that names every mismatch."""
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    misshaped = sorted(
-        f"{name}: file {tuple(tensors[name].shape)} vs model {tuple(expected[name].shape)}"
-        for name in set(expected) & set(tensors)
-        if tensors[name].shape != expected[name].shape
-    )
-    if missing or unexpected or misshaped:
-        raise ValueError(
-            f"{source} does not match the model built from its config.json: "
-            f"missing tensors {missing}, unexpected tensors {unexpected}, wrong shapes {misshaped}"
-        )
-    module.load_state_dict(tensors, strict=True)
-
-
-class VQVAE(nn.Module):
+class VQVAE(PretrainedTokenizer, nn.Module):
     """Image tokenizer and `Trainable`: encode/decode tokens, forward for training, save/load.
 
     Tokens are `(b h' w')` in [0, vocab_size), or `(b h' w' q)` when the quantizer has
@@ -263,33 +241,6 @@ class VQVAE(nn.Module):
             **{name: value.detach() for name, value in output.metrics.items()},
         }
         return total, metrics
-
-    # --- checkpoints ----------------------------------------------------------------------------
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        config = {"kind": self.config.kind, "config": asdict(self.config)}
-        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
-        save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
-        logger.info("saved %s tokenizer to %s", self.config.kind, directory)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "VQVAE":
-        """Build from `config.json` and load `model.safetensors` strictly; returns the model in eval mode."""
-        directory = Path(directory)
-        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise FileNotFoundError(f"{path} does not exist; a tokenizer folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-        data = json.loads(config_path.read_text())
-        config_class = cls.config_class
-        if data.get("kind") != config_class.kind or "config" not in data:
-            raise ValueError(f"{config_path} describes kind {data.get('kind')!r}, not a {config_class.kind!r} tokenizer")
-        model = cls(config_class.from_dict(data["config"]))
-        load_state_strictly(model, load_file(weights_path), weights_path)
-        return model.eval()
 
 
 class LFQVAE(VQVAE):
