@@ -94,18 +94,14 @@ def binary_to_categorical_logits(logit: Tensor) -> Tensor:
     return torch.stack([torch.zeros_like(logit), logit], dim=-1)
 
 
-class AutoregressiveDensityModel(nn.Module):
-    """Base of the comparison priors. Subclasses set `kind`, `config_class` and `token_logits`.
+class BaselinePrior(nn.Module):
+    """Label, token and checkpoint plumbing of every comparison prior (autoregressive, VAE, GAN).
 
-    `token_logits(input_ids (b L), class_index (b,)) -> (b L V)`: logits of p(x_t | x_<t, c), which
-    must not depend on `input_ids[:, t:]`. `next_token_logits` may be overridden with a cheaper
-    computation of a single position for sampling.
+    It reads only `config` (with `vocab_size`, `seq_len`, `num_classes`), `kind` and `config_class`.
     """
 
     kind: ClassVar[str] = ""
     config_class: ClassVar[type] = object
-    log_prob_is_bound: ClassVar[bool] = False  # every model here gives exact likelihoods
-    fit_by_counting: ClassVar[bool] = False  # True: trained by `fit`, not by the gradient loop
 
     def __init__(self, config):
         super().__init__()
@@ -148,6 +144,55 @@ class AutoregressiveDensityModel(nn.Module):
             raise ValueError(f"tokens must lie in [0, {self.vocab_size})")
         return input_ids.long()
 
+    def drop_labels(self, label: Tensor | None, batch_size: int) -> Tensor:
+        """Class indices with each label replaced by the null class with probability `label_dropout`."""
+        classes = self.class_index(label, batch_size)
+        dropout = getattr(self.config, "label_dropout", 0.0)
+        if label is None or not self.training or dropout <= 0:
+            return classes
+        # the loop re-seeds torch's RNG per step, so this draw is reproducible on resume
+        dropped = torch.rand(batch_size, device=classes.device) < dropout
+        return torch.where(dropped, torch.full_like(classes, self.null_class), classes)
+
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> None:
+        """`tokgen.json` ({"kind", "config"}) + `model.safetensors` (persistent state only)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        record = {"kind": self.kind, "config": dataclasses.asdict(self.config)}
+        (directory / TOKGEN_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
+        save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
+        logger.info("saved %s prior to %s", self.kind, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path):
+        """Build from `tokgen.json`, load `model.safetensors` strictly; returns the model in eval mode."""
+        directory = Path(directory)
+        record_path, weights_path = directory / TOKGEN_NAME, directory / WEIGHTS_NAME
+        for path in (record_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} does not exist; a prior folder holds {TOKGEN_NAME} and {WEIGHTS_NAME}")
+        record = json.loads(record_path.read_text())
+        if record.get("kind") != cls.kind or "config" not in record:
+            raise ValueError(f"{record_path} describes kind {record.get('kind')!r}, not a {cls.kind!r} prior")
+        model = cls(cls.config_class.from_dict(record["config"]))
+        load_state_strictly(model, load_file(weights_path), weights_path)
+        return model.eval()
+
+
+class AutoregressiveDensityModel(BaselinePrior):
+    """Base of the autoregressive comparison priors. Subclasses set `kind`, `config_class` and `token_logits`.
+
+    `token_logits(input_ids (b L), class_index (b,)) -> (b L V)`: logits of p(x_t | x_<t, c), which
+    must not depend on `input_ids[:, t:]`. `next_token_logits` may be overridden with a cheaper
+    computation of a single position for sampling.
+    """
+
+    log_prob_is_bound: ClassVar[bool] = False  # every model here gives exact likelihoods
+    fit_by_counting: ClassVar[bool] = False  # True: trained by `fit`, not by the gradient loop
+
     # ---- density -------------------------------------------------------------------------
     def token_logits(self, input_ids: Tensor, class_index: Tensor) -> Tensor:
         raise NotImplementedError
@@ -184,16 +229,6 @@ class AutoregressiveDensityModel(nn.Module):
 
     def phases(self, step: int) -> list[str]:
         return ["main"]
-
-    def drop_labels(self, label: Tensor | None, batch_size: int) -> Tensor:
-        """Class indices with each label replaced by the null class with probability `label_dropout`."""
-        classes = self.class_index(label, batch_size)
-        dropout = getattr(self.config, "label_dropout", 0.0)
-        if label is None or not self.training or dropout <= 0:
-            return classes
-        # the loop re-seeds torch's RNG per step, so this draw is reproducible on resume
-        dropped = torch.rand(batch_size, device=classes.device) < dropout
-        return torch.where(dropped, torch.full_like(classes, self.null_class), classes)
 
     def loss(self, batch: dict, phase: str, step: int) -> tuple[Tensor, dict[str, Tensor]]:
         """Mean negative log-likelihood per token (nats) of `batch["input_ids"]`, over the tokens of
@@ -272,29 +307,3 @@ class AutoregressiveDensityModel(nn.Module):
         for position in range(prefix_len, self.config.seq_len):
             logits = self.next_token_logits(tokens, position, classes)
             tokens[:, position] = self.choose_tokens(logits, options, generator, guided)
-
-    # ---- checkpoints ---------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path) -> None:
-        """`tokgen.json` ({"kind", "config"}) + `model.safetensors` (persistent state only)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        record = {"kind": self.kind, "config": dataclasses.asdict(self.config)}
-        (directory / TOKGEN_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
-        save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
-        logger.info("saved %s prior to %s", self.kind, directory)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path):
-        """Build from `tokgen.json`, load `model.safetensors` strictly; returns the model in eval mode."""
-        directory = Path(directory)
-        record_path, weights_path = directory / TOKGEN_NAME, directory / WEIGHTS_NAME
-        for path in (record_path, weights_path):
-            if not path.is_file():
-                raise FileNotFoundError(f"{path} does not exist; a prior folder holds {TOKGEN_NAME} and {WEIGHTS_NAME}")
-        record = json.loads(record_path.read_text())
-        if record.get("kind") != cls.kind or "config" not in record:
-            raise ValueError(f"{record_path} describes kind {record.get('kind')!r}, not a {cls.kind!r} prior")
-        model = cls(cls.config_class.from_dict(record["config"]))
-        load_state_strictly(model, load_file(weights_path), weights_path)
-        return model.eval()

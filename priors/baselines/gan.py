@@ -28,7 +28,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from priors.baselines.common import AutoregressiveDensityModel, check_sizes, config_from_dict
+from priors.baselines.common import BaselinePrior, check_sizes, config_from_dict
 from priors.sampling import SamplingOptions, draw, filter_logits
 
 PHASES = ("discriminator", "generator")
@@ -111,7 +111,7 @@ class Discriminator(nn.Module):
         return rearrange(self.net(features), "b 1 -> b")
 
 
-class GAN(nn.Module):
+class GAN(BaselinePrior):
     """Two-group `Trainable` ("discriminator", "generator") and a `Prior` that samples but has no density."""
 
     kind: ClassVar[str] = "gan"
@@ -122,20 +122,9 @@ class GAN(nn.Module):
     supports_prefix: ClassVar[bool] = False
     supports_guidance: ClassVar[bool] = False
 
-    # Label, token and checkpoint plumbing shared with the comparison priors (it reads only
-    # `config`, `kind` and `config_class`); a GAN is no autoregressive density, so no base class.
-    vocab_size = AutoregressiveDensityModel.vocab_size
-    null_class = AutoregressiveDensityModel.null_class
-    device = AutoregressiveDensityModel.device
-    class_index = AutoregressiveDensityModel.class_index
-    check_tokens = AutoregressiveDensityModel.check_tokens
-    drop_labels = AutoregressiveDensityModel.drop_labels
-    save_pretrained = AutoregressiveDensityModel.save_pretrained
-    from_pretrained = AutoregressiveDensityModel.__dict__["from_pretrained"]
 
     def __init__(self, config: GANConfig):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.generator = Generator(config)
         self.discriminator = Discriminator(config)
 

@@ -26,7 +26,7 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from priors.baselines.common import (
-    AutoregressiveDensityModel,
+    BaselinePrior,
     binary_to_categorical_logits,
     check_sizes,
     config_from_dict,
@@ -90,7 +90,7 @@ def gaussian_log_density(z: Tensor, mean: Tensor, log_variance: Tensor) -> Tenso
     return -0.5 * (squared + log_variance + math.log(2 * math.pi)).sum(dim=-1)
 
 
-class VAE(nn.Module):
+class VAE(BaselinePrior):
     """encoder: (b L K) tokens -> (b 2d) posterior mean and log-variance; decoder: (b d) -> (b L K) logits.
 
     K = 1 for two tokens (the token value in, one Bernoulli logit out), K = V otherwise (one-hot in,
@@ -105,20 +105,9 @@ class VAE(nn.Module):
     supports_prefix: ClassVar[bool] = False  # p(x_rest | x_prefix) needs the intractable posterior
     supports_guidance: ClassVar[bool] = False
 
-    # The label, token and checkpoint plumbing of the comparison priors only reads `config`, `kind`
-    # and `config_class`; a VAE is not autoregressive, so it borrows those methods, not the base class.
-    vocab_size = AutoregressiveDensityModel.vocab_size
-    null_class = AutoregressiveDensityModel.null_class
-    device = AutoregressiveDensityModel.device
-    class_index = AutoregressiveDensityModel.class_index
-    check_tokens = AutoregressiveDensityModel.check_tokens
-    drop_labels = AutoregressiveDensityModel.drop_labels
-    save_pretrained = AutoregressiveDensityModel.save_pretrained
-    from_pretrained = AutoregressiveDensityModel.__dict__["from_pretrained"]
 
     def __init__(self, config: VAEConfig):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.block = 1 if config.vocab_size == 2 else config.vocab_size
         num_class_indices = config.num_classes + 1
         features = config.seq_len * self.block
