@@ -51,7 +51,9 @@ def quantizer_config(name: str, args, tokens_per_batch: int):
     """The quantizer config of case `name` and the latent dimension the encoder must produce."""
     kind, size = CASES[name]
     if kind == "lfq":
-        return LFQConfig(bits=size, entropy_weight=args.entropy_weight, commitment_weight=0.25), size
+        return LFQConfig(bits=size, entropy_weight=args.entropy_weight, commitment_weight=0.25,
+                         exact_entropy_max_bits=args.lfq_exact_entropy_max_bits,
+                         entropy_subsample=args.lfq_entropy_subsample), size
     # Restart threshold in assignments per batch: a code is dead when it gets fewer than half the
     # average share of a batch (capped at 1), so 16384 codes on 16384 tokens do not restart half the book.
     threshold = args.dead_code_threshold or min(1.0, 0.5 * tokens_per_batch / size)
@@ -180,6 +182,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dead-code-threshold", type=float, default=0.0,
                         help="VQ restart threshold; 0: min(1, half the mean assignments per code per batch)")
     parser.add_argument("--entropy-weight", type=float, default=0.1, help="LFQ entropy loss weight")
+    parser.add_argument("--lfq-exact-entropy-max-bits", type=int, default=LFQConfig.exact_entropy_max_bits,
+                        help="LFQ codebook entropy over the full softmax up to this many bits, bit groups above")
+    parser.add_argument("--lfq-entropy-subsample", type=float, default=1.0,
+                        help="fraction of each batch's tokens in the LFQ entropy terms (cheaper on CPUs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     parser.add_argument("--log-every", type=int, default=50, help="progress line every this many steps (0: none)")

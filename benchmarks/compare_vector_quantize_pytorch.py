@@ -18,8 +18,10 @@ and the median time of the quantizer's forward pass in training and of a whole t
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import io
 import json
+import platform
 import statistics
 import time
 from pathlib import Path
@@ -180,11 +182,10 @@ def main() -> None:
         model = Autoencoder(quantizer, latent_dim, args.hidden_channels, args.seed)
         results[name] = train_and_evaluate(model, train, test, args)
         print(f"{name}: {json.dumps(results[name])}", flush=True)
-    import vector_quantize_pytorch
-
     report = {"settings": vars(args) | {"data": str(args.data), "out": str(args.out)},
-              "device": "cpu", "torch": torch.__version__,
-              "vector_quantize_pytorch": getattr(vector_quantize_pytorch, "__version__", "unknown"),
+              "device": "cpu", "machine": f"{platform.machine()} {platform.processor()}".strip(),
+              "torch": torch.__version__,
+              "vector_quantize_pytorch": importlib.metadata.version("vector-quantize-pytorch"),
               "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -443,8 +443,10 @@ def run_comparison(config: CompareConfig) -> dict:
                               lambda: train_prior_stage(model_run), state.is_main_process)
         if state.is_main_process:
             row = cached_row(spec, model_run, dataset, config, classifier)
-            steps = (read_stage(model_run.path("prior")) or {}).get("steps")
-            row.update(train_seconds=seconds, train_steps=steps, train_batch_size=spec.training.batch_size,
+            stage = read_stage(model_run.path("prior")) or {}
+            row.update(train_seconds=seconds, train_steps=stage.get("steps"),
+                       selected_step=(stage.get("final_metrics") or {}).get("selected_step"),
+                       train_batch_size=spec.training.batch_size,
                        tokenizer_folder=key, tokenizer_train_seconds=tokenizer_seconds)
             rows.append(row)
             logger.info("compare: %s -> %s", spec.name, {k: row.get(k) for k in ("nll_nats_per_image", "likelihood")})

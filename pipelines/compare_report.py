@@ -59,8 +59,9 @@ def markdown_table(report: dict) -> str:
               "with z = encode(x), an upper bound on the two-stage model's NLL; *tokens only* = NLL of the token "
               "sequence, not comparable with image NLLs; *no density* = a GAN (judge it by the Frechet distance in "
               "tokgen's classifier features, beside the real-vs-real floor). Training time excludes a shared "
-              "tokenizer's (see tokenizer_train_seconds in comparison.json). Each model trains for its configured "
-              "number of steps and is scored as it ends: the validation split is not used for early stopping.", ""]
+              "tokenizer's (see tokenizer_train_seconds in comparison.json). A model whose training sets `eval_every` "
+              "keeps the weights of its evaluation with the lowest validation loss (early stopping; `selected_step` in "
+              "comparison.json); the others are scored as their training ends.", ""]
     return "\n".join(lines)
 
 

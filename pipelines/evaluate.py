@@ -15,6 +15,7 @@ set of the same size gets (the floor) and the ratio of the two.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import warnings
@@ -144,11 +145,7 @@ def _symmetric_sqrt(matrix: np.ndarray) -> np.ndarray:
 def _trace_sqrt_product(covariance_a: np.ndarray, covariance_b: np.ndarray, method: str) -> float:
     """tr((S_a S_b)^(1/2)) for covariance matrices S_a, S_b."""
     if method == "auto":
-        try:
-            import scipy.linalg  # noqa: F401
-            method = "scipy_or_eigh"
-        except ImportError:
-            method = "eigh"
+        method = "scipy_or_eigh" if importlib.util.find_spec("scipy") is not None else "eigh"
     if method == "scipy" or method == "scipy_or_eigh":
         import scipy.linalg
 

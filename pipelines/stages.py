@@ -24,6 +24,7 @@ from accelerate import PartialState
 from pipelines.audio_data import AudioDataset, AudioTensorDataset, load_audio_dataset
 from pipelines.config import RunConfig, fingerprint
 from pipelines.data import ImageDataset, ImageTensorDataset, load_image_dataset
+from pipelines.early_stopping import BestValidationWeights
 from pipelines.loop import TrainResult, train
 from pipelines.tokenset import export_audio_tokens, export_tokens, load_tokenset, sha256_file
 from priors import PRIORS, load_prior
@@ -210,6 +211,18 @@ def export_tokens_stage(run: Run, force: bool = False) -> Path:
     return out_dir
 
 
+def validation_selection(prior, tokenset, training) -> BestValidationWeights | None:
+    """Early stopping (keep the best validation weights) when `eval_every > 0`, the prior has a
+    training loss that scores data (not a GAN) and the token set has a validation split."""
+    has_val = "val" in tokenset.splits and len(tokenset.splits["val"]) > 0
+    if training.eval_every <= 0 or not has_val or not getattr(prior, "has_density", True):
+        if training.eval_every > 0:
+            logger.info("prior: eval_every is set but %s; no early stopping",
+                        "there is no validation split" if not has_val else "the prior has no density")
+        return None
+    return BestValidationWeights(tokenset.torch_dataset("val"), training.batch_size)
+
+
 def train_prior_stage(run: Run, resume: bool = False, force: bool = False) -> Path:
     out_dir = run.path("prior")
     stage_fingerprint = fingerprint(run.prior_fingerprint(), read_stage(run.path("tokens")))
@@ -228,7 +241,11 @@ def train_prior_stage(run: Run, resume: bool = False, force: bool = False) -> Pa
         training_dir = run.path("checkpoints", "prior")
         prepare_training_dir(training_dir, stage_fingerprint, resume, force, run.state.is_main_process)
         run.state.wait_for_everyone()
-        result = train(prior, train_tokens, run.config.prior_training, training_dir, resume=resume, description="prior")
+        selection = validation_selection(prior, tokenset, run.config.prior_training)
+        result = train(prior, train_tokens, run.config.prior_training, training_dir, resume=resume,
+                       eval_fn=selection, description="prior")
+        if selection is not None:
+            result.final_metrics.update(selection.restore(prior, result.steps))
     if run.state.is_main_process:
         if out_dir.exists():
             shutil.rmtree(out_dir)

@@ -1,5 +1,5 @@
-"""Tests of lookup-free quantisation: the bit <-> index bijection, the entropy terms (exact and
-factorised), the 2^18-code path without (tokens x 2^18) tensors, metrics, subsampling, configs."""
+"""Tests of lookup-free quantisation: the bit <-> index bijection, the entropy terms (exact, grouped
+and factorised), the 2^18-code path without (tokens x 2^18) tensors, metrics, subsampling, configs."""
 
 import pytest
 import torch
@@ -9,9 +9,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import tokenizers_vq.quantizers.lfq as lfq_module
 from tokenizers_vq.quantizers import LFQConfig, LookupFreeQuantizer
 from tokenizers_vq.quantizers.lfq import (
+    bit_groups,
     bits_to_indices,
     exact_entropy_terms,
     factorised_entropy_terms,
+    grouped_entropy_terms,
     indices_to_bits,
 )
 
@@ -90,17 +92,42 @@ class LargestTensor(TorchDispatchMode):
         return result
 
 
-def test_eighteen_bits_never_materialise_a_tokens_by_codebook_tensor(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the full-codebook entropy must not be used at 18 bits")
+def test_grouped_entropy_lies_between_the_joint_and_the_per_bit_bound():
+    x = random_inputs(batch=1, length=60, dim=6, scale=0.02)[0]
+    exact = exact_entropy_terms(x, 1.0, 0.01)
+    per_bit = factorised_entropy_terms(x, 1.0, 0.01)
+    # one group is the exact entropy, groups of one bit are the per-bit bound
+    assert torch.allclose(torch.stack(grouped_entropy_terms(x, 1.0, 0.01, 6)), torch.stack(exact), rtol=1e-5)
+    assert torch.allclose(torch.stack(grouped_entropy_terms(x, 1.0, 0.01, 1)), torch.stack(per_bit), rtol=1e-4)
+    per_sample, grouped = grouped_entropy_terms(x, 1.0, 0.01, 3)
+    assert per_sample.item() == pytest.approx(exact[0].item(), rel=1e-5)
+    assert exact[1].item() - 1e-5 <= grouped.item() <= per_bit[1].item() + 1e-5
+    assert per_bit[1].item() - exact[1].item() > 0.1  # the bounds differ here, so the test can tell them apart
 
-    monkeypatch.setattr(lfq_module, "exact_entropy_terms", refuse)
+
+@pytest.mark.parametrize("num_bits, max_bits, expected", [(14, 12, [7, 7]), (18, 12, [9, 9]), (16, 12, [8, 8]),
+                                                          (13, 6, [5, 4, 4]), (10, 12, [10]), (5, 1, [1] * 5)])
+def test_bit_groups_are_few_near_equal_and_within_the_cap(num_bits, max_bits, expected):
+    assert bit_groups(num_bits, max_bits) == expected
+
+
+def record_entropy_groups(monkeypatch) -> list[int]:
+    """Widths of every (t k) input the exact entropy is called with."""
+    widths = []
+    original = lfq_module.exact_entropy_terms
+    monkeypatch.setattr(lfq_module, "exact_entropy_terms", lambda x, *a: widths.append(x.shape[-1]) or original(x, *a))
+    return widths
+
+
+def test_eighteen_bits_never_materialise_a_tokens_by_codebook_tensor(monkeypatch):
+    widths = record_entropy_groups(monkeypatch)
     quantizer = LookupFreeQuantizer(LFQConfig(bits=18), 18).train()
     assert not quantizer.uses_exact_entropy
     z = random_inputs(batch=2, length=64, dim=18).requires_grad_()
     with LargestTensor() as guard:
         output = quantizer(z)
         output.aux_loss.backward()
+    assert widths == [9, 9]  # two sub-codebooks of 2^9 codes
     # The (2^18,) usage counts are the largest tensor; (tokens x 2^18) would be 128 times larger.
     assert guard.largest <= 2**18 < 2 * 64 * 2**18
     assert torch.isfinite(output.aux_loss) and z.grad.abs().sum() > 0
@@ -108,13 +135,11 @@ def test_eighteen_bits_never_materialise_a_tokens_by_codebook_tensor(monkeypatch
 
 
 def test_threshold_selects_the_exact_form_for_small_codebooks(monkeypatch):
-    calls = []
-    original = lfq_module.exact_entropy_terms
-    monkeypatch.setattr(lfq_module, "exact_entropy_terms", lambda *a: calls.append(1) or original(*a))
+    widths = record_entropy_groups(monkeypatch)
     LookupFreeQuantizer(LFQConfig(bits=4, exact_entropy_max_bits=4), 4)(random_inputs())
-    assert calls == [1]
+    assert widths == [4]
     LookupFreeQuantizer(LFQConfig(bits=4, exact_entropy_max_bits=3), 4)(random_inputs())
-    assert calls == [1]
+    assert widths == [4, 2, 2]
 
 
 def test_usage_perplexity_and_dead_codes_on_a_hand_made_batch():
@@ -183,3 +208,18 @@ def test_projection_when_input_dim_differs_from_bits():
 def test_invalid_configs_are_refused(bad):
     with pytest.raises(ValueError):
         LFQConfig(**bad)
+
+
+def test_chunked_codebook_entropy_matches_plain_autograd_in_value_and_gradient(monkeypatch):
+    monkeypatch.setattr(lfq_module, "CHUNK_ELEMENTS", 3 * 2**5)  # 3 tokens per chunk: 17 tokens in 6 chunks
+    x = random_inputs(batch=1, length=17, dim=5, scale=0.02)[0].double().requires_grad_()
+    reference = x.detach().clone().requires_grad_()
+    _, chunked = exact_entropy_terms(x, 1.0, 0.01)
+    codes = 2.0 * indices_to_bits(torch.arange(32), 5).double() - 1.0
+    average = (2.0 * reference @ codes.t() / 0.01).softmax(dim=-1).mean(dim=0)
+    plain = -(average * average.clamp_min(1e-30).log()).sum()
+    assert chunked.item() == pytest.approx(plain.item(), rel=1e-10)
+    chunked.backward()
+    plain.backward()
+    assert torch.allclose(x.grad, reference.grad, rtol=1e-8, atol=1e-10)
+    assert reference.grad.abs().max() > 0

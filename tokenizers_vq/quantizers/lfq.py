@@ -9,10 +9,14 @@ codebook entropy, weighted by `diversity_gamma`), plus a commitment term. Both e
 soft assignment q(c | x) = softmax_c(-||x - c||^2 / temperature). Because every code has the
 same norm, q factorises over bits into Bernoulli(sigmoid(4 s x_i / temperature)), so the
 per-sample entropy is exactly a sum of binary entropies; the codebook entropy H(mean_x q) does not
-factorise, and above `exact_entropy_max_bits` it is replaced by the sum of the per-bit marginal
-entropies, an upper bound that never forms a (tokens x 2^bits) tensor (as in Open-MAGVIT2, Luo et
-al. 2024, and Zhao et al. 2024, "Image and Video Tokenization with Binary Spherical Quantization").
-Below the threshold the full softmax over all codes is used. All of it runs in float32, whatever
+factorise. Up to `exact_entropy_max_bits` (16) it comes from the softmax over all codes,
+accumulated over chunks of tokens so that memory stays bounded; above, the bits are split into the
+fewest near-equal groups of at most that many bits and the exact entropies of the groups'
+sub-codebooks are summed (18 bits: 2 x 2^9 codes), an upper bound like Open-MAGVIT2's
+sub-codebooks (Luo et al. 2024). Bounds are weaker than the exact term: on CIFAR-10 at 2^14 codes
+(benchmarks/codebook_usage.py, BENCHMARKS.md) the sum of per-bit marginal entropies (Zhao et al.
+2024, "Image and Video Tokenization with Binary Spherical Quantization") let the test tokens
+collapse onto 19% of the codebook, two 2^7 groups reached 58%, the exact entropy 98%. All of it runs in float32, whatever
 autocast says; usage counts are summed over processes in training mode only.
 """
 
@@ -49,7 +53,7 @@ class LFQConfig:
     diversity_gamma: float = 1.0  # weight of the codebook entropy inside the entropy loss
     entropy_temperature: float = 0.01
     entropy_subsample: float = 1.0  # fraction of a training batch's tokens in the entropy terms
-    exact_entropy_max_bits: int = 12  # full-codebook softmax up to here, per-bit factorised above
+    exact_entropy_max_bits: int = 16  # entropy over all codes up to here (chunked); bit groups above
     code_scale: float = 1.0  # codes are +-code_scale per bit
     seed: int = 0
 
@@ -63,6 +67,8 @@ class LFQConfig:
             raise ValueError("entropy_temperature and code_scale must be positive")
         if not 0.0 < self.entropy_subsample <= 1.0:
             raise ValueError(f"entropy_subsample must lie in (0, 1], got {self.entropy_subsample}")
+        if self.exact_entropy_max_bits < 1:
+            raise ValueError(f"exact_entropy_max_bits must be >= 1, got {self.exact_entropy_max_bits}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "LFQConfig":
@@ -111,18 +117,70 @@ def factorised_entropy_terms(x: Tensor, code_scale: float, temperature: float) -
     return per_sample, codebook
 
 
+CHUNK_ELEMENTS = 2**24  # (tokens x codes) elements formed at once by the exact codebook entropy
+
+
+class AverageCodeProbabilities(torch.autograd.Function):
+    """(t k) x, (V k) codes -> (V,) mean over tokens of softmax_c(2 x.c / temperature).
+
+    Computed over chunks of tokens with at most `CHUNK_ELEMENTS` logits each, forward and backward
+    (the backward recomputes each chunk's softmax), so memory is O(chunk x V) however many tokens
+    there are, instead of the O(t x V) that autograd would keep.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, codes: Tensor, temperature: float) -> Tensor:
+        ctx.save_for_backward(x, codes)
+        ctx.temperature = temperature
+        total = x.new_zeros(codes.shape[0])
+        for chunk in x.split(max(1, CHUNK_ELEMENTS // codes.shape[0])):
+            total += (2.0 * chunk @ codes.t() / temperature).softmax(dim=-1).sum(dim=0)
+        return total / x.shape[0]
+
+    @staticmethod
+    def backward(ctx, grad_average: Tensor):
+        x, codes = ctx.saved_tensors
+        scale = 2.0 / ctx.temperature
+        grads = []
+        for chunk in x.split(max(1, CHUNK_ELEMENTS // codes.shape[0])):
+            probabilities = (scale * chunk @ codes.t()).softmax(dim=-1)
+            # softmax Jacobian-vector product: p * (g - <p, g>), for each token of the chunk
+            grad_logits = probabilities * (grad_average - probabilities @ grad_average[:, None])
+            grads.append(scale * grad_logits @ codes / x.shape[0])
+        return torch.cat(grads), None, None
+
+
 def exact_entropy_terms(x: Tensor, code_scale: float, temperature: float) -> tuple[Tensor, Tensor]:
-    """(t k) -> (mean per-sample entropy, codebook entropy), the latter from the full (t 2^k) softmax.
+    """(t k) -> (mean per-sample entropy, codebook entropy), the latter over all 2^k codes.
 
     The per-sample entropy is the factorised one, which is exact; only the batch average of q
-    needs every code, so a single (t 2^k) tensor is formed.
+    needs every code, and it is accumulated in chunks of tokens (`AverageCodeProbabilities`).
     """
     per_sample, _ = factorised_entropy_terms(x, code_scale, temperature)
     num_bits = x.shape[-1]
     codes = code_scale * (2.0 * indices_to_bits(torch.arange(2**num_bits, device=x.device), num_bits) - 1.0)
     # -||x - c||^2 up to terms constant in c (all codes have the same norm).
-    average = (2.0 * x @ codes.t() / temperature).softmax(dim=-1).mean(dim=0)
+    average = AverageCodeProbabilities.apply(x, codes.to(x.dtype), temperature)
     codebook = -(average * average.clamp_min(1e-30).log()).sum()
+    return per_sample, codebook
+
+
+def bit_groups(num_bits: int, max_group_bits: int) -> list[int]:
+    """Sizes of the fewest near-equal groups of at most `max_group_bits` bits covering `num_bits`."""
+    groups = -(-num_bits // max_group_bits)
+    return [num_bits // groups + (1 if index < num_bits % groups else 0) for index in range(groups)]
+
+
+def grouped_entropy_terms(x: Tensor, code_scale: float, temperature: float,
+                          max_group_bits: int) -> tuple[Tensor, Tensor]:
+    """(t k) -> (mean per-sample entropy, sum of the exact codebook entropies of bit groups).
+
+    The sum over groups bounds the joint codebook entropy from above (subadditivity) and equals it
+    with a single group; the largest tensor is (t 2^max_group_bits).
+    """
+    per_sample, _ = factorised_entropy_terms(x, code_scale, temperature)
+    codebook = sum(exact_entropy_terms(group, code_scale, temperature)[1]
+                   for group in x.split(bit_groups(x.shape[-1], max_group_bits), dim=-1))
     return per_sample, codebook
 
 
@@ -219,8 +277,10 @@ class LookupFreeQuantizer(nn.Module):
             keep = max(1, round(self.config.entropy_subsample * x.shape[0]))
             self.generator.manual_seed(self.config.seed * 1_000_003 + int(self.training_steps))
             x = x[torch.randperm(x.shape[0], generator=self.generator)[:keep].to(x.device)]
-        terms = exact_entropy_terms if self.uses_exact_entropy else factorised_entropy_terms
-        return terms(x, self.config.code_scale, self.config.entropy_temperature)
+        if self.uses_exact_entropy:
+            return exact_entropy_terms(x, self.config.code_scale, self.config.entropy_temperature)
+        return grouped_entropy_terms(x, self.config.code_scale, self.config.entropy_temperature,
+                                     self.config.exact_entropy_max_bits)
 
     def _check_input(self, z: Tensor) -> None:
         if z.ndim != 3 or z.shape[-1] != self.dim:
