@@ -216,3 +216,17 @@ def test_a_few_optimizer_steps_reduce_the_nll(name, vocab_size):
     model.eval()
     final = -model.log_prob(batch["input_ids"], batch["label"]).mean() / 6
     assert final < 0.8 * first.detach()
+
+
+@pytest.mark.parametrize("hidden_sizes", [(500,), (500, 300)])
+def test_made_output_of_the_last_pixel_reads_every_earlier_pixel(hidden_sizes):
+    """With fewer hidden units than pixels, the degrees must still span [1, L-1]: every input but
+    the last reaches the last output through the masks (the paths are products of the masks)."""
+    from priors.baselines.made import made_masks
+
+    masks = made_masks(784, 1, hidden_sizes)
+    paths = masks[0]
+    for mask in masks[1:]:
+        paths = mask @ paths  # (out, in): number of masked paths from input to output
+    assert bool((paths[-1, :-1] > 0).all()) and paths[-1, -1] == 0
+    assert bool((paths.triu() == 0).all())  # and still autoregressive: output t never reads inputs >= t

@@ -5,8 +5,10 @@ Estimation". Every unit gets a degree: input units of position t have degree t+1
 degrees in [1, L-1], output units of position t degree t+1. A hidden unit of degree m may read
 units of degree <= m, and output t may read hidden units of degree < t+1 = only inputs before t,
 so one pass of the masked MLP gives all L conditionals p(x_t | x_<t) exactly. We use the natural
-ordering and deterministic degrees (hidden unit k has degree 1 + k mod (L-1)), so a config
-always rebuilds the same masks and checkpoints hold only weights. Inputs are the tokens
+ordering and deterministic degrees spread evenly from 1 to L-1 (`linspace(1, L-1, H)` rounded),
+so a config always rebuilds the same masks and checkpoints hold only
+weights. (Degrees 1 + k mod (L-1) would leave every input above degree H unread when H < L-1:
+with 500 units on 784 pixels, the last 284 pixels would condition nothing.) Inputs are the tokens
 themselves when binary (Bernoulli outputs, as in the paper) and one-hot codes otherwise (a softmax
 over V per position). Class conditioning adds a learned per-class bias to the first hidden layer
 (row C: the null class, trained by label dropout, which also gives guidance). Sampling needs one
@@ -60,7 +62,8 @@ class MADEConfig:
 def made_masks(seq_len: int, block: int, hidden_sizes: tuple[int, ...]) -> list[Tensor]:
     """The (out, in) masks of every layer, input -> hidden ... -> output, from the unit degrees."""
     input_degrees = torch.arange(1, seq_len + 1).repeat_interleave(block)
-    hidden_degrees = [1 + torch.arange(size) % max(seq_len - 1, 1) for size in hidden_sizes]
+    top = max(seq_len - 1, 1)
+    hidden_degrees = [torch.linspace(1, top, size).round().long() for size in hidden_sizes]
     masks, previous = [], input_degrees
     for degrees in hidden_degrees:
         masks.append((rearrange(degrees, "o -> o 1") >= rearrange(previous, "i -> 1 i")).float())
