@@ -44,7 +44,7 @@ from tokenizers_vq.quantizers import LFQConfig, VQConfig, build_quantizer
 
 # name -> (kind, size): VQ cases are "vq<codes>", LFQ cases "lfq<bits>".
 CASES = {"vq1024": ("vq", 1024), "vq16384": ("vq", 16384), "lfq10": ("lfq", 10), "lfq14": ("lfq", 14),
-         "lfq16": ("lfq", 16)}
+         "lfq16": ("lfq", 16), "lfq18": ("lfq", 18)}
 
 
 def quantizer_config(name: str, args, tokens_per_batch: int):

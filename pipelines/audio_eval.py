@@ -24,7 +24,7 @@ from einops import rearrange, reduce
 
 from pipelines.audio_data import lengths_to_mask
 from pipelines.classifier import ClassifierConfig, classifier_accuracy, load_or_train_classifier
-from pipelines.evaluate import codebook_metrics, sample_quality
+from pipelines.evaluate import codebook_metrics, reconstruction_frechet, sample_quality
 from tokenizers_vq.audio_losses import mel_filterbank, mel_loss, multi_resolution_stft_loss, si_snr
 
 logger = logging.getLogger(__name__)
@@ -101,20 +101,34 @@ def classifier_metrics(classifier, config: SpokenDigitClassifierConfig, sample_r
     return {**quality, "classifier_test_accuracy": classifier_accuracy(classifier, test_features, test_labels)}
 
 
+def reconstruction_classifier_metrics(classifier, config: SpokenDigitClassifierConfig, sample_rate: int,
+                                      reconstructions: torch.Tensor, originals: torch.Tensor,
+                                      labels: torch.Tensor) -> dict[str, float]:
+    """How much of what the classifier hears survives the codec: its accuracy on decoded test clips
+    (the ceiling for the class accuracy of generated clips, which the tokenizer decodes too) and the
+    Frechet distance of reconstructions to their originals in its feature space."""
+    reconstruction_features = log_mel_features(reconstructions, config, sample_rate)
+    original_features = log_mel_features(originals, config, sample_rate)
+    return {"reconstruction_class_accuracy": classifier_accuracy(classifier, reconstruction_features, labels),
+            "reconstruction_frechet": reconstruction_frechet(classifier, original_features, reconstruction_features)}
+
+
 @torch.no_grad()
 def reconstruction_metrics(tokenizer, waveforms: torch.Tensor, lengths: torch.Tensor, batch_size: int = 64,
                            stft_fft_sizes: tuple[int, ...] = (128, 256, 512), mel_fft_size: int = 512,
-                           mel_hop: int = 128, num_mels: int = 40) -> tuple[dict[str, float], torch.Tensor]:
+                           mel_hop: int = 128, num_mels: int = 40
+                           ) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
     """Encode and decode (n c t) clips; SI-SNR (dB), STFT and mel distances over real samples only.
 
-    Returns the metrics and the (n frames [q]) codes. SI-SNR is averaged per clip (its median too,
+    Returns the metrics, the (n frames [q]) codes and the (n c t) reconstructions, silenced after
+    each clip's length as the originals are. SI-SNR is averaged per clip (its median too,
     since a few near-silent clips can have very low values); the distances are batch means of the
     masked losses the tokenizer trains with (fixed sizes here, so runs compare).
     """
     device = next(tokenizer.parameters()).device
     sample_rate = int(tokenizer.config.sample_rate)
     filterbank = mel_filterbank(sample_rate, mel_fft_size, num_mels)
-    snrs, stft_distances, mel_distances, codes, weights = [], [], [], [], []
+    snrs, stft_distances, mel_distances, codes, weights, reconstructions = [], [], [], [], [], []
     for start in range(0, len(waveforms), batch_size):
         clips = waveforms[start : start + batch_size].to(device)
         mask = lengths_to_mask(lengths[start : start + batch_size], clips.shape[-1]).to(device)
@@ -125,6 +139,7 @@ def reconstruction_metrics(tokenizer, waveforms: torch.Tensor, lengths: torch.Te
         mel_distances.append(float(mel_loss(reconstruction, clips, filterbank, mel_fft_size, mel_hop, mask)))
         weights.append(len(clips))
         codes.append(tokens.cpu())
+        reconstructions.append((reconstruction * rearrange(mask, "b t -> b 1 t")).cpu())
     snr = torch.cat(snrs).double()
     total = sum(weights)
     num_codebooks = int(getattr(tokenizer, "num_codebooks", 1))
@@ -138,7 +153,7 @@ def reconstruction_metrics(tokenizer, waveforms: torch.Tensor, lengths: torch.Te
         "bitrate_bps": frames_per_second * num_codebooks * math.log2(tokenizer.vocab_size),
         "num_clips": float(total),
     }
-    return metrics, torch.cat(codes)
+    return metrics, torch.cat(codes), torch.cat(reconstructions)
 
 
 def code_usage_metrics(codes: torch.Tensor, num_frames: torch.Tensor, codebook_size: int) -> dict[str, float]:

@@ -253,7 +253,7 @@ def evaluate_audio_run(run: Run) -> dict:
     test_waveforms = _test_waveforms(run)
     metrics: dict = {"run": config.name, "modality": "audio", "layout": manifest.order,
                      "data_source": manifest.data_source}
-    tokenizer_metrics, codes = audio_eval.reconstruction_metrics(
+    tokenizer_metrics, codes, reconstructions = audio_eval.reconstruction_metrics(
         tokenizer, test_waveforms, test["num_samples"], batch_size=min(config.evaluation.batch_size, 64))
     tokenizer_metrics.update(audio_eval.code_usage_metrics(codes, test["num_frames"], manifest.codebook_size))
     metrics["tokenizer"] = tokenizer_metrics
@@ -272,6 +272,8 @@ def evaluate_audio_run(run: Run) -> dict:
         generator = torch.Generator().manual_seed(config.seed)
         quality = audio_eval.classifier_metrics(classifier, config.audio.classifier, manifest.sample_rate, samples,
                                                 stored.get("label"), test_waveforms, test["label"], generator)
+        tokenizer_metrics.update(audio_eval.reconstruction_classifier_metrics(
+            classifier, config.audio.classifier, manifest.sample_rate, reconstructions, test_waveforms, test["label"]))
         metrics["samples"] = {**quality, "num_samples": len(samples), "guidance_scale": config.sampling.guidance_scale,
                               **{f"classifier_{k}": v for k, v in info.items() if isinstance(v, (int, float))}}
     record = json.loads((samples_dir / "stage.json").read_text()) if (samples_dir / "stage.json").is_file() else {}

@@ -80,6 +80,7 @@ def test_metrics_hold_finite_audio_figures(audio_run):
         assert math.isfinite(tokenizer[key]), key
     assert tokenizer["stft_distance"] > 0 and tokenizer["mel_distance"] > 0
     assert tokenizer["bitrate_bps"] == pytest.approx(100 * 2 * 4)  # 100 frames/s x 2 codebooks x log2(16)
+    assert 0 <= tokenizer["reconstruction_class_accuracy"] <= 1 and tokenizer["reconstruction_frechet"] >= 0
     prior = metrics["prior"]
     assert prior["padding_masked"] and prior["bits_per_token"] > 0 and math.isfinite(prior["nll_nats_per_item"])
     samples = metrics["samples"]

@@ -119,16 +119,17 @@ def record_entropy_groups(monkeypatch) -> list[int]:
     return widths
 
 
-def test_eighteen_bits_never_materialise_a_tokens_by_codebook_tensor(monkeypatch):
+@pytest.mark.parametrize("max_bits, expected_widths", [(20, [18]), (12, [9, 9])])
+def test_eighteen_bits_never_materialise_a_tokens_by_codebook_tensor(monkeypatch, max_bits, expected_widths):
     widths = record_entropy_groups(monkeypatch)
-    quantizer = LookupFreeQuantizer(LFQConfig(bits=18), 18).train()
-    assert not quantizer.uses_exact_entropy
+    quantizer = LookupFreeQuantizer(LFQConfig(bits=18, exact_entropy_max_bits=max_bits), 18).train()
+    assert quantizer.uses_exact_entropy == (max_bits >= 18)
     z = random_inputs(batch=2, length=64, dim=18).requires_grad_()
     with LargestTensor() as guard:
         output = quantizer(z)
         output.aux_loss.backward()
-    assert widths == [9, 9]  # two sub-codebooks of 2^9 codes
-    # The (2^18,) usage counts are the largest tensor; (tokens x 2^18) would be 128 times larger.
+    assert widths == expected_widths  # the whole codebook, or two sub-codebooks of 2^9 codes
+    # (2^18,) vectors (usage counts, the average q) are the largest tensors; (tokens x 2^18) would be 128 times larger.
     assert guard.largest <= 2**18 < 2 * 64 * 2**18
     assert torch.isfinite(output.aux_loss) and z.grad.abs().sum() > 0
     assert output.metrics["usage"].item() == pytest.approx(128 / 2**18)
@@ -211,7 +212,8 @@ def test_invalid_configs_are_refused(bad):
 
 
 def test_chunked_codebook_entropy_matches_plain_autograd_in_value_and_gradient(monkeypatch):
-    monkeypatch.setattr(lfq_module, "CHUNK_ELEMENTS", 3 * 2**5)  # 3 tokens per chunk: 17 tokens in 6 chunks
+    # 5 bits split 3 + 2: 2^3 + 2^2 = 12 sub-code probabilities per token, 3 tokens per chunk, 17 tokens in 6 chunks
+    monkeypatch.setattr(lfq_module, "CHUNK_ELEMENTS", 3 * 12)
     x = random_inputs(batch=1, length=17, dim=5, scale=0.02)[0].double().requires_grad_()
     reference = x.detach().clone().requires_grad_()
     _, chunked = exact_entropy_terms(x, 1.0, 0.01)

@@ -9,15 +9,18 @@ codebook entropy, weighted by `diversity_gamma`), plus a commitment term. Both e
 soft assignment q(c | x) = softmax_c(-||x - c||^2 / temperature). Because every code has the
 same norm, q factorises over bits into Bernoulli(sigmoid(4 s x_i / temperature)), so the
 per-sample entropy is exactly a sum of binary entropies; the codebook entropy H(mean_x q) does not
-factorise. Up to `exact_entropy_max_bits` (16) it comes from the softmax over all codes,
-accumulated over chunks of tokens so that memory stays bounded; above, the bits are split into the
-fewest near-equal groups of at most that many bits and the exact entropies of the groups'
-sub-codebooks are summed (18 bits: 2 x 2^9 codes), an upper bound like Open-MAGVIT2's
+factorise, but its batch average does split over any two halves of the bits: the sum over tokens
+of q over all 2^k codes is one (2^(k/2) x tokens) @ (tokens x 2^(k/2)) matrix product of the
+halves' probabilities, with no (tokens x 2^k) tensor, accumulated over chunks of tokens so that
+memory stays bounded. Up to `exact_entropy_max_bits` (20) the codebook entropy is exact; above,
+the bits are split into the fewest near-equal groups of at most that many bits and the exact
+entropies of the groups' sub-codebooks are summed, an upper bound like Open-MAGVIT2's
 sub-codebooks (Luo et al. 2024). Bounds are weaker than the exact term: on CIFAR-10 at 2^14 codes
 (benchmarks/codebook_usage.py, BENCHMARKS.md) the sum of per-bit marginal entropies (Zhao et al.
 2024, "Image and Video Tokenization with Binary Spherical Quantization") let the test tokens
-collapse onto 19% of the codebook, two 2^7 groups reached 58%, the exact entropy 98%. All of it runs in float32, whatever
-autocast says; usage counts are summed over processes in training mode only.
+collapse onto 19% of the codebook, two 2^7 groups reached 58%, the exact entropy 98%. All of it
+runs in float32, whatever autocast says; usage counts are summed over processes in training mode
+only.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ class LFQConfig:
     diversity_gamma: float = 1.0  # weight of the codebook entropy inside the entropy loss
     entropy_temperature: float = 0.01
     entropy_subsample: float = 1.0  # fraction of a training batch's tokens in the entropy terms
-    exact_entropy_max_bits: int = 16  # entropy over all codes up to here (chunked); bit groups above
+    exact_entropy_max_bits: int = 20  # entropy over all codes up to here; bit groups above
     code_scale: float = 1.0  # codes are +-code_scale per bit
     seed: int = 0
 
@@ -117,36 +120,66 @@ def factorised_entropy_terms(x: Tensor, code_scale: float, temperature: float) -
     return per_sample, codebook
 
 
-CHUNK_ELEMENTS = 2**24  # (tokens x codes) elements formed at once by the exact codebook entropy
+CHUNK_ELEMENTS = 2**24  # (tokens x sub-codes) probabilities formed at once by the exact codebook entropy
+
+
+def sub_code_probabilities(x: Tensor, code_scale: float, temperature: float) -> Tensor:
+    """(t k) -> (t 2^k): q(c | x) = softmax_c(2 x.c / temperature) over the 2^k codes of k bits.
+
+    That is softmax(-||x - c||^2 / temperature) (every code has the same norm); code index
+    `sum_i bit_i 2^i`. With k = 0 it is a column of ones.
+    """
+    num_bits = x.shape[-1]
+    codes = code_scale * (2.0 * indices_to_bits(torch.arange(2**num_bits, device=x.device), num_bits) - 1.0)
+    return (2.0 * x @ codes.to(x.dtype).t() / temperature).softmax(dim=-1)
+
+
+def code_probability_sums(x: Tensor, code_scale: float, temperature: float) -> Tensor:
+    """(t k) -> (2^k,) sum over tokens of q(c | x), as one (2^h x t) @ (t x 2^l) product.
+
+    q factorises over bits, so q(c) = q_low(c mod 2^l) q_high(c // 2^l) for any split of the bits
+    into l low and h = k - l high ones: the sum over tokens of q over all 2^k codes is the product
+    of the two halves' probability matrices, t 2^k multiply-adds in one matrix product instead of
+    t 2^k k for the logits plus t 2^k exponentials, and no (t x 2^k) tensor.
+    """
+    low_bits = (x.shape[-1] + 1) // 2
+    low = sub_code_probabilities(x[:, :low_bits], code_scale, temperature)
+    high = sub_code_probabilities(x[:, low_bits:], code_scale, temperature)
+    return (high.t() @ low).flatten()  # row-major (high, low): index low + 2^l high
+
+
+def _token_chunks(x: Tensor) -> tuple[Tensor, ...]:
+    num_bits = x.shape[-1]
+    half_codes = 2 ** ((num_bits + 1) // 2) + 2 ** (num_bits // 2)
+    return x.split(max(1, CHUNK_ELEMENTS // half_codes))
 
 
 class AverageCodeProbabilities(torch.autograd.Function):
-    """(t k) x, (V k) codes -> (V,) mean over tokens of softmax_c(2 x.c / temperature).
+    """(t k) x -> (2^k,) mean over tokens of q(c | x), in bounded memory forward and backward.
 
-    Computed over chunks of tokens with at most `CHUNK_ELEMENTS` logits each, forward and backward
-    (the backward recomputes each chunk's softmax), so memory is O(chunk x V) however many tokens
-    there are, instead of the O(t x V) that autograd would keep.
+    Tokens go through `code_probability_sums` in chunks of at most `CHUNK_ELEMENTS` sub-code
+    probabilities; the backward recomputes each chunk under autograd, so what is kept is the
+    (t k) input, not the (t x 2^(k/2)) probabilities autograd would store.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, codes: Tensor, temperature: float) -> Tensor:
-        ctx.save_for_backward(x, codes)
-        ctx.temperature = temperature
-        total = x.new_zeros(codes.shape[0])
-        for chunk in x.split(max(1, CHUNK_ELEMENTS // codes.shape[0])):
-            total += (2.0 * chunk @ codes.t() / temperature).softmax(dim=-1).sum(dim=0)
+    def forward(ctx, x: Tensor, code_scale: float, temperature: float) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.code_scale, ctx.temperature = code_scale, temperature
+        total = x.new_zeros(2 ** x.shape[-1])
+        for chunk in _token_chunks(x):
+            total += code_probability_sums(chunk, code_scale, temperature)
         return total / x.shape[0]
 
     @staticmethod
     def backward(ctx, grad_average: Tensor):
-        x, codes = ctx.saved_tensors
-        scale = 2.0 / ctx.temperature
+        (x,) = ctx.saved_tensors
         grads = []
-        for chunk in x.split(max(1, CHUNK_ELEMENTS // codes.shape[0])):
-            probabilities = (scale * chunk @ codes.t()).softmax(dim=-1)
-            # softmax Jacobian-vector product: p * (g - <p, g>), for each token of the chunk
-            grad_logits = probabilities * (grad_average - probabilities @ grad_average[:, None])
-            grads.append(scale * grad_logits @ codes / x.shape[0])
+        for chunk in _token_chunks(x):
+            with torch.enable_grad():
+                leaf = chunk.detach().requires_grad_()
+                sums = code_probability_sums(leaf, ctx.code_scale, ctx.temperature)
+                grads.append(torch.autograd.grad(sums, leaf, grad_average / x.shape[0])[0])
         return torch.cat(grads), None, None
 
 
@@ -154,13 +187,10 @@ def exact_entropy_terms(x: Tensor, code_scale: float, temperature: float) -> tup
     """(t k) -> (mean per-sample entropy, codebook entropy), the latter over all 2^k codes.
 
     The per-sample entropy is the factorised one, which is exact; only the batch average of q
-    needs every code, and it is accumulated in chunks of tokens (`AverageCodeProbabilities`).
+    needs every code (`AverageCodeProbabilities`).
     """
     per_sample, _ = factorised_entropy_terms(x, code_scale, temperature)
-    num_bits = x.shape[-1]
-    codes = code_scale * (2.0 * indices_to_bits(torch.arange(2**num_bits, device=x.device), num_bits) - 1.0)
-    # -||x - c||^2 up to terms constant in c (all codes have the same norm).
-    average = AverageCodeProbabilities.apply(x, codes.to(x.dtype), temperature)
+    average = AverageCodeProbabilities.apply(x, code_scale, temperature)
     codebook = -(average * average.clamp_min(1e-30).log()).sum()
     return per_sample, codebook
 

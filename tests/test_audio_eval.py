@@ -1,0 +1,28 @@
+"""Reconstruction scoring in the spoken-digit classifier's space (pipelines.audio_eval)."""
+
+import torch
+
+from pipelines.audio_eval import SpokenDigitClassifierConfig, log_mel_features, reconstruction_classifier_metrics
+from pipelines.classifier import ClassifierConfig, ImageClassifier, classifier_accuracy
+
+RATE = 8000
+
+
+def _classifier(config: SpokenDigitClassifierConfig, clips: torch.Tensor) -> ImageClassifier:
+    torch.manual_seed(0)
+    features = log_mel_features(clips, config, RATE)
+    return ImageClassifier(config.network, num_classes=3, in_channels=1, image_size=features.shape[-2:]).eval()
+
+
+def test_a_lossless_codec_keeps_accuracy_and_has_zero_frechet_and_noise_moves_both():
+    config = SpokenDigitClassifierConfig(network=ClassifierConfig(channels=(8,), feature_dim=16))
+    generator = torch.Generator().manual_seed(0)
+    clips = torch.randn(40, 1, 2000, generator=generator) * 0.3
+    labels = torch.randint(3, (40,), generator=generator)
+    classifier = _classifier(config, clips)
+    same = reconstruction_classifier_metrics(classifier, config, RATE, clips.clone(), clips, labels)
+    expected = classifier_accuracy(classifier, log_mel_features(clips, config, RATE), labels)
+    assert same["reconstruction_class_accuracy"] == expected
+    assert abs(same["reconstruction_frechet"]) < 1e-3
+    silent = reconstruction_classifier_metrics(classifier, config, RATE, torch.zeros_like(clips), clips, labels)
+    assert silent["reconstruction_frechet"] > 1e-2
