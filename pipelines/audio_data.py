@@ -5,7 +5,9 @@ Spoken Digit Dataset, with its official split: recordings 0-4 of every speaker a
 or "audiofolder" (sound files read with `soundfile`, one sub-folder per class optional, optional
 `train/` and `test/` sub-folders). Every clip is converted to float32 in [-1, 1], downmixed or
 refused when its channel count differs from the config's, resampled to the config's rate with a
-windowed-sinc polyphase resampler (`resample`), and cropped or zero-padded to `clip_seconds`; its
+windowed-sinc polyphase resampler (`resample`), optionally scaled to a common peak level
+(`peak_level`: FSDD's speakers were recorded at levels 15x apart, and a codec's waveform loss
+barely sees the quiet ones), and cropped or zero-padded to `clip_seconds`; its
 true length is kept, so a `(n t)` mask marks real samples and padding is never scored as data.
 Validation is carved from train (seeded, class-stratified), and `max_train`/`max_test` take
 class-balanced subsets. Unreadable files, wrong channel counts and rate mismatches fail with a
@@ -51,6 +53,7 @@ class AudioDataConfig:
     test_fraction: float = 0.1  # carved from train for an audio folder without a test/ sub-folder
     max_train: int = 0  # 0 = all; otherwise a class-balanced subset (taken before carving val)
     max_test: int = 0  # 0 = all; caps test and val
+    peak_level: float = 0.0  # > 0: every clip is scaled so its largest |sample| is this; 0 keeps recorded levels
     seed: int = 0
 
     def __post_init__(self):
@@ -64,6 +67,8 @@ class AudioDataConfig:
             raise ValueError(f"data.crop must be one of {list(CROPS)}, got {self.crop!r}")
         if self.max_train < 0 or self.max_test < 0:
             raise ValueError("data.max_train and data.max_test must be >= 0")
+        if not 0.0 <= self.peak_level <= 1.0:
+            raise ValueError(f"data.peak_level must lie in [0, 1] (0 = off), got {self.peak_level}")
         for name in ("val_fraction", "test_fraction"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"data.{name} must be in [0, 1), got {getattr(self, name)}")
@@ -196,6 +201,8 @@ def _crop(clip: np.ndarray, samples: int, crop: str) -> np.ndarray:
 
 def _stack_clips(clips: list[np.ndarray], config: AudioDataConfig) -> tuple[np.ndarray, np.ndarray]:
     """(c t_i) float32 clips -> (n c t) zero-padded array and (n,) lengths (after cropping)."""
+    if config.peak_level:  # the whole clip's peak, before cropping, so a crop keeps the recording's balance
+        clips = [normalize_peak(clip, config.peak_level) for clip in clips]
     if config.clip_samples:
         clips = [_crop(clip, config.clip_samples, config.crop) for clip in clips]
     lengths = np.array([clip.shape[-1] for clip in clips], dtype=np.int64)
@@ -204,6 +211,12 @@ def _stack_clips(clips: list[np.ndarray], config: AudioDataConfig) -> tuple[np.n
     for row, clip in enumerate(clips):
         waveforms[row, :, : clip.shape[-1]] = clip
     return waveforms, lengths
+
+
+def normalize_peak(clip: np.ndarray, level: float) -> np.ndarray:
+    """`clip` scaled so that max |sample| = `level`; a silent clip is returned unchanged."""
+    peak = float(np.abs(clip).max(initial=0.0))
+    return clip if peak == 0.0 else (clip * (level / peak)).astype(np.float32)
 
 
 def _to_rate(clip: np.ndarray, rate: int, config: AudioDataConfig, where: str) -> np.ndarray:

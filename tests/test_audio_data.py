@@ -168,6 +168,21 @@ def test_center_crop_keeps_the_middle(tmp_path):
     np.testing.assert_allclose(data.train.waveforms[0, 0], ramp[1000:2000])
 
 
+def test_peak_level_scales_every_clip_from_its_whole_recording(tmp_path):
+    quiet, loud = tone(300.0, 8000, 0.3, amplitude=0.02), tone(300.0, 8000, 0.3, amplitude=0.6)
+    loud[2000] = 0.9  # the peak lies after the 0.2 s crop: the scale still comes from the whole clip
+    soundfile.write(tmp_path / "quiet.wav", quiet, 8000, subtype="FLOAT")
+    soundfile.write(tmp_path / "loud.wav", loud, 8000, subtype="FLOAT")
+    soundfile.write(tmp_path / "silent.wav", np.zeros(800, dtype=np.float32), 8000, subtype="FLOAT")
+    data = load_audio_dataset(folder_config(tmp_path, peak_level=0.5, test_fraction=0.34))
+    clips = {round(float(np.abs(w).max()), 3): w for split in (data.train, data.test) for w in split.waveforms}
+    assert sorted(clips) == [0.0, 0.333, 0.5]  # silent stays silent; loud: 0.6 * 0.5 / 0.9
+    raw = load_audio_dataset(folder_config(tmp_path, test_fraction=0.34))
+    assert sorted(round(float(np.abs(w).max()), 3) for s in (raw.train, raw.test) for w in s.waveforms) == [0.0, 0.02, 0.6]
+    with pytest.raises(ValueError, match="peak_level"):
+        folder_config(tmp_path, peak_level=1.5)
+
+
 # --- configs, masks and tensors --------------------------------------------------------------------
 
 
