@@ -1,0 +1,66 @@
+"""Score a trained audio tokenizer alone: test SI-SNR, STFT/mel distances and what the classifier hears.
+
+    tokgen train-tokenizer configs/pipeline/fsdd_cpu.toml audio_data.path=fsdd.npz output_dir=/tmp/sweep
+    python benchmarks/audio_codec_eval.py configs/pipeline/fsdd_cpu.toml /tmp/sweep/fsdd_cpu/tokenizer \
+        audio_data.path=fsdd.npz --out /tmp/sweep/codec.json
+
+For codec sweeps without training a prior: the same metrics as `metrics.json["tokenizer"]` of a
+whole run (`audio_eval.reconstruction_metrics` and `reconstruction_classifier_metrics`) on the
+run config's test split, with the run config's spoken-digit classifier (trained here on the train
+split, or reused from `--classifier-cache`). Pass the same overrides as for training, so the data
+(clip length, `peak_level`) match what the tokenizer saw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+from pipelines import audio_eval
+from pipelines.audio_data import load_audio_dataset
+from pipelines.config import load_run_config
+from tokenizers_vq import load_tokenizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="the run config the tokenizer was trained with")
+    parser.add_argument("tokenizer", help="the tokenizer folder (config.json + model.safetensors)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, as for tokgen")
+    parser.add_argument("--out", default="", help="JSON file for the metrics (printed either way)")
+    parser.add_argument("--classifier-cache", default="", help="folder to keep the classifier in between runs")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    config = load_run_config(args.config, args.overrides)
+    if not config.is_audio:
+        raise SystemExit(f"{args.config} is not an audio run config (no [audio_data] section)")
+    data = load_audio_dataset(config.audio_data)
+    tokenizer = load_tokenizer(args.tokenizer).eval()
+    waveforms = torch.from_numpy(data.test.waveforms)
+    metrics, _, reconstructions = audio_eval.reconstruction_metrics(
+        tokenizer, waveforms, torch.as_tensor(data.test.lengths))
+    if data.num_classes:
+        cache = Path(args.classifier_cache or Path(args.tokenizer).parent / "codec_eval_classifier")
+        classifier, _ = audio_eval.load_or_train_audio_classifier(
+            cache, torch.from_numpy(data.train.waveforms), torch.as_tensor(data.train.labels),
+            config.audio.classifier, data.num_classes, config.audio_data.sample_rate,
+            fingerprint={"data": {"peak_level": config.audio_data.peak_level, "path": config.audio_data.path}})
+        metrics.update(audio_eval.reconstruction_classifier_metrics(
+            classifier, config.audio.classifier, config.audio_data.sample_rate, reconstructions, waveforms,
+            torch.as_tensor(data.test.labels)))
+    record = {"config": args.config, "tokenizer": args.tokenizer, "overrides": args.overrides,
+              "machine": f"{platform.machine()} CPU, {args.threads} torch thread(s), torch {torch.__version__}",
+              "metrics": metrics}
+    print(json.dumps(record, indent=2, default=float))
+    if args.out:
+        Path(args.out).write_text(json.dumps(record, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()
