@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import set_seed
 
 from pipelines.audio_data import AudioDataset, AudioTensorDataset, load_audio_dataset
 from pipelines.config import RunConfig, fingerprint
@@ -163,6 +164,7 @@ def train_tokenizer_stage(run: Run, resume: bool = False, force: bool = False) -
     dataset = run.dataset
     tokenizer_config = run.config.tokenizer_config()
     _, tokenizer_cls = TOKENIZERS[run.config.tokenizer.kind]
+    set_seed(run.config.tokenizer_training.seed)  # initial weights come from the global RNGs: same config, same run
     tokenizer = tokenizer_cls(tokenizer_config)
     if run.config.is_audio:
         check_audio_tokenizer(tokenizer_config, dataset)
@@ -233,6 +235,7 @@ def train_prior_stage(run: Run, resume: bool = False, force: bool = False) -> Pa
     manifest = tokenset.manifest
     prior_config = run.config.prior_config(manifest.vocab_size, manifest.sequence_length, manifest.num_classes)
     _, prior_cls = PRIORS[run.config.prior.kind]
+    set_seed(run.config.prior_training.seed)  # as for the tokenizer: reproducible initial weights
     prior = prior_cls(prior_config)
     train_tokens = tokenset.torch_dataset("train")  # audio items carry the loss mask of their padding
     if getattr(prior, "fit_by_counting", False):  # histograms are fit by counting, not by gradient steps

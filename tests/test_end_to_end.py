@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from pipelines.cli import main
@@ -81,3 +82,21 @@ def test_interrupted_stage_is_refused_then_resumed(smoke_run, capsys):
     assert "--resume" in capsys.readouterr().err
     assert main(args + ["--resume"]) == 0
     assert (smoke_run / "tokenizer" / "stage.json").is_file()
+
+
+def test_two_fresh_runs_of_one_config_train_the_same_weights(tmp_path):
+    """Initial weights come from the global RNG: the stages seed it, whatever ran before in the process."""
+    weights = []
+    for name in ("first", "second"):
+        torch.rand(7)  # RNG state left behind by earlier work must not matter
+        overrides = [f"output_dir={tmp_path}", f"name={name}", "tokenizer_training.max_steps=2",
+                     "prior_training.max_steps=2"]
+        for verb in ("train-tokenizer", "export-tokens", "train-prior"):
+            assert main([verb, str(SMOKE), *overrides]) == 0
+        weights.append({part: load_file(str(tmp_path / name / part / "model.safetensors"))
+                        for part in ("tokenizer", "prior")})
+    for part in ("tokenizer", "prior"):
+        first, second = weights[0][part], weights[1][part]
+        assert first.keys() == second.keys()
+        for key in first:
+            assert torch.equal(first[key], second[key]), f"{part} {key} differs between identical runs"
