@@ -50,7 +50,7 @@ def main() -> None:
         classifier, _ = audio_eval.load_or_train_audio_classifier(
             cache, torch.from_numpy(data.train.waveforms), torch.as_tensor(data.train.labels),
             config.audio.classifier, data.num_classes, config.audio_data.sample_rate,
-            fingerprint={"data": {"peak_level": config.audio_data.peak_level, "path": config.audio_data.path}})
+            fingerprint={"data": data.source, "train_size": len(data.train)})  # as `evaluate_audio_run` keys it
         metrics.update(audio_eval.reconstruction_classifier_metrics(
             classifier, config.audio.classifier, config.audio_data.sample_rate, reconstructions, waveforms,
             torch.as_tensor(data.test.labels)))
