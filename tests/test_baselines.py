@@ -28,6 +28,9 @@ NEURAL = {
     "nade": lambda v, l, c: NADE(NADEConfig(vocab_size=v, seq_len=l, num_classes=c, hidden_size=8)),
     "made": lambda v, l, c: MADE(MADEConfig(vocab_size=v, seq_len=l, num_classes=c, hidden_sizes=(12,))),
     "made2": lambda v, l, c: MADE(MADEConfig(vocab_size=v, seq_len=l, num_classes=c, hidden_sizes=(12, 10))),
+    "made_direct": lambda v, l, c: MADE(
+        MADEConfig(vocab_size=v, seq_len=l, num_classes=c, hidden_sizes=(12,), direct_connections=True)
+    ),
 }
 HISTOGRAMS = {
     "independent": lambda v, l, c: HistogramPrior(HistogramConfig(vocab_size=v, seq_len=l, num_classes=c)),
@@ -230,3 +233,22 @@ def test_made_output_of_the_last_pixel_reads_every_earlier_pixel(hidden_sizes):
         paths = mask @ paths  # (out, in): number of masked paths from input to output
     assert bool((paths[-1, :-1] > 0).all()) and paths[-1, -1] == 0
     assert bool((paths.triu() == 0).all())  # and still autoregressive: output t never reads inputs >= t
+
+
+@pytest.mark.parametrize("vocab_size", [2, 3])
+def test_made_direct_connections_are_an_fvsbn_inside_the_made(vocab_size):
+    """With the hidden path silenced, a MADE with direct connections computes exactly the FVSBN
+    that has the same regression weights and biases."""
+    made = build("made_direct", vocab_size, 5, num_classes=0)
+    fvsbn = build("fvsbn", vocab_size, 5, num_classes=0)
+    with torch.no_grad():
+        made.output_layer.weight.zero_()
+        fvsbn.regression.weight.copy_(made.direct.weight)
+        fvsbn.regression.bias.copy_(made.output_layer.bias)
+        fvsbn.class_bias.weight.zero_()
+    tokens = torch.randint(vocab_size, (7, 5), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(made.log_prob(tokens), fvsbn.log_prob(tokens))
+    # and the term is real: its weights change the likelihood
+    with torch.no_grad():
+        made.direct.weight.mul_(2.0)
+    assert not torch.allclose(made.log_prob(tokens), fvsbn.log_prob(tokens))
