@@ -8,7 +8,8 @@ sigmoid(b_t + V_t . h_t) for binary tokens (the paper's model), a softmax over V
 (H V) output matrix per position otherwise (the categorical input x_t is then its one-hot code,
 so W has one column per (position, token)); the exact log-likelihood costs O(L H V). Class
 conditioning gives each class its own hidden bias c (row C: the null class, trained by label
-dropout, which also gives guidance). Sampling computes a_t for one position at a time.
+dropout, which also gives guidance). Sampling carries the running sum a_t from one position to the
+next, so a whole sample costs O(L H) like one likelihood pass.
 """
 
 from __future__ import annotations
@@ -99,3 +100,16 @@ class NADE(AutoregressiveDensityModel):
         pre_activation = self.hidden_bias(class_index) + self.input_contributions(input_ids[:, :position]).sum(dim=1)
         hidden = rearrange(torch.sigmoid(pre_activation), "b h -> b 1 h")
         return self.output_logits(hidden, slice(position, position + 1))[:, 0]
+
+    def decode(self, tokens: Tensor, classes: Tensor, prefix_len: int, guided: bool, options, generator) -> None:
+        """Fill `tokens[:, prefix_len:]` in place, updating a_t by one column per position (O(L H) per sample)."""
+        pre_activation = self.hidden_bias(classes) + self.input_contributions(tokens[:, :prefix_len]).sum(dim=1)
+        for position in range(prefix_len, self.config.seq_len):
+            hidden = rearrange(torch.sigmoid(pre_activation), "b h -> b 1 h")
+            logits = self.output_logits(hidden, slice(position, position + 1))[:, 0]
+            chosen = self.choose_tokens(logits, options, generator, guided)
+            tokens[:, position] = chosen
+            if self.block == 1:
+                pre_activation = pre_activation + chosen.to(pre_activation.dtype)[:, None] * self.input_weight[position, 0]
+            else:
+                pre_activation = pre_activation + self.input_weight[position][chosen]
