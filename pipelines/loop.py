@@ -45,6 +45,7 @@ from pipelines.train_state import checkpoint_step, restore_checkpoint, save_chec
 logger = logging.getLogger(__name__)
 
 LR_SCHEDULES = ("cosine", "constant", "linear")
+WEIGHT_DECAY_MODES = ("decoupled", "l2")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 
 
@@ -54,6 +55,9 @@ class TrainConfig:
     batch_size: int = 64  # per process, as in Accelerate: the global batch is batch_size * num_processes
     learning_rate: float = 3e-4
     weight_decay: float = 0.0  # applied to matrices only, never to biases and norm scales
+    # "decoupled": AdamW's shrinkage, lr * weight_decay * w a step; "l2": a penalty (weight_decay / 2) |w|^2
+    # added to the loss (coupled, so Adam rescales it), the classic regulariser of convex models like FVSBN
+    weight_decay_mode: str = "decoupled"
     betas: tuple[float, float] = (0.9, 0.99)
     warmup_steps: int = 100
     lr_schedule: str = "cosine"  # "cosine" | "constant" | "linear", decaying to min_lr_ratio
@@ -72,6 +76,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule={self.lr_schedule!r}; valid: {', '.join(LR_SCHEDULES)}")
+        if self.weight_decay_mode not in WEIGHT_DECAY_MODES:
+            raise ValueError(f"weight_decay_mode={self.weight_decay_mode!r}; valid: {', '.join(WEIGHT_DECAY_MODES)}")
         if self.mixed_precision not in MIXED_PRECISIONS:
             raise ValueError(f"mixed_precision={self.mixed_precision!r}; valid: {', '.join(MIXED_PRECISIONS)}")
         positive = ("batch_size", "gradient_accumulation_steps", "log_every", "keep_checkpoints")
@@ -154,8 +160,9 @@ class LossModule(nn.Module):
         return self.model.loss(batch, phase, step)
 
 
-def build_optimizers(model, config: TrainConfig) -> tuple[dict[str, torch.optim.AdamW], dict[str, list]]:
-    """One AdamW per parameter group of the model; returns the optimizers and each group's parameters."""
+def build_optimizers(model, config: TrainConfig) -> tuple[dict[str, torch.optim.Optimizer], dict[str, list]]:
+    """One AdamW (Adam with coupled L2 for `weight_decay_mode = "l2"`) per parameter group of the model;
+    returns the optimizers and each group's parameters."""
     groups = model.param_groups()
     if not groups:
         raise ValueError("model.param_groups() returned no groups")
@@ -179,7 +186,8 @@ def build_optimizers(model, config: TrainConfig) -> tuple[dict[str, torch.optim.
             {"params": vectors, "weight_decay": 0.0},
         ]
         learning_rate = config.group_learning_rates.get(name, config.learning_rate)
-        optimizers[name] = torch.optim.AdamW(
+        optimizer_class = torch.optim.Adam if config.weight_decay_mode == "l2" else torch.optim.AdamW
+        optimizers[name] = optimizer_class(
             [g for g in torch_groups if g["params"]], lr=learning_rate, betas=tuple(config.betas)
         )
         parameters[name] = params

@@ -208,3 +208,31 @@ def test_two_cpu_processes_train_and_agree(tmp_path):
     assert records[0]["weights"] == records[1]["weights"]  # DDP kept the replicas identical
     assert records[0]["history"] == records[1]["history"]  # metrics are averaged over processes
     assert [read_train_state(path).step for path in list_checkpoints(tmp_path / "run")] == [3, 6]
+
+
+def test_l2_weight_decay_is_a_penalty_in_the_loss_and_decoupled_decay_is_not():
+    """weight_decay_mode="l2": one step equals plain Adam on loss + (wd / 2) |W|^2 for matrices (biases
+    untouched); the default decoupled mode takes a different step."""
+    from pipelines.loop import build_optimizers
+
+    def one_step(mode: str, penalty_in_loss: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = TinyRegressor()
+        config = small_config(weight_decay=0.0 if penalty_in_loss else 0.5, weight_decay_mode=mode)
+        optimizers, _ = build_optimizers(model, config)
+        x, y = torch.randn(8, 4), torch.randn(8, 1)
+        loss, _ = model.loss({"x": x, "y": y}, "main", 0)
+        if penalty_in_loss:
+            loss = loss + 0.25 * sum((p**2).sum() for p in model.parameters() if p.ndim >= 2)
+        loss.backward()
+        for optimizer in optimizers.values():
+            optimizer.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    reference = one_step("l2", penalty_in_loss=True)
+    for got, want in zip(one_step("l2", penalty_in_loss=False), reference):
+        torch.testing.assert_close(got, want)
+    decoupled = one_step("decoupled", penalty_in_loss=False)
+    assert any(not torch.allclose(got, want) for got, want in zip(decoupled, reference))
+    with pytest.raises(ValueError, match="weight_decay_mode"):
+        TrainConfig(weight_decay_mode="coupled")
