@@ -73,12 +73,12 @@ class NADE(AutoregressiveDensityModel):
         self.output_weight = nn.Parameter(torch.randn(seq_len, hidden, self.block) / math.sqrt(hidden))
         self.output_bias = nn.Parameter(torch.zeros(seq_len, self.block))
 
-    def input_contributions(self, input_ids: Tensor) -> Tensor:
-        """(b n) tokens at positions 0..n-1 -> (b n H): the column W[:, s] x_s of each."""
-        length = input_ids.shape[1]
+    def input_contributions(self, input_ids: Tensor, start: int = 0) -> Tensor:
+        """(b n) tokens at positions start..start+n-1 -> (b n H): the column W[:, s] x_s of each."""
+        stop = start + input_ids.shape[1]
         if self.block == 1:
-            return einsum(input_ids.to(self.input_weight.dtype), self.input_weight[:length, 0], "b l, l h -> b l h")
-        positions = torch.arange(length, device=input_ids.device)
+            return einsum(input_ids.to(self.input_weight.dtype), self.input_weight[start:stop, 0], "b l, l h -> b l h")
+        positions = torch.arange(start, stop, device=input_ids.device)
         return self.input_weight[positions, input_ids]  # (b l h) by advanced indexing of (l, token)
 
     def output_logits(self, hidden: Tensor, positions: slice) -> Tensor:
@@ -109,7 +109,4 @@ class NADE(AutoregressiveDensityModel):
             logits = self.output_logits(hidden, slice(position, position + 1))[:, 0]
             chosen = self.choose_tokens(logits, options, generator, guided)
             tokens[:, position] = chosen
-            if self.block == 1:
-                pre_activation = pre_activation + chosen.to(pre_activation.dtype)[:, None] * self.input_weight[position, 0]
-            else:
-                pre_activation = pre_activation + self.input_weight[position][chosen]
+            pre_activation = pre_activation + self.input_contributions(chosen[:, None], start=position)[:, 0]
