@@ -225,12 +225,12 @@ def test_a_few_optimizer_steps_reduce_the_nll(name, vocab_size):
 def test_made_output_of_the_last_pixel_reads_every_earlier_pixel(hidden_sizes):
     """With fewer hidden units than pixels, the degrees must still span [1, L-1]: every input but
     the last reaches the last output through the masks (the paths are products of the masks)."""
-    from priors.baselines.made import made_masks
+    from priors.baselines.made_masks import connectivity_masks, mask_degrees
 
-    masks = made_masks(784, 1, hidden_sizes)
-    paths = masks[0]
+    masks, _ = connectivity_masks(mask_degrees(784, hidden_sizes, 1, False, 0)[0], block=1)
+    paths = masks[0].float()
     for mask in masks[1:]:
-        paths = mask @ paths  # (out, in): number of masked paths from input to output
+        paths = mask.float() @ paths  # (out, in): number of masked paths from input to output
     assert bool((paths[-1, :-1] > 0).all()) and paths[-1, -1] == 0
     assert bool((paths.triu() == 0).all())  # and still autoregressive: output t never reads inputs >= t
 

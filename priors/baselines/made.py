@@ -1,27 +1,31 @@
 """MADE: a masked autoencoder whose masks make its outputs the conditionals of an autoregressive model.
 
 Germain, Gregor, Murray & Larochelle 2015, "MADE: Masked Autoencoder for Distribution
-Estimation". Every unit gets a degree: input units of position t have degree t+1, hidden units
-degrees in [1, L-1], output units of position t degree t+1. A hidden unit of degree m may read
-units of degree <= m, and output t may read hidden units of degree < t+1 = only inputs before t,
-so one pass of the masked MLP gives all L conditionals p(x_t | x_<t) exactly. We use the natural
-ordering and deterministic degrees spread evenly from 1 to L-1 (`linspace(1, L-1, H)` rounded),
-so a config always rebuilds the same masks and checkpoints hold only
-weights. (Degrees 1 + k mod (L-1) would leave every input above degree H unread when H < L-1:
-with 500 units on 784 pixels, the last 284 pixels would condition nothing.) Inputs are the tokens
-themselves when binary (Bernoulli outputs, as in the paper) and one-hot codes otherwise (a softmax
-over V per position). Class conditioning adds a learned per-class bias to the first hidden layer
-(row C: the null class, trained by label dropout, which also gives guidance). Sampling needs one
-full pass per position, as the paper notes.
+Estimation". The masks (made_masks.py) give each output only the inputs generated before it, so
+one pass of the masked MLP gives all L conditionals exactly. Inputs are the tokens themselves
+when binary (Bernoulli outputs, as in the paper) and one-hot codes otherwise (a softmax over V per
+position). Class conditioning adds a learned per-class bias to the first hidden layer (row C: the
+null class, trained by label dropout, which also gives guidance). Sampling needs one full pass
+per position, as the paper notes.
 
 `direct_connections` adds a masked linear map straight from the inputs to the outputs (an FVSBN
 inside the MADE), as the authors' released MNIST command does (`direct_input_connect = Output`):
 the hidden layers then model what a per-pixel logistic regression on earlier pixels misses.
+
+`num_masks = K > 1` is the paper's connectivity-agnostic training (section 4.2, its best MNIST
+results): training step s uses mask s mod K (one set of weights, K connectivities; with
+`order_agnostic` also K orderings), and the model's density is the uniform mixture of the K
+autoregressive models, p(x) = (1/K) sum_k p_k(x), exact and normalised like each of them.
+Sampling draws a component, then samples in its ordering. With a prefix it draws the component
+from its posterior given the prefix, p(k | prefix) ~ p_k(prefix), which is exact when every
+component generates the prefix first: always with the natural ordering, so a prefix is refused
+for an order-agnostic ensemble.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -36,7 +40,9 @@ from priors.baselines.common import (
     check_sizes,
     config_from_dict,
 )
-from priors.baselines.fvsbn import block_lower_triangular_mask, encode_inputs
+from priors.baselines.fvsbn import encode_inputs
+from priors.baselines.made_masks import connectivity_masks, mask_degrees
+from priors.sampling import draw
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +55,9 @@ class MADEConfig:
     hidden_sizes: tuple[int, ...] = (500,)  # one or two hidden layers, as in the paper
     label_dropout: float = 0.1
     direct_connections: bool = False  # inputs -> outputs masked linear term (off: older checkpoints load)
+    num_masks: int = 1  # K > 1: connectivity-agnostic training and a K-component mixture density
+    order_agnostic: bool = False  # masks 1..K-1 also get a random ordering of the positions
+    mask_seed: int = 0  # seeds the degrees (and orderings) of masks 1..K-1
 
     def __post_init__(self):
         if isinstance(self.hidden_sizes, list):  # JSON / TOML give lists
@@ -58,28 +67,22 @@ class MADEConfig:
             raise ValueError(f"hidden_sizes must be one or two positive sizes, got {self.hidden_sizes}")
         if not 0.0 <= self.label_dropout <= 1.0:
             raise ValueError(f"label_dropout must lie in [0, 1], got {self.label_dropout}")
+        if self.num_masks < 1:
+            raise ValueError(f"num_masks must be >= 1, got {self.num_masks}")
+        if self.order_agnostic and self.num_masks == 1:
+            raise ValueError("order_agnostic needs num_masks > 1: mask 0 always uses the natural ordering")
 
     @classmethod
     def from_dict(cls, data: dict) -> "MADEConfig":
         return config_from_dict(cls, data)
 
 
-def made_masks(seq_len: int, block: int, hidden_sizes: tuple[int, ...]) -> list[Tensor]:
-    """The (out, in) masks of every layer, input -> hidden ... -> output, from the unit degrees."""
-    input_degrees = torch.arange(1, seq_len + 1).repeat_interleave(block)
-    top = max(seq_len - 1, 1)
-    hidden_degrees = [torch.linspace(1, top, size).round().long() for size in hidden_sizes]
-    masks, previous = [], input_degrees
-    for degrees in hidden_degrees:
-        masks.append((rearrange(degrees, "o -> o 1") >= rearrange(previous, "i -> 1 i")).float())
-        previous = degrees
-    # strict inequality at the output: output t never sees input t itself
-    masks.append((rearrange(input_degrees, "o -> o 1") > rearrange(previous, "i -> 1 i")).float())
-    return masks
-
-
 class MADE(AutoregressiveDensityModel):
-    """Masked MLP (ReLU hidden layers) from (L K_in) inputs to (L K_out) logits; K = 1 binary, V otherwise."""
+    """Masked MLP (ReLU hidden layers) from (L K_in) inputs to (L K_out) logits; K = 1 binary, V otherwise.
+
+    `token_logits` gives the conditionals of the mask in use (`use_mask`), in that mask's ordering;
+    `log_prob` and `sample` are those of the whole K-mask mixture.
+    """
 
     kind: ClassVar[str] = "made"
     config_class: ClassVar[type] = MADEConfig
@@ -87,17 +90,40 @@ class MADE(AutoregressiveDensityModel):
     def __init__(self, config: MADEConfig):
         super().__init__(config)
         self.block = 1 if config.vocab_size == 2 else config.vocab_size
-        masks = made_masks(config.seq_len, self.block, config.hidden_sizes)
+        self.mask_degrees = mask_degrees(config.seq_len, config.hidden_sizes, config.num_masks,
+                                         config.order_agnostic, config.mask_seed)
+        masks, direct_mask = connectivity_masks(self.mask_degrees[0], self.block)
         self.hidden_layers = nn.ModuleList(MaskedLinear(mask) for mask in masks[:-1])
         self.output_layer = MaskedLinear(masks[-1])
         self.direct = None
         if config.direct_connections:
-            direct_mask = block_lower_triangular_mask(config.seq_len, self.block, self.block)
             self.direct = MaskedLinear(direct_mask, bias=False)
             nn.init.zeros_(self.direct.weight)  # starts as the plain MADE; the term is convex in its weight
         self.class_bias = nn.Embedding(config.num_classes + 1, config.hidden_sizes[0])
         nn.init.zeros_(self.class_bias.weight)
+        self.mask_index = 0
 
+    # ---- masks ----------------------------------------------------------------------------
+    @property
+    def num_masks(self) -> int:
+        return self.config.num_masks
+
+    def ordering(self, index: int) -> Tensor:
+        """(L,) the positions in the order mask `index` generates them."""
+        return self.mask_degrees[index].ordering
+
+    def use_mask(self, index: int) -> None:
+        """Load connectivity `index` into the masked layers (weights are shared by every mask)."""
+        if index == self.mask_index:
+            return
+        masks, direct = connectivity_masks(self.mask_degrees[index], self.block)
+        for layer, mask in zip((*self.hidden_layers, self.output_layer), masks):
+            layer.mask.copy_(mask)
+        if self.direct is not None:
+            self.direct.mask.copy_(direct)
+        self.mask_index = index
+
+    # ---- density --------------------------------------------------------------------------
     def token_logits(self, input_ids: Tensor, class_index: Tensor) -> Tensor:
         inputs = encode_inputs(input_ids, self.config.vocab_size, self.output_layer.weight.dtype)
         hidden = inputs
@@ -112,3 +138,69 @@ class MADE(AutoregressiveDensityModel):
         if self.block == 1:
             return binary_to_categorical_logits(flat)
         return rearrange(flat, "b (l v) -> b l v", v=self.block)
+
+    def component_log_probs(self, input_ids: Tensor, label: Tensor | int | None = None,
+                            mask: Tensor | None = None) -> Tensor:
+        """(b L) -> (b K): log p_k(x) of every mask's autoregressive model, in nats."""
+        previous = self.mask_index
+        try:
+            columns = []
+            for index in range(self.num_masks):
+                self.use_mask(index)
+                columns.append(super().log_prob(input_ids, label, mask))
+        finally:
+            self.use_mask(previous)
+        return torch.stack(columns, dim=-1)
+
+    def log_prob(self, input_ids: Tensor, label: Tensor | int | None = None, mask: Tensor | None = None) -> Tensor:
+        """(b L) -> (b,) exact log-likelihood in nats of the K-mask mixture, log (1/K) sum_k p_k(x)."""
+        if self.num_masks == 1:
+            return super().log_prob(input_ids, label, mask)
+        return torch.logsumexp(self.component_log_probs(input_ids, label, mask), dim=-1) - math.log(self.num_masks)
+
+    # ---- training -------------------------------------------------------------------------
+    def loss(self, batch: dict, phase: str, step: int):
+        """The NLL under mask `step mod K`: K masks cycle over the steps, so a resumed run picks up the same one."""
+        self.use_mask(step % self.num_masks)
+        return super().loss(batch, phase, step)
+
+    # ---- sampling -------------------------------------------------------------------------
+    def prefix_log_probs(self, tokens: Tensor, classes: Tensor, prefix_len: int) -> Tensor:
+        """(n L) tokens, (n,) class indices -> (n K) log p_k(x_<P | c), the prefix's log-likelihood under each mask.
+
+        Exact only when every mask generates the prefix first (the natural ordering); 0 for an empty prefix.
+        """
+        weights = torch.zeros(tokens.shape[0], self.num_masks, device=tokens.device)
+        if prefix_len == 0:
+            return weights
+        for index in range(self.num_masks):
+            self.use_mask(index)
+            log_probs = torch.log_softmax(self.token_logits(tokens, classes)[:, :prefix_len].float(), dim=-1)
+            weights[:, index] = log_probs.gather(-1, tokens[:, :prefix_len, None]).sum(dim=(1, 2))
+        return weights
+
+    def decode(self, tokens: Tensor, classes: Tensor, prefix_len: int, guided: bool, options, generator) -> None:
+        """Fill `tokens[:, prefix_len:]` (r L) in place: one mixture component per sample, then its ordering."""
+        if self.num_masks == 1:
+            return super().decode(tokens, classes, prefix_len, guided, options, generator)
+        if prefix_len and self.config.order_agnostic:
+            raise ValueError(
+                "an order-agnostic MADE ensemble cannot sample after a prefix: its components do not all generate "
+                "the prefix first, so p(component | prefix) is not available; use order_agnostic = false"
+            )
+        n = tokens.shape[0] // 2 if guided else tokens.shape[0]
+        previous = self.mask_index
+        try:
+            components = draw(self.prefix_log_probs(tokens[:n], classes[:n], prefix_len), generator)
+            for index in components.unique().tolist():
+                rows = torch.nonzero(components == index).squeeze(-1)
+                rows = torch.cat([rows, rows + n]) if guided else rows
+                self.use_mask(index)
+                part = tokens[rows]
+                for position in self.ordering(index).tolist():
+                    if position >= prefix_len:
+                        logits = self.token_logits(part, classes[rows])[:, position]
+                        part[:, position] = self.choose_tokens(logits, options, generator, guided)
+                tokens[rows] = part
+        finally:
+            self.use_mask(previous)
