@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -51,9 +52,10 @@ def main() -> None:
             cache, torch.from_numpy(data.train.waveforms), torch.as_tensor(data.train.labels),
             config.audio.classifier, data.num_classes, config.audio_data.sample_rate,
             fingerprint={"data": data.source, "train_size": len(data.train)})  # as `evaluate_audio_run` keys it
+        features = partial(audio_eval.log_mel_features, config=config.audio.classifier,
+                           sample_rate=config.audio_data.sample_rate)
         metrics.update(audio_eval.reconstruction_classifier_metrics(
-            classifier, config.audio.classifier, config.audio_data.sample_rate, reconstructions, waveforms,
-            torch.as_tensor(data.test.labels)))
+            classifier, features(reconstructions), features(waveforms), torch.as_tensor(data.test.labels)))
     record = {"config": args.config, "tokenizer": args.tokenizer, "overrides": args.overrides,
               "machine": f"{platform.machine()} CPU, {args.threads} torch thread(s), torch {torch.__version__}",
               "metrics": metrics}

@@ -91,24 +91,22 @@ def load_or_train_audio_classifier(cache_dir, train_waveforms: torch.Tensor, tra
                                     fingerprint=caller, device=device)
 
 
-def classifier_metrics(classifier, config: SpokenDigitClassifierConfig, sample_rate: int,
-                       samples: torch.Tensor, sample_labels: torch.Tensor | None, test_waveforms: torch.Tensor,
-                       test_labels: torch.Tensor, generator: torch.Generator) -> dict[str, float]:
-    """Accuracy on real test clips, and class accuracy + Frechet distance (with floor) of generated clips."""
-    test_features = log_mel_features(test_waveforms, config, sample_rate)
-    sample_features = log_mel_features(samples, config, sample_rate)
+def classifier_metrics(classifier, sample_features: torch.Tensor, sample_labels: torch.Tensor | None,
+                       test_features: torch.Tensor, test_labels: torch.Tensor,
+                       generator: torch.Generator) -> dict[str, float]:
+    """Accuracy on real test clips, and class accuracy + Frechet distance (with floor) of generated clips.
+
+    Features are `log_mel_features` of the clips, computed once by the caller and shared with
+    `reconstruction_classifier_metrics`."""
     quality = sample_quality(classifier, sample_features, sample_labels, test_features, generator=generator)
     return {**quality, "classifier_test_accuracy": classifier_accuracy(classifier, test_features, test_labels)}
 
 
-def reconstruction_classifier_metrics(classifier, config: SpokenDigitClassifierConfig, sample_rate: int,
-                                      reconstructions: torch.Tensor, originals: torch.Tensor,
-                                      labels: torch.Tensor) -> dict[str, float]:
+def reconstruction_classifier_metrics(classifier, reconstruction_features: torch.Tensor,
+                                      original_features: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """How much of what the classifier hears survives the codec: its accuracy on decoded test clips
     (the ceiling for the class accuracy of generated clips, which the tokenizer decodes too) and the
-    Frechet distance of reconstructions to their originals in its feature space."""
-    reconstruction_features = log_mel_features(reconstructions, config, sample_rate)
-    original_features = log_mel_features(originals, config, sample_rate)
+    Frechet distance of reconstructions to their originals in its feature space (`log_mel_features` of both)."""
     return {"reconstruction_class_accuracy": classifier_accuracy(classifier, reconstruction_features, labels),
             "reconstruction_frechet": reconstruction_frechet(classifier, original_features, reconstruction_features)}
 

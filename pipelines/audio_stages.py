@@ -19,6 +19,7 @@ import inspect
 import json
 import logging
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -270,10 +271,12 @@ def evaluate_audio_run(run: Run) -> dict:
             config.audio.classifier, manifest.num_classes, manifest.sample_rate,
             fingerprint={"data": manifest.data_source, "train_size": len(dataset.train)}, device=device)
         generator = torch.Generator().manual_seed(config.seed)
-        quality = audio_eval.classifier_metrics(classifier, config.audio.classifier, manifest.sample_rate, samples,
-                                                stored.get("label"), test_waveforms, test["label"], generator)
+        features = partial(audio_eval.log_mel_features, config=config.audio.classifier, sample_rate=manifest.sample_rate)
+        test_features = features(test_waveforms)
+        quality = audio_eval.classifier_metrics(classifier, features(samples), stored.get("label"), test_features,
+                                                test["label"], generator)
         tokenizer_metrics.update(audio_eval.reconstruction_classifier_metrics(
-            classifier, config.audio.classifier, manifest.sample_rate, reconstructions, test_waveforms, test["label"]))
+            classifier, features(reconstructions), test_features, test["label"]))
         metrics["samples"] = {**quality, "num_samples": len(samples), "guidance_scale": config.sampling.guidance_scale,
                               **{f"classifier_{k}": v for k, v in info.items() if isinstance(v, (int, float))}}
     record = json.loads((samples_dir / "stage.json").read_text()) if (samples_dir / "stage.json").is_file() else {}

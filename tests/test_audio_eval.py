@@ -20,9 +20,11 @@ def test_a_lossless_codec_keeps_accuracy_and_has_zero_frechet_and_noise_moves_bo
     clips = torch.randn(40, 1, 2000, generator=generator) * 0.3
     labels = torch.randint(3, (40,), generator=generator)
     classifier = _classifier(config, clips)
-    same = reconstruction_classifier_metrics(classifier, config, RATE, clips.clone(), clips, labels)
-    expected = classifier_accuracy(classifier, log_mel_features(clips, config, RATE), labels)
+    features = log_mel_features(clips, config, RATE)
+    same = reconstruction_classifier_metrics(classifier, log_mel_features(clips.clone(), config, RATE), features, labels)
+    expected = classifier_accuracy(classifier, features, labels)
     assert same["reconstruction_class_accuracy"] == expected
     assert abs(same["reconstruction_frechet"]) < 1e-3
-    silent = reconstruction_classifier_metrics(classifier, config, RATE, torch.zeros_like(clips), clips, labels)
+    silent = reconstruction_classifier_metrics(classifier, log_mel_features(torch.zeros_like(clips), config, RATE),
+                                               features, labels)
     assert silent["reconstruction_frechet"] > 1e-2
