@@ -33,9 +33,9 @@ def randomised(model, seed: int, scale: float = 1.0):
     return model.eval()
 
 
-def small_vae(vocab_size=2, seq_len=3, num_classes=0, latent_dim=1, seed=0) -> VAE:
+def small_vae(vocab_size=2, seq_len=3, num_classes=0, latent_dim=1, seed=0, **extra) -> VAE:
     config = VAEConfig(vocab_size=vocab_size, seq_len=seq_len, num_classes=num_classes, latent_dim=latent_dim,
-                       hidden_sizes=(8,), importance_chunk_size=256)
+                       hidden_sizes=(8,), importance_chunk_size=256, **extra)
     return randomised(VAE(config), seed, scale=0.3)
 
 
@@ -66,9 +66,10 @@ def exact_elbo(model: VAE, sequences: torch.Tensor, class_index: int) -> torch.T
 # ---- VAE ----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("num_classes", [0, 2])
-def test_elbo_never_exceeds_the_exact_marginal(num_classes):
-    model = small_vae(num_classes=num_classes)
+def test_elbo_never_exceeds_the_exact_marginal(num_classes, gated):
+    model = small_vae(num_classes=num_classes, gated=gated)
     sequences = all_sequences(2, 3)
     for class_index in range(num_classes + 1):  # the last index is the null class
         marginal = exact_log_marginal(model, sequences, class_index)
@@ -115,6 +116,22 @@ def test_a_few_steps_raise_the_elbo():
         optimizer.step()
     assert set(metrics) == {"elbo", "kl", "reconstruction", "bits_per_token_bound"}
     assert mean_elbo() > before + 0.5
+
+
+def test_kl_warmup_weights_only_the_training_loss():
+    model = small_vae(vocab_size=3, seq_len=4, latent_dim=2, kl_warmup_steps=100, gated=True)
+    data = all_sequences(3, 4)[::5]
+    classes = model.class_index(None, len(data))
+    for step, weight in [(0, 0.0), (25, 0.25), (100, 1.0), (500, 1.0)]:
+        torch.manual_seed(step)
+        loss, metrics = model.loss({"input_ids": data}, "main", step)
+        torch.manual_seed(step)  # the same latent draw
+        reconstruction, kl = model.elbo_terms(data, classes)
+        torch.testing.assert_close(loss, -(reconstruction - weight * kl).mean() / 4)
+        torch.testing.assert_close(metrics["elbo"], (reconstruction - kl).mean())  # the true ELBO, always
+        assert kl.mean() > 0.01  # so the weight is visible
+    with pytest.raises(ValueError, match="kl_warmup_steps"):
+        VAEConfig(vocab_size=2, seq_len=3, kl_warmup_steps=-1)
 
 
 def test_vae_categorical_conditional_sampling_and_refusals():
