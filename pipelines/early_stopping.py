@@ -3,7 +3,8 @@
 Used by the prior stage when `prior_training.eval_every > 0`: every `eval_every` steps (and at the
 end) the training loop calls this object as its `eval_fn`; it scores the whole validation split
 with the model's own training loss in eval mode (mean NLL per token for the autoregressive priors,
-the negative ELBO per token for a VAE; no label dropout) and keeps a CPU copy of the weights when
+the mixture's for a MADE mask ensemble, the negative ELBO per token for a VAE without its KL
+warm-up; no label dropout) and keeps a CPU copy of the weights when
 the loss improves. After training, `restore` puts the best weights back, so the saved prior is the
 one validation chose (Larochelle & Murray 2011 and Germain et al. 2015 select their binarized-MNIST
 models this way). The copy lives in memory: a run resumed with `--resume` selects among the

@@ -72,11 +72,15 @@ def test_training_cycles_the_masks_by_step_and_lowers_the_mixture_nll():
     for step in range(5):
         model.loss({"input_ids": data}, "main", step)
         assert model.mask_index == step % 3
-    # the loss of step s is the mean NLL per token under mask s mod 3 alone
-    model.eval()
+    # in training, the loss of step s is the mean NLL per token under mask s mod 3 alone
     loss, _ = model.loss({"input_ids": data}, "main", 4)
     component = model.component_log_probs(data)[:, 1]
     torch.testing.assert_close(loss, -component.mean() / 6)
+    # in eval mode (validation), it is the mixture's, whatever the step
+    model.eval()
+    for step in (0, 4):
+        loss, _ = model.loss({"input_ids": data}, "main", step)
+        torch.testing.assert_close(loss, -model.log_prob(data).mean() / 6)
     before = -model.log_prob(data).mean()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     model.train()

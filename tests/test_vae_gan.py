@@ -119,7 +119,7 @@ def test_a_few_steps_raise_the_elbo():
 
 
 def test_kl_warmup_weights_only_the_training_loss():
-    model = small_vae(vocab_size=3, seq_len=4, latent_dim=2, kl_warmup_steps=100, gated=True)
+    model = small_vae(vocab_size=3, seq_len=4, latent_dim=2, kl_warmup_steps=100, gated=True).train()
     data = all_sequences(3, 4)[::5]
     classes = model.class_index(None, len(data))
     for step, weight in [(0, 0.0), (25, 0.25), (100, 1.0), (500, 1.0)]:
@@ -130,6 +130,12 @@ def test_kl_warmup_weights_only_the_training_loss():
         torch.testing.assert_close(loss, -(reconstruction - weight * kl).mean() / 4)
         torch.testing.assert_close(metrics["elbo"], (reconstruction - kl).mean())  # the true ELBO, always
         assert kl.mean() > 0.01  # so the weight is visible
+    model.eval()  # validation scores the true -ELBO, even during the warm-up
+    torch.manual_seed(0)
+    loss, _ = model.loss({"input_ids": data}, "main", 0)
+    torch.manual_seed(0)
+    reconstruction, kl = model.elbo_terms(data, classes)
+    torch.testing.assert_close(loss, -(reconstruction - kl).mean() / 4)
     with pytest.raises(ValueError, match="kl_warmup_steps"):
         VAEConfig(vocab_size=2, seq_len=3, kl_warmup_steps=-1)
 

@@ -160,9 +160,18 @@ class MADE(AutoregressiveDensityModel):
 
     # ---- training -------------------------------------------------------------------------
     def loss(self, batch: dict, phase: str, step: int):
-        """The NLL under mask `step mod K`: K masks cycle over the steps, so a resumed run picks up the same one."""
-        self.use_mask(step % self.num_masks)
-        return super().loss(batch, phase, step)
+        """Training: the NLL per token under mask `step mod K` (K masks cycle over the steps, so a resumed
+        run picks up the same one). Eval mode (validation, early stopping): the mixture's NLL per token."""
+        if self.training or self.num_masks == 1:
+            self.use_mask(step % self.num_masks)
+            return super().loss(batch, phase, step)
+        mask = batch.get("loss_mask")
+        label = batch.get("label") if self.config.num_classes > 0 else None
+        log_probs = self.log_prob(batch["input_ids"], label, mask)
+        tokens = log_probs.new_tensor(batch["input_ids"].numel() if mask is None else float(mask.sum()))
+        nll = -log_probs.sum() / tokens.clamp_min(1.0)
+        detached = nll.detach()
+        return nll, {"nll_per_token": detached, "bits_per_token": detached / math.log(2.0)}
 
     # ---- sampling -------------------------------------------------------------------------
     def prefix_log_probs(self, tokens: Tensor, classes: Tensor, prefix_len: int) -> Tensor:

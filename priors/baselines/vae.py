@@ -230,12 +230,15 @@ class VAE(BaselinePrior):
         return 1.0 if warmup == 0 else min(1.0, step / warmup)
 
     def loss(self, batch: dict, phase: str, step: int) -> tuple[Tensor, dict[str, Tensor]]:
-        """Negative ELBO per token (nats), one reparameterised latent per sequence (KL weighted during warm-up)."""
+        """Negative ELBO per token (nats), one reparameterised latent per sequence (KL weighted during warm-up,
+        in training mode only)."""
         input_ids = self.check_tokens(batch["input_ids"].to(self.device))
         label = batch.get("label") if self.config.num_classes > 0 else None
         reconstruction, kl = self.elbo_terms(input_ids, self.drop_labels(label, input_ids.shape[0]))
         elbo = (reconstruction - kl).mean()
-        loss = -(reconstruction - self.kl_weight(step) * kl).mean() / self.config.seq_len
+        # warm-up is a training device: in eval mode (validation, early stopping) the loss is the true -ELBO
+        kl_weight = self.kl_weight(step) if self.training else 1.0
+        loss = -(reconstruction - kl_weight * kl).mean() / self.config.seq_len
         metrics = {
             "elbo": elbo.detach(),  # nats per sequence
             "kl": kl.mean().detach(),
