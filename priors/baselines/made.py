@@ -179,14 +179,13 @@ class MADE(AutoregressiveDensityModel):
 
         Exact only when every mask generates the prefix first (the natural ordering); 0 for an empty prefix.
         """
-        weights = torch.zeros(tokens.shape[0], self.num_masks, device=tokens.device)
         if prefix_len == 0:
-            return weights
-        for index in range(self.num_masks):
-            self.use_mask(index)
-            log_probs = torch.log_softmax(self.token_logits(tokens, classes)[:, :prefix_len].float(), dim=-1)
-            weights[:, index] = log_probs.gather(-1, tokens[:, :prefix_len, None]).sum(dim=(1, 2))
-        return weights
+            return torch.zeros(tokens.shape[0], self.num_masks, device=tokens.device)
+        prefix_mask = torch.zeros_like(tokens, dtype=torch.bool)
+        prefix_mask[:, :prefix_len] = True
+        # sampling's class indices are all the null class (no label) or all labels
+        label = None if bool((classes == self.null_class).all()) else classes
+        return self.component_log_probs(tokens, label, prefix_mask)
 
     def decode(self, tokens: Tensor, classes: Tensor, prefix_len: int, guided: bool, options, generator) -> None:
         """Fill `tokens[:, prefix_len:]` (r L) in place: one mixture component per sample, then its ordering."""
