@@ -19,6 +19,7 @@ from tokenizers_vq.audio_losses import (
 from tokenizers_vq.nets.audio_discriminators import AudioDiscriminatorConfig, feature_matching_loss
 from tokenizers_vq.nets.conv1d import Encoder1d
 from tokenizers_vq.quantizers import ResidualVQConfig, VQConfig
+from helpers.optimize import adam_steps
 
 
 @pytest.fixture(autouse=True)
@@ -239,15 +240,7 @@ def test_si_snr_of_a_scaled_copy_is_huge_and_of_noise_matches_the_formula():
 def test_a_few_steps_reduce_the_loss():
     torch.manual_seed(0)
     model = AudioVQVAE(tiny_config()).train()
-    optimizer = torch.optim.Adam(model.param_groups()["main"], lr=3e-3)
-    batch = {"waveform": audio(length=400, seed=7)}
-    losses = []
-    for step in range(25):
-        loss, _ = model.loss(batch, "main", step)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses, _ = adam_steps(model, {"waveform": audio(length=400, seed=7)}, steps=25, lr=3e-3)
     assert min(losses[-5:]) < 0.8 * losses[0]
 
 

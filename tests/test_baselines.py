@@ -22,6 +22,7 @@ from priors.baselines import (
     NADEConfig,
 )
 from priors.sampling import SamplingOptions
+from helpers.optimize import adam_steps
 
 NEURAL = {
     "fvsbn": lambda v, l, c: FVSBN(FVSBNConfig(vocab_size=v, seq_len=l, num_classes=c)),
@@ -207,15 +208,10 @@ def test_a_few_optimizer_steps_reduce_the_nll(name, vocab_size):
         keep = torch.rand(64, generator=generator) < 0.9
         tokens.append(torch.where(keep, tokens[-1], torch.randint(vocab_size, (64,), generator=generator)))
     batch = {"input_ids": torch.stack(tokens, dim=1), "label": label}
-    optimizer = torch.optim.Adam(model.param_groups()["main"], lr=0.05)
     assert model.phases(0) == ["main"]
     first, metrics = model.loss(batch, "main", 0)
     assert set(metrics) == {"nll_per_token", "bits_per_token"}
-    for step in range(20):
-        loss, _ = model.loss(batch, "main", step)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    adam_steps(model, batch, steps=20, lr=0.05)
     model.eval()
     final = -model.log_prob(batch["input_ids"], batch["label"]).mean() / 6
     assert final < 0.8 * first.detach()

@@ -12,6 +12,7 @@ import torch
 
 from priors.baselines import MADE, MADEConfig
 from priors.sampling import SamplingOptions
+from helpers.optimize import adam_steps
 
 
 def ensemble(vocab_size=2, seq_len=3, num_classes=0, num_masks=3, order_agnostic=True, seed=0, **extra) -> MADE:
@@ -82,13 +83,7 @@ def test_training_cycles_the_masks_by_step_and_lowers_the_mixture_nll():
         loss, _ = model.loss({"input_ids": data}, "main", step)
         torch.testing.assert_close(loss, -model.log_prob(data).mean() / 6)
     before = -model.log_prob(data).mean()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for step in range(60):
-        loss, _ = model.loss({"input_ids": data}, "main", step)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    adam_steps(model.train(), {"input_ids": data}, steps=60, lr=1e-2)
     assert -model.eval().log_prob(data).mean() < before - 0.5
 
 

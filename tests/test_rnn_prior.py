@@ -10,6 +10,7 @@ import torch
 from priors.baselines.common import AutoregressiveDensityModel
 from priors.rnn import RNNPrior, RNNPriorConfig
 from priors.sampling import SamplingOptions
+from helpers.optimize import adam_steps
 
 
 def tiny(cell: str = "lstm", vocab_size: int = 3, seq_len: int = 3, num_classes: int = 2, **overrides) -> RNNPrior:
@@ -153,14 +154,9 @@ def test_label_dropout_and_a_few_steps_reduce_the_nll():
     assert 0 < (dropped == 2).sum() < 32 and torch.equal(dropped[dropped != 2], label[dropped != 2])
     assert torch.equal(model.eval().drop_labels(label, 32), label)  # no dropout at evaluation
     model.train()
-    optimizer = torch.optim.Adam(model.param_groups()["main"], lr=0.03)
     assert model.phases(0) == ["main"] and len(model.param_groups()["main"]) == len(list(model.parameters()))
     first, metrics = model.loss(batch, "main", 0)
     assert metrics["bits_per_token"] == pytest.approx(metrics["nll_per_token"].item() / 0.6931471805599453)
-    for step in range(20):
-        loss, _ = model.loss(batch, "main", step)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    adam_steps(model, batch, steps=20, lr=0.03)
     final = -model.eval().log_prob(tokens, label).mean() / 6
     assert final < 0.5 * first.detach()

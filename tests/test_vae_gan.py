@@ -18,6 +18,7 @@ from pipelines.loop import TrainConfig, train
 from priors.baselines.gan import GAN, GANConfig
 from priors.baselines.vae import VAE, VAEConfig
 from priors.sampling import SamplingOptions
+from helpers.optimize import adam_steps
 
 
 def all_sequences(vocab_size: int, seq_len: int) -> torch.Tensor:
@@ -107,13 +108,7 @@ def test_a_few_steps_raise_the_elbo():
         return model.elbo(data, num_samples=200, generator=torch.Generator().manual_seed(2)).mean().item()
 
     before = mean_elbo()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for step in range(30):
-        loss, metrics = model.loss({"input_ids": data}, "main", step)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    _, metrics = adam_steps(model.train(), {"input_ids": data}, steps=30, lr=1e-2)
     assert set(metrics) == {"elbo", "kl", "reconstruction", "bits_per_token_bound"}
     assert mean_elbo() > before + 0.5
 
