@@ -290,3 +290,29 @@ def test_made_incremental_sampler_draws_what_the_full_recomputation_draws(vocab_
         torch.testing.assert_close(fast, tokens[:4])
         if prefix_or_none is not None:
             assert bool((fast[:, :2] == prefix).all())
+
+
+def test_fvsbn_l1_penalty_counts_in_training_only_and_sparsifies_the_weights():
+    tokens = torch.randint(2, (32, 6), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": tokens}
+    model = FVSBN(FVSBNConfig(vocab_size=2, seq_len=6, l1_penalty=0.01))
+    with torch.no_grad():
+        model.regression.weight.copy_(torch.randn(model.regression.weight.shape, generator=torch.Generator().manual_seed(1)))
+    nll = -model.log_prob(tokens).mean() / 6
+    masked_abs_sum = (model.regression.weight * model.regression.mask).abs().sum()
+    model.train()
+    loss, metrics = model.loss(batch, "prior", 0)
+    # label dropout is the only randomness and this model has no classes, so the NLL is deterministic
+    torch.testing.assert_close(loss, nll + 0.01 * masked_abs_sum)
+    torch.testing.assert_close(metrics["l1_penalty"], 0.01 * masked_abs_sum)
+    model.eval()
+    torch.testing.assert_close(model.loss(batch, "prior", 0)[0], nll)  # validation scores the likelihood alone
+
+    def trained_weights(l1_penalty):
+        model = FVSBN(FVSBNConfig(vocab_size=2, seq_len=6, l1_penalty=l1_penalty))
+        adam_steps(model, batch, steps=300, lr=0.05)
+        return (model.regression.weight * model.regression.mask)[model.regression.mask.bool()]
+
+    free, penalised = trained_weights(0.0), trained_weights(0.02)
+    assert penalised.abs().sum() < 0.5 * free.abs().sum()
+    assert (penalised.abs() < 0.01).sum() > (free.abs() < 0.01).sum()

@@ -42,11 +42,16 @@ class FVSBNConfig:
     seq_len: int
     num_classes: int = 0
     label_dropout: float = 0.1  # probability of training a row on the null class bias
+    # training only: l1_penalty * sum |w| is added to the mean NLL per token. It pushes the weights of
+    # far, uninformative earlier positions to zero (a pixel depends mostly on its neighbours).
+    l1_penalty: float = 0.0
 
     def __post_init__(self):
         check_sizes(self.vocab_size, self.seq_len, self.num_classes)
         if not 0.0 <= self.label_dropout <= 1.0:
             raise ValueError(f"label_dropout must lie in [0, 1], got {self.label_dropout}")
+        if self.l1_penalty < 0.0:
+            raise ValueError(f"l1_penalty must be >= 0, got {self.l1_penalty}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "FVSBNConfig":
@@ -96,6 +101,15 @@ class FVSBN(AutoregressiveDensityModel):
     def token_logits(self, input_ids: Tensor, class_index: Tensor) -> Tensor:
         inputs = encode_inputs(input_ids, self.config.vocab_size, self.regression.weight.dtype)
         return self.output_logits(self.regression(inputs) + self.class_bias(class_index))
+
+    def loss(self, batch: dict, phase: str, step: int):
+        """The mean NLL per token, plus the L1 penalty in training mode only: validation (early
+        stopping) and evaluation score the likelihood alone."""
+        nll, metrics = super().loss(batch, phase, step)
+        if not self.training or self.config.l1_penalty == 0.0:
+            return nll, metrics
+        penalty = self.config.l1_penalty * (self.regression.weight * self.regression.mask).abs().sum()
+        return nll + penalty, {**metrics, "l1_penalty": penalty.detach()}
 
     def next_token_logits(self, input_ids: Tensor, position: int, class_index: Tensor) -> Tensor:
         # only the rows of block `position` are needed: O(L V^2) instead of O((L V)^2)
