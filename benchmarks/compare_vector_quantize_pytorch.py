@@ -2,7 +2,7 @@
 
     python -m venv /tmp/vqp && /tmp/vqp/bin/pip install torch vector-quantize-pytorch einops pillow numpy
     PYTHONPATH=/work/main /tmp/vqp/bin/python benchmarks/compare_vector_quantize_pytorch.py \
-        --data /work/shared/data/cifar10_jpeg.npz --steps 200 --out benchmarks/results/compare_vqp.json
+        --data /work/shared/data/cifar10_jpeg.npz --steps 200 --seeds 0 1 2 --out benchmarks/results/compare_vqp.json
 
 Trains four autoencoders that differ only in the quantizer: tokgen `VectorQuantizer` vs
 `vector_quantize_pytorch.VectorQuantize`, and tokgen `LookupFreeQuantizer` vs
@@ -12,6 +12,8 @@ tokgen's `Encoder2d`/`Decoder2d` built from the same seed, trained with the same
 same batches of CIFAR-10 (JPEG re-encodings, decoded with Pillow). Reported on held-out test
 images: codebook usage and perplexity over the whole held-out set, PSNR of the reconstructions;
 and the median time of the quantizer's forward pass in training and of a whole training step.
+With `--seeds`, every seed draws its own images, batches and initial weights; the table gives the
+means (and medians of the times), the JSON every seed's row too.
 `vector-quantize-pytorch` is imported here only: it is not a tokgen dependency.
 """
 
@@ -153,6 +155,20 @@ def train_and_evaluate(model: Autoencoder, train: torch.Tensor, test: torch.Tens
     }
 
 
+def summarise(rows: list[dict]) -> dict:
+    """Per-seed rows -> their means (times: medians), the spread of usage and PSNR, and the rows."""
+    summary = {"codebook_size": rows[0]["codebook_size"], "seeds": len(rows)}
+    for key in ("held_out_usage", "held_out_perplexity", "held_out_psnr_db", "final_train_loss"):
+        summary[key] = statistics.fmean(row[key] for row in rows)
+    for key in ("held_out_usage", "held_out_psnr_db"):
+        summary[key + "_min"] = min(row[key] for row in rows)
+        summary[key + "_max"] = max(row[key] for row in rows)
+    for key in ("quantizer_forward_ms", "train_step_ms"):
+        summary[key] = statistics.median(row[key] for row in rows)
+    summary["per_seed"] = rows
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=Path("/work/shared/data/cifar10_jpeg.npz"))
@@ -169,29 +185,39 @@ def main() -> None:
     parser.add_argument("--rotation-trick", action="store_true", help="vqp's default estimator, not straight-through")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="*", default=None, help="several seeds: means, with every seed's row")
+    parser.add_argument("--only", nargs="*", default=None, help="quantizer names to run (default: all four)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     archive = np.load(args.data, allow_pickle=False)
-    generator = np.random.default_rng(args.seed)  # both splits are grouped by class: draw across them
-    train = decode_jpegs(archive, "train", generator.permutation(len(archive["train_offsets"]) - 1)[:args.train_images])
-    test = decode_jpegs(archive, "test", generator.permutation(len(archive["test_offsets"]) - 1)[:args.eval_images])
-    results = {}
-    for name, (quantizer, latent_dim) in build_quantizers(args).items():
-        model = Autoencoder(quantizer, latent_dim, args.hidden_channels, args.seed)
-        results[name] = train_and_evaluate(model, train, test, args)
-        print(f"{name}: {json.dumps(results[name])}", flush=True)
-    report = {"settings": vars(args) | {"data": str(args.data), "out": str(args.out)},
+    seeds = args.seeds or [args.seed]
+    per_seed: dict[str, list[dict]] = {}
+    for seed in seeds:  # each seed draws its own images, batches and initial weights
+        args.seed = seed
+        generator = np.random.default_rng(seed)  # both splits are grouped by class: draw across them
+        train = decode_jpegs(archive, "train", generator.permutation(len(archive["train_offsets"]) - 1)[:args.train_images])
+        test = decode_jpegs(archive, "test", generator.permutation(len(archive["test_offsets"]) - 1)[:args.eval_images])
+        for name, (quantizer, latent_dim) in build_quantizers(args).items():
+            if args.only and name not in args.only:
+                continue
+            model = Autoencoder(quantizer, latent_dim, args.hidden_channels, seed)
+            per_seed.setdefault(name, []).append({"seed": seed, **train_and_evaluate(model, train, test, args)})
+            print(f"seed {seed} {name}: {json.dumps(per_seed[name][-1])}", flush=True)
+    results = {name: summarise(rows) for name, rows in per_seed.items()}
+    report = {"settings": vars(args) | {"data": str(args.data), "out": str(args.out), "seeds": seeds},
               "device": "cpu", "machine": f"{platform.machine()} {platform.processor()}".strip(),
               "torch": torch.__version__,
               "vector_quantize_pytorch": importlib.metadata.version("vector-quantize-pytorch"),
               "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\n{'quantizer':<20}{'codes':>7}{'usage':>8}{'perplex.':>10}{'PSNR dB':>9}{'q fwd ms':>10}{'step ms':>9}")
+    print(f"\n{'quantizer':<20}{'codes':>7}{'usage':>8}{'(min)':>7}{'perplex.':>10}{'PSNR dB':>9}{'q fwd ms':>10}"
+          f"{'step ms':>9}")
     for name, row in results.items():
-        print(f"{name:<20}{row['codebook_size']:>7}{row['held_out_usage']:>8.3f}{row['held_out_perplexity']:>10.1f}"
+        print(f"{name:<20}{row['codebook_size']:>7}{row['held_out_usage']:>8.3f}{row['held_out_usage_min']:>7.3f}"
+              f"{row['held_out_perplexity']:>10.1f}"
               f"{row['held_out_psnr_db']:>9.2f}{row['quantizer_forward_ms']:>10.2f}{row['train_step_ms']:>9.1f}")
     print(f"wrote {args.out}")
 
