@@ -78,8 +78,8 @@ def build_quantizers(args) -> dict[str, tuple[nn.Module, int]]:
     import vector_quantize_pytorch as vqp  # only here: not a tokgen dependency
 
     vq_common = dict(codebook_size=args.codebook_size, decay=0.99, commitment_weight=0.25)
-    tokgen_vq = VectorQuantizer(VQConfig(**vq_common, ema=True, dead_code_threshold=args.dead_code_threshold),
-                                args.vq_dim)
+    tokgen_vq = VectorQuantizer(VQConfig(**vq_common, ema=True, dead_code_threshold=args.dead_code_threshold,
+                                         init_scale=args.vq_init_scale), args.vq_dim)
     lucid_vq = vqp.VectorQuantize(dim=args.vq_dim, **vq_common, threshold_ema_dead_code=args.dead_code_threshold,
                                   rotation_trick=args.rotation_trick)
     lfq_common = dict(entropy_weight=0.1, commitment_weight=0.25, diversity_gamma=1.0)
@@ -182,6 +182,8 @@ def main() -> None:
     parser.add_argument("--vq-dim", type=int, default=32)
     parser.add_argument("--bits", type=int, default=10)
     parser.add_argument("--dead-code-threshold", type=float, default=1.0)
+    parser.add_argument("--vq-init-scale", type=float, default=1.0,
+                        help="tokgen VQConfig.init_scale (0.01: near-zero initial codes, about vqp's scale)")
     parser.add_argument("--rotation-trick", action="store_true", help="vqp's default estimator, not straight-through")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)

@@ -251,6 +251,16 @@ def test_config_from_dict_rejects_unknown_keys():
         VQConfig(decay=1.5)
 
 
+def test_init_scale_scales_the_initial_codes_and_must_be_positive():
+    plain = VectorQuantizer(VQConfig(codebook_size=256, seed=3), DIM)
+    small = VectorQuantizer(VQConfig(codebook_size=256, seed=3, init_scale=0.01), DIM)
+    torch.testing.assert_close(small.codebook, 0.01 * plain.codebook)  # same draw, scaled
+    torch.testing.assert_close(small.embed_sum, small.codebook)  # EMA sums consistent with unit cluster sizes
+    assert 0.5 < plain.codebook.std().item() < 1.5
+    with pytest.raises(ValueError, match="init_scale"):
+        VQConfig(init_scale=0.0)
+
+
 def test_wrong_input_shape_is_refused():
     with pytest.raises(ValueError, match=r"\(b n d\)"):
         make_quantizer()(torch.randn(2, 3, DIM + 1))

@@ -60,6 +60,10 @@ class VQConfig:
     seed: int = 0
     use_cosine: bool = False  # l2-normalised inputs and codes (ViT-VQGAN, LlamaGen)
     codebook_dim: int = 0  # > 0: quantise a projection to this many dimensions (factorised codes)
+    # std of the initial codes (without k-means). Near 0 (e.g. 0.01, vector-quantize-pytorch's scale)
+    # the first step assigns inputs by direction, so every code takes a share: fuller use early on,
+    # at some cost in PSNR in short runs (BENCHMARKS.md); ignored under use_cosine (unit codes).
+    init_scale: float = 1.0
 
     def __post_init__(self):
         check_kind(self, "vq")
@@ -67,6 +71,8 @@ class VQConfig:
             raise ValueError(f"codebook_size must be at least 2, got {self.codebook_size}")
         if not 0.0 <= self.decay < 1.0:
             raise ValueError(f"decay must lie in [0, 1), got {self.decay}")
+        if self.init_scale <= 0:
+            raise ValueError(f"init_scale must be positive, got {self.init_scale}")
         if self.commitment_weight < 0 or self.epsilon <= 0 or self.dead_code_threshold < 0:
             raise ValueError("commitment_weight and dead_code_threshold must be >= 0 and epsilon > 0")
         if self.kmeans_iters < 0:
@@ -148,7 +154,7 @@ class VectorQuantizer(nn.Module):
         # The module owns its generator; it is re-seeded from (seed, training_steps) before each
         # use, so sampling is reproducible, identical after a reload, and independent of global RNG.
         self.generator = torch.Generator().manual_seed(config.seed)
-        initial = torch.randn(config.codebook_size, self.code_dim, generator=self.generator)
+        initial = config.init_scale * torch.randn(config.codebook_size, self.code_dim, generator=self.generator)
         if config.use_cosine:
             initial = F.normalize(initial, dim=-1)
         if config.ema:
