@@ -219,8 +219,8 @@ class MADE(AutoregressiveDensityModel):
 
         Setting x_p adds one column block of the masked first-layer weight to the pre-activation, and
         the conditional of the next position needs only its own rows of the output layer, so a sample
-        costs O(L H) with one hidden layer (O(L H^2) with two) instead of a whole network pass per
-        position. Positions not yet drawn contribute nothing; the masks keep every drawn conditional
+        costs O(L H) with one hidden layer (O(L H^2) with two; direct connections add O(L^2)) instead
+        of a whole network pass per position. Positions not yet drawn contribute nothing; the masks keep every drawn conditional
         blind to them anyway, so the draws are those of recomputing from the tokens.
         """
         first, *deeper = self.hidden_layers
