@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pipelines.config import ConfigError, load_run_config
 from pipelines.data import DataError
-from pipelines.loop import TrainingDivergedError
+from pipelines.loop import TrainingDivergedError, release_process_group
 from pipelines.stages import RunError
 from pipelines.tokenset import TokenSetError
 
@@ -155,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDivergedError as error:
         print(f"tokgen: training stopped: {error}", file=sys.stderr)
         return 3
+    finally:
+        release_process_group()
     if metrics:
         print(json.dumps(summarise(metrics), indent=2))
     return 0

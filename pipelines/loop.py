@@ -439,6 +439,17 @@ def train(
                 accelerator.free_memory()
 
 
+def release_process_group() -> None:
+    """Destroy the torch.distributed process group, if any, before the process exits.
+
+    `train` leaves it up for the later stages of one launch; left to interpreter teardown instead,
+    gloo's threads can abort a rank with SIGABRT after all its work is done (seen under a loaded
+    `accelerate launch` on CPU), failing a finished run.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def _evaluate(accelerator, module, eval_fn, step: int) -> dict[str, float]:
     model = accelerator.unwrap_model(module).model
     model.eval()

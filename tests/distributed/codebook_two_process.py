@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
-from pipelines.loop import TrainConfig, train
+from pipelines.loop import TrainConfig, release_process_group, train
 from tokenizers_vq.quantizers.vq import VectorQuantizer, VQConfig
 from tokenizers_vq.vqvae import VQVAE, VQVAEConfig
 
@@ -66,6 +66,7 @@ def main() -> None:
     result["num_processes"] = state.num_processes
     if state.is_main_process:
         (out_dir / f"result_{state.num_processes}.json").write_text(json.dumps(result))
+    release_process_group()
 
 
 if __name__ == "__main__":
