@@ -28,7 +28,7 @@ except ImportError:
     from timing import measure
 
 
-def build(kind: str, num_masks: int) -> torch.nn.Module:
+def build(kind: str, num_masks: int = 1) -> torch.nn.Module:
     if kind == "made":
         config = MADEConfig(vocab_size=2, seq_len=784, hidden_sizes=(4000,), direct_connections=True, num_masks=num_masks)
         model = MADE(config)
@@ -69,8 +69,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
-    for kind, num_masks in (("made", 1), ("nade", 1)):
-        model = build(kind, num_masks)
+    for kind in ("made", "nade"):
+        model = build(kind)
         own, own_tokens = time_sampler(model, args.images, generic=False, repeats=args.repeats)
         generic, generic_tokens = time_sampler(model, args.images, generic=True, repeats=args.repeats)
         row = {"model": kind, "own_sampler_cpu_s_per_image": own, "generic_sampler_cpu_s_per_image": generic,
@@ -78,7 +78,7 @@ def main() -> None:
         print(json.dumps(row))
         rows.append(row)
     # the ensemble: a component per image, so each component samples a few images at a time
-    ensemble = build("made", 32)
+    ensemble = build("made", num_masks=32)
     seconds, _ = time_sampler(ensemble, args.images * 5, generic=False, repeats=args.repeats)
     rows.append({"model": "made_32_masks", "own_sampler_cpu_s_per_image": seconds, "images": args.images * 5})
     print(json.dumps(rows[-1]))

@@ -81,8 +81,12 @@ class MaskedLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias)
         self.register_buffer("mask", mask.to(self.weight.dtype), persistent=False)
 
+    def masked_weight(self) -> Tensor:
+        """(out_features, in_features) the weight as the layer applies it, zero where the mask is."""
+        return self.weight * self.mask
+
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight * self.mask, self.bias)
+        return F.linear(x, self.masked_weight(), self.bias)
 
 
 def binary_to_categorical_logits(logit: Tensor) -> Tensor:

@@ -108,7 +108,7 @@ class FVSBN(AutoregressiveDensityModel):
         nll, metrics = super().loss(batch, phase, step)
         if not self.training or self.config.l1_penalty == 0.0:
             return nll, metrics
-        penalty = self.config.l1_penalty * (self.regression.weight * self.regression.mask).abs().sum()
+        penalty = self.config.l1_penalty * self.regression.masked_weight().abs().sum()
         return nll + penalty, {**metrics, "l1_penalty": penalty.detach()}
 
     def next_token_logits(self, input_ids: Tensor, position: int, class_index: Tensor) -> Tensor:

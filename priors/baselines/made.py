@@ -220,17 +220,18 @@ class MADE(AutoregressiveDensityModel):
         Setting x_p adds one column block of the masked first-layer weight to the pre-activation, and
         the conditional of the next position needs only its own rows of the output layer, so a sample
         costs O(L H) with one hidden layer (O(L H^2) with two; direct connections add O(L^2)) instead
-        of a whole network pass per position. Positions not yet drawn contribute nothing; the masks keep every drawn conditional
-        blind to them anyway, so the draws are those of recomputing from the tokens.
+        of a whole network pass per position. Positions not yet drawn contribute nothing; the masks
+        keep every drawn conditional blind to them anyway, so the draws are those of recomputing from
+        the tokens. Inputs and outputs come in blocks of K per position (K = 1 binary, V otherwise).
         """
         first, *deeper = self.hidden_layers
-        in_block, out_block = self.block, self.block
-        first_weight = first.weight * first.mask  # (H1, L K_in)
-        deeper_weights = [layer.weight * layer.mask for layer in deeper]
-        output_weight = self.output_layer.weight * self.output_layer.mask  # (L K_out, H_last)
-        direct_weight = None if self.direct is None else self.direct.weight * self.direct.mask
+        block = self.block
+        first_weight = first.masked_weight()  # (H1, L K)
+        deeper_weights = [layer.masked_weight() for layer in deeper]
+        output_weight = self.output_layer.masked_weight()  # (L K, H_last)
+        direct_weight = None if self.direct is None else self.direct.masked_weight()
         inputs = encode_inputs(tokens, self.config.vocab_size, first_weight.dtype)
-        inputs[:, prefix_len * in_block :] = 0.0  # only the prefix is known yet
+        inputs[:, prefix_len * block :] = 0.0  # only the prefix is known yet
         pre_activation = F.linear(inputs, first_weight, first.bias) + self.class_bias(classes)
         for position in self.ordering(self.mask_index).tolist():
             if position < prefix_len:
@@ -238,13 +239,13 @@ class MADE(AutoregressiveDensityModel):
             hidden = torch.relu(pre_activation)
             for layer, weight in zip(deeper, deeper_weights):
                 hidden = torch.relu(F.linear(hidden, weight, layer.bias))
-            rows = slice(position * out_block, (position + 1) * out_block)
+            rows = slice(position * block, (position + 1) * block)
             flat = F.linear(hidden, output_weight[rows], self.output_layer.bias[rows])
             if direct_weight is not None:
                 flat = flat + F.linear(inputs, direct_weight[rows])
-            logits = binary_to_categorical_logits(flat[:, 0]) if out_block == 1 else flat
+            logits = binary_to_categorical_logits(flat[:, 0]) if block == 1 else flat
             chosen = self.choose_tokens(logits, options, generator, guided)
             tokens[:, position] = chosen
-            columns = slice(position * in_block, (position + 1) * in_block)
+            columns = slice(position * block, (position + 1) * block)
             inputs[:, columns] = encode_inputs(chosen[:, None], self.config.vocab_size, first_weight.dtype)
             pre_activation = pre_activation + F.linear(inputs[:, columns], first_weight[:, columns])
