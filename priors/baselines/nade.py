@@ -4,7 +4,8 @@ Larochelle & Murray 2011, "The Neural Autoregressive Distribution Estimator": po
 conditional reads a hidden layer h_t = sigmoid(c + W[:, <t] x_<t) whose input weights are shared
 across positions, so the pre-activations obey the running sum a_1 = c, a_{t+1} = a_t + W[:, t] x_t
 and all L conditionals cost O(L H) instead of O(L^2 H). Output: p(x_t = 1 | x_<t) =
-sigmoid(b_t + V_t . h_t) for binary tokens (the paper's model), a softmax over V tokens with a
+sigmoid(b_t + V_t . h_t) for binary tokens (the paper's model; training computes all a_t by
+blocked matmuls, see `binary_pre_activations`), a softmax over V tokens with a
 (H V) output matrix per position otherwise (the categorical input x_t is then its one-hot code,
 so W has one column per (position, token)); the exact log-likelihood costs O(L H V). Class
 conditioning gives each class its own hidden bias c (row C: the null class, trained by label
@@ -89,11 +90,41 @@ class NADE(AutoregressiveDensityModel):
         return logits
 
     def token_logits(self, input_ids: Tensor, class_index: Tensor) -> Tensor:
-        contributions = self.input_contributions(input_ids)
-        # a_t = c + sum_{s<t} W[:, s] x_s: an exclusive cumulative sum over positions
-        running = F.pad(contributions[:, :-1].cumsum(dim=1), (0, 0, 1, 0))
-        hidden = torch.sigmoid(running + rearrange(self.hidden_bias(class_index), "b h -> b 1 h"))
+        bias = self.hidden_bias(class_index)
+        if self.block == 1:
+            hidden = torch.sigmoid(self.binary_pre_activations(input_ids) + bias)  # (L b H)
+            logits = einsum(hidden, self.output_weight[:, :, 0], "l b h, l h -> b l") + self.output_bias[:, 0]
+            return binary_to_categorical_logits(logits)
+        hidden = torch.sigmoid(self.running_pre_activations(input_ids) + rearrange(bias, "b h -> b 1 h"))
         return self.output_logits(hidden, slice(None))
+
+    def running_pre_activations(self, input_ids: Tensor) -> Tensor:
+        """(b L) tokens -> (b L H): a_t - c = sum_{s<t} W[:, s] x_s, an exclusive cumulative sum."""
+        contributions = self.input_contributions(input_ids)
+        return F.pad(contributions[:, :-1].cumsum(dim=1), (0, 0, 1, 0))
+
+    def binary_pre_activations(self, input_ids: Tensor) -> Tensor:
+        """(b L) binary tokens -> (L b H), position-major: the same sums as `running_pre_activations`.
+
+        Blocked over positions, blocks of k = ceil(sqrt(L)): inside a block the sum over earlier
+        positions is one batched matmul of the block's inputs, masked strictly lower-triangular,
+        with its weight rows; the totals of earlier blocks come from a cumulative sum over the
+        L / k block totals. That is O(L sqrt(L) H) work rather than O(L H), but as matmuls: the
+        cumulative sum over the whole (b L H) tensor and its flipped backward are memory-bound, and
+        a training step is faster without them (`benchmarks/bench_baseline_training.py`).
+        """
+        batch, seq_len = input_ids.shape
+        block = math.isqrt(seq_len - 1) + 1
+        padding = -seq_len % block  # zero inputs and zero weight rows add nothing
+        weight = rearrange(F.pad(self.input_weight[:, 0], (0, 0, 0, padding)), "(n k) h -> n k h", k=block)
+        inputs = rearrange(F.pad(input_ids.to(weight.dtype), (0, padding)), "b (n k) -> n b k", k=block)
+        earlier = torch.ones(block, block, dtype=weight.dtype, device=weight.device).tril(-1)  # [t, s]: s < t
+        masked = rearrange(inputs, "n b s -> n 1 b s") * rearrange(earlier, "t s -> t 1 s")  # (n t b s)
+        within = torch.bmm(rearrange(masked, "n t b s -> n (t b) s"), weight)
+        totals = torch.bmm(inputs, weight)  # (n b h)
+        before = totals.cumsum(dim=0) - totals
+        running = rearrange(within, "n (t b) h -> n t b h", b=batch) + rearrange(before, "n b h -> n 1 b h")
+        return rearrange(running, "n t b h -> (n t) b h")[:seq_len]
 
     def next_token_logits(self, input_ids: Tensor, position: int, class_index: Tensor) -> Tensor:
         # one position's a_t only: O(t H + H V) rather than the whole sequence
