@@ -269,21 +269,22 @@ def test_nade_running_sum_sampler_draws_what_the_full_recomputation_draws(vocab_
 
 @pytest.mark.parametrize("seq_len", [1, 2, 7, 9, 10, 17])
 def test_nade_blocked_pre_activations_are_the_running_sums_with_their_gradients(seq_len):
-    """Binary NADE computes a_t - c = sum_{s<t} W[:, s] x_s by blocked matmuls (blocks of ceil(sqrt(L)),
+    """Binary NADE computes a_t = c + sum_{s<t} W[:, s] x_s by blocked matmuls (blocks of ceil(sqrt(L)),
     the last one padded when L is not a multiple): values and weight gradients equal a plain loop."""
     model = build("nade", 2, seq_len, num_classes=0)
     with torch.no_grad():
         model.input_weight.copy_(torch.randn(model.input_weight.shape, generator=torch.Generator().manual_seed(0)))
     tokens = torch.randint(2, (5, seq_len), generator=torch.Generator().manual_seed(1))
-    blocked = rearrange(model.binary_pre_activations(tokens), "l b h -> b l h")
+    bias = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    blocked = rearrange(model.binary_pre_activations(tokens, bias), "l b h -> b l h")
     weight = model.input_weight[:, 0]
-    looped = torch.stack([(tokens[:, :t, None] * weight[:t]).sum(dim=1) for t in range(seq_len)], dim=1)
+    looped = torch.stack([bias + (tokens[:, :t, None] * weight[:t]).sum(dim=1) for t in range(seq_len)], dim=1)
     torch.testing.assert_close(blocked, looped)
     cotangent = torch.randn(blocked.shape, generator=torch.Generator().manual_seed(2))
     (blocked_grad,) = torch.autograd.grad((blocked * cotangent).sum(), model.input_weight)
     (looped_grad,) = torch.autograd.grad((looped * cotangent).sum(), model.input_weight)
     torch.testing.assert_close(blocked_grad, looped_grad)
-    cumsum = model.running_pre_activations(tokens)  # the categorical path, on binary tokens
+    cumsum = model.running_pre_activations(tokens) + rearrange(bias, "b h -> b 1 h")  # the categorical path
     torch.testing.assert_close(blocked, cumsum)
 
 

@@ -92,7 +92,7 @@ class NADE(AutoregressiveDensityModel):
     def token_logits(self, input_ids: Tensor, class_index: Tensor) -> Tensor:
         bias = self.hidden_bias(class_index)
         if self.block == 1:
-            hidden = torch.sigmoid(self.binary_pre_activations(input_ids) + bias)  # (L b H)
+            hidden = torch.sigmoid(self.binary_pre_activations(input_ids, bias))  # (L b H)
             logits = einsum(hidden, self.output_weight[:, :, 0], "l b h, l h -> b l") + self.output_bias[:, 0]
             return binary_to_categorical_logits(logits)
         hidden = torch.sigmoid(self.running_pre_activations(input_ids) + rearrange(bias, "b h -> b 1 h"))
@@ -103,8 +103,8 @@ class NADE(AutoregressiveDensityModel):
         contributions = self.input_contributions(input_ids)
         return F.pad(contributions[:, :-1].cumsum(dim=1), (0, 0, 1, 0))
 
-    def binary_pre_activations(self, input_ids: Tensor) -> Tensor:
-        """(b L) binary tokens -> (L b H), position-major: the same sums as `running_pre_activations`.
+    def binary_pre_activations(self, input_ids: Tensor, hidden_bias: Tensor) -> Tensor:
+        """(b L) binary tokens, (b H) bias c -> (L b H) a_t, position-major: c + `running_pre_activations`.
 
         Blocked over positions, blocks of k = ceil(sqrt(L)): inside a block the sum over earlier
         positions is one batched matmul of the block's inputs, masked strictly lower-triangular,
@@ -122,9 +122,10 @@ class NADE(AutoregressiveDensityModel):
         masked = rearrange(inputs, "n b s -> n 1 b s") * rearrange(earlier, "t s -> t 1 s")  # (n t b s)
         within = torch.bmm(rearrange(masked, "n t b s -> n (t b) s"), weight)
         totals = torch.bmm(inputs, weight)  # (n b h)
-        before = totals.cumsum(dim=0) - totals
+        before = totals.cumsum(dim=0) - totals + hidden_bias  # the bias joins here, on the small tensor
         running = rearrange(within, "n (t b) h -> n t b h", b=batch) + rearrange(before, "n b h -> n 1 b h")
-        return rearrange(running, "n t b h -> (n t) b h")[:seq_len]
+        running = rearrange(running, "n t b h -> (n t) b h")
+        return running[:seq_len] if padding else running  # (slicing costs a zero-filled gradient)
 
     def next_token_logits(self, input_ids: Tensor, position: int, class_index: Tensor) -> Tensor:
         # one position's a_t only: O(t H + H V) rather than the whole sequence
