@@ -52,8 +52,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: batch 10, 2 repeats")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
+    if args.quick:
+        args.batch_size, args.repeats = 10, 2
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model = NADE(NADEConfig(vocab_size=2, seq_len=args.seq_len, hidden_size=args.hidden_size)).to(device)

@@ -9,7 +9,7 @@
 # accelerate, einops, safetensors). Each benchmark writes its JSON under $OUT and has its own time
 # limit, so one slow step cannot eat the others' time; a failed step is reported and the rest run.
 # Most important first: quantizer bf16 throughput (issue 3), audio encode/decode speed (issue 4),
-# prior training and sampling throughput (issue 2), tokenizer encode/decode (issue 2).
+# prior training and sampling throughput (issue 2), tokenizer encode/decode (issue 2), NADE's training step (issue 5).
 set -u
 : "${OUT:?set OUT to the folder the results go to}"
 mkdir -p "$OUT"
@@ -40,5 +40,7 @@ step quantizers 150 python benchmarks/bench_quantizers.py "${quick[@]}" --out "$
 step audio 120 python benchmarks/bench_audio.py "${quick[@]}" --out "$OUT/bench_audio.json"
 step prior 240 python benchmarks/bench_prior.py "${quick[@]}" --out "$OUT/bench_prior.json"
 step tokenizer 90 python benchmarks/bench_tokenizer.py "${quick[@]}" --out "$OUT/bench_tokenizer.json"
+# last and short (seconds on a GPU): whether NADE's blocked pre-activations also beat the cumulative sum there
+step nade_training 30 python benchmarks/bench_baseline_training.py "${quick[@]}" --out "$OUT/bench_nade_training.json"
 head -3 "$log"
 exit $status
