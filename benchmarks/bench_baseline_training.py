@@ -5,7 +5,7 @@
 One step is the forward and backward pass of the mean NLL on a batch of binarized-MNIST-sized
 inputs (784 binary pixels, 500 hidden units, batch 100: the full compare config). `blocked` is
 `NADE.token_logits` (the pre-activations by blocked matmuls); `cumsum` is the same model through
-`running_pre_activations`, an exclusive cumulative sum over positions, which is how the
+`NADE.cumsum_token_logits`, an exclusive cumulative sum over positions, which is how the
 categorical model computes them. The two losses and weight gradients are checked to agree. Runs
 alternate, so that a shared machine slows both alike; process CPU time is reported beside wall time.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 from pathlib import Path
 
 import torch
@@ -27,11 +28,6 @@ try:  # run as `python benchmarks/bench_baseline_training.py` or as a module
     from benchmarks.timing import measure
 except ImportError:
     from timing import measure
-
-
-def cumsum_token_logits(model: NADE, input_ids: torch.Tensor, class_index: torch.Tensor) -> torch.Tensor:
-    bias = rearrange(model.hidden_bias(class_index), "b h -> b 1 h")
-    return model.output_logits(torch.sigmoid(model.running_pre_activations(input_ids) + bias), slice(None))
 
 
 def training_step(model: NADE, logits_fn, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +58,7 @@ def main() -> None:
     model = NADE(NADEConfig(vocab_size=2, seq_len=args.seq_len, hidden_size=args.hidden_size)).to(device)
     generator = torch.Generator().manual_seed(0)
     inputs = (torch.rand(args.batch_size, args.seq_len, generator=generator) < 0.13).long().to(device)
-    variants = {"blocked": model.token_logits, "cumsum": lambda x, c: cumsum_token_logits(model, x, c)}
+    variants = {"blocked": model.token_logits, "cumsum": model.cumsum_token_logits}
 
     (blocked_loss, blocked_grad), (cumsum_loss, cumsum_grad) = (
         training_step(model, fn, inputs) for fn in variants.values())
@@ -74,8 +70,8 @@ def main() -> None:
             wall, cpu = measure(lambda: training_step(model, fn, inputs), device, repeats=1, warmup=0)
             times[name]["wall"].append(wall)
             times[name]["cpu"].append(cpu)
-    median = lambda values: sorted(values)[len(values) // 2]  # noqa: E731
-    rows = {name: {"wall_s_per_step": median(t["wall"]), "cpu_s_per_step": median(t["cpu"])} for name, t in times.items()}
+    rows = {name: {"wall_s_per_step": statistics.median(t["wall"]), "cpu_s_per_step": statistics.median(t["cpu"])}
+            for name, t in times.items()}
     report = {
         "model": "nade", "seq_len": args.seq_len, "hidden_size": args.hidden_size, "batch_size": args.batch_size,
         "device": str(device), "threads": args.threads, "repeats": args.repeats, "torch": torch.__version__,

@@ -90,13 +90,17 @@ class NADE(AutoregressiveDensityModel):
         return logits
 
     def token_logits(self, input_ids: Tensor, class_index: Tensor) -> Tensor:
-        bias = self.hidden_bias(class_index)
-        if self.block == 1:
-            hidden = torch.sigmoid(self.binary_pre_activations(input_ids, bias))  # (L b H)
-            logits = einsum(hidden, self.output_weight[:, :, 0], "l b h, l h -> b l") + self.output_bias[:, 0]
-            return binary_to_categorical_logits(logits)
-        hidden = torch.sigmoid(self.running_pre_activations(input_ids) + rearrange(bias, "b h -> b 1 h"))
-        return self.output_logits(hidden, slice(None))
+        if self.block > 1:
+            return self.cumsum_token_logits(input_ids, class_index)
+        hidden = torch.sigmoid(self.binary_pre_activations(input_ids, self.hidden_bias(class_index)))  # (L b H)
+        logits = einsum(hidden, self.output_weight[:, :, 0], "l b h, l h -> b l") + self.output_bias[:, 0]
+        return binary_to_categorical_logits(logits)
+
+    def cumsum_token_logits(self, input_ids: Tensor, class_index: Tensor) -> Tensor:
+        """`token_logits` through `running_pre_activations`: the categorical model's path, and for
+        binary tokens the reference that `binary_pre_activations` replaces (benchmarked against it)."""
+        bias = rearrange(self.hidden_bias(class_index), "b h -> b 1 h")
+        return self.output_logits(torch.sigmoid(self.running_pre_activations(input_ids) + bias), slice(None))
 
     def running_pre_activations(self, input_ids: Tensor) -> Tensor:
         """(b L) tokens -> (b L H): a_t - c = sum_{s<t} W[:, s] x_s, an exclusive cumulative sum."""
