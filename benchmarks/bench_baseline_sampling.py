@@ -77,7 +77,7 @@ def main() -> None:
                "speedup": generic / own, "same_draws": bool(torch.equal(own_tokens, generic_tokens))}
         print(json.dumps(row))
         rows.append(row)
-    # the ensemble: a component per image, so each component samples a few images at a time
+    # the ensemble: a component per image; with one hidden layer all images go through the positions together
     ensemble = build("made", num_masks=32)
     seconds, _ = time_sampler(ensemble, args.images * 5, generic=False, repeats=args.repeats)
     rows.append({"model": "made_32_masks", "own_sampler_cpu_s_per_image": seconds, "images": args.images * 5})

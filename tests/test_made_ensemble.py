@@ -128,6 +128,27 @@ def test_ensemble_sampling_takes_labels_guidance_and_options():
     assert model.mask_index == 0  # sampling leaves the mask in use as it found it
 
 
+@pytest.mark.parametrize("guidance_scale", [1.0, 2.0])
+def test_one_pass_with_per_row_components_draws_what_each_mask_alone_draws(guidance_scale):
+    """A natural-order ensemble with one hidden layer samples all rows in one pass over the positions, each
+    row with its component's hidden degrees; rows all given component k draw what mask k's sampler draws."""
+    model = ensemble(vocab_size=3, seq_len=5, num_classes=2, num_masks=4, order_agnostic=False)
+    options = SamplingOptions(temperature=1.2, guidance_scale=guidance_scale)
+    label, prefix = torch.tensor([0, 1, 1]), torch.tensor([[1], [2], [0]])
+    for k in range(4):
+        tokens, classes, prefix_len, guided = model.prepare_sampling(3, label, prefix, options)
+        alone = tokens.clone()
+        with torch.no_grad():
+            components = torch.full((len(tokens),), k)
+            model.decode_in_ordering(tokens, classes, prefix_len, guided, options, torch.Generator().manual_seed(7),
+                                     components)
+            model.use_mask(k)
+            model.decode_in_ordering(alone, classes, prefix_len, guided, options, torch.Generator().manual_seed(7))
+            model.use_mask(0)
+        assert torch.equal(tokens, alone)
+        assert torch.equal(tokens[:3, :1], prefix)
+
+
 def test_an_order_agnostic_ensemble_refuses_a_prefix_and_bad_configs_are_refused():
     model = ensemble(vocab_size=2, seq_len=4, num_masks=2, order_agnostic=True)
     with pytest.raises(ValueError, match="prefix"):

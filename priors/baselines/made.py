@@ -190,7 +190,12 @@ class MADE(AutoregressiveDensityModel):
         return self.component_log_probs(tokens, label, prefix_mask)
 
     def decode(self, tokens: Tensor, classes: Tensor, prefix_len: int, guided: bool, options, generator) -> None:
-        """Fill `tokens[:, prefix_len:]` (r L) in place: one mixture component per sample, then its ordering."""
+        """Fill `tokens[:, prefix_len:]` (r L) in place: one mixture component per sample, then its ordering.
+
+        When every component generates in the natural order and there is one hidden layer, all rows go
+        through the positions together, each with its own component's hidden degrees; otherwise each
+        component's rows are sampled apart (one pass over the positions per component drawn).
+        """
         if self.num_masks == 1:
             return self.decode_in_ordering(tokens, classes, prefix_len, guided, options, generator)
         if prefix_len and self.config.order_agnostic:
@@ -199,9 +204,12 @@ class MADE(AutoregressiveDensityModel):
                 "the prefix first, so p(component | prefix) is not available; use order_agnostic = false"
             )
         n = tokens.shape[0] // 2 if guided else tokens.shape[0]
+        components = draw(self.prefix_log_probs(tokens[:n], classes[:n], prefix_len), generator)
+        if not self.config.order_agnostic and len(self.hidden_layers) == 1:
+            row_components = torch.cat([components, components]) if guided else components
+            return self.decode_in_ordering(tokens, classes, prefix_len, guided, options, generator, row_components)
         previous = self.mask_index
         try:
-            components = draw(self.prefix_log_probs(tokens[:n], classes[:n], prefix_len), generator)
             for index in components.unique().tolist():
                 rows = torch.nonzero(components == index).squeeze(-1)
                 rows = torch.cat([rows, rows + n]) if guided else rows
@@ -212,40 +220,52 @@ class MADE(AutoregressiveDensityModel):
         finally:
             self.use_mask(previous)
 
+    def first_layer_degrees(self, components: Tensor | None) -> Tensor:
+        """(r H1) the first hidden layer's degrees for each row's component, or (1 H1) for the mask in use."""
+        if components is None:
+            return self.mask_degrees[self.mask_index].hidden[0][None]
+        return torch.stack([degrees.hidden[0] for degrees in self.mask_degrees])[components.cpu()]
+
     def decode_in_ordering(self, tokens: Tensor, classes: Tensor, prefix_len: int, guided: bool, options,
-                           generator) -> None:
+                           generator, components: Tensor | None = None) -> None:
         """Fill `tokens[:, prefix_len:]` in place in the ordering of the mask in use, carrying the first
         layer's pre-activation forward.
 
-        Setting x_p adds one column block of the masked first-layer weight to the pre-activation, and
-        the conditional of the next position needs only its own rows of the output layer, so a sample
-        costs O(L H) with one hidden layer (O(L H^2) with two; direct connections add O(L^2)) instead
-        of a whole network pass per position. Positions not yet drawn contribute nothing; the masks
-        keep every drawn conditional blind to them anyway, so the draws are those of recomputing from
-        the tokens. Inputs and outputs come in blocks of K per position (K = 1 binary, V otherwise).
+        Setting x_p adds its column block of the first-layer weight to the hidden units whose degree
+        admits it, and the conditional of the next position needs only its own rows of the output
+        layer, so a sample costs O(L H) with one hidden layer (O(L H^2) with two; direct connections
+        add O(L^2)) instead of a whole network pass per position. Positions not yet drawn contribute
+        nothing; the masks keep every drawn conditional blind to them anyway, so the draws are those of
+        recomputing from the tokens. Inputs and outputs come in blocks of K per position (K = 1
+        binary, V otherwise). `components` (r,), one hidden layer and natural-order masks only: row i
+        uses the degrees of mask `components[i]` (the masks then differ in their hidden degrees alone).
         """
         first, *deeper = self.hidden_layers
+        if components is not None and deeper:
+            raise ValueError("per-row mixture components need a MADE with one hidden layer")
         block = self.block
-        first_weight = first.masked_weight()  # (H1, L K)
+        degrees = self.first_layer_degrees(components).to(tokens.device)
         deeper_weights = [layer.masked_weight() for layer in deeper]
-        output_weight = self.output_layer.masked_weight()  # (L K, H_last)
+        # with one hidden layer, the output mask is applied to the hidden units instead (per row)
+        output_weight = self.output_layer.masked_weight() if deeper else self.output_layer.weight  # (L K, H_last)
         direct_weight = None if self.direct is None else self.direct.masked_weight()
-        inputs = encode_inputs(tokens, self.config.vocab_size, first_weight.dtype)
+        inputs = encode_inputs(tokens, self.config.vocab_size, first.weight.dtype)
         inputs[:, prefix_len * block :] = 0.0  # only the prefix is known yet
-        pre_activation = F.linear(inputs, first_weight, first.bias) + self.class_bias(classes)
-        for position in self.ordering(self.mask_index).tolist():
-            if position < prefix_len:
-                continue
-            hidden = torch.relu(pre_activation)
-            for layer, weight in zip(deeper, deeper_weights):
-                hidden = torch.relu(F.linear(hidden, weight, layer.bias))
-            rows = slice(position * block, (position + 1) * block)
-            flat = F.linear(hidden, output_weight[rows], self.output_layer.bias[rows])
-            if direct_weight is not None:
-                flat = flat + F.linear(inputs, direct_weight[rows])
-            logits = binary_to_categorical_logits(flat[:, 0]) if block == 1 else flat
-            chosen = self.choose_tokens(logits, options, generator, guided)
-            tokens[:, position] = chosen
+        pre_activation = first.bias + self.class_bias(classes)
+        for rank, position in enumerate(self.ordering(self.mask_index).tolist()):
             columns = slice(position * block, (position + 1) * block)
-            inputs[:, columns] = encode_inputs(chosen[:, None], self.config.vocab_size, first_weight.dtype)
-            pre_activation = pre_activation + F.linear(inputs[:, columns], first_weight[:, columns])
+            if position >= prefix_len:
+                hidden = torch.relu(pre_activation)
+                for layer, weight in zip(deeper, deeper_weights):
+                    hidden = torch.relu(F.linear(hidden, weight, layer.bias))
+                if not deeper:  # the output of rank r reads hidden units of degree < r + 1
+                    hidden = hidden * (degrees < rank + 1)
+                flat = F.linear(hidden, output_weight[columns], self.output_layer.bias[columns])
+                if direct_weight is not None:
+                    flat = flat + F.linear(inputs, direct_weight[columns])
+                logits = binary_to_categorical_logits(flat[:, 0]) if block == 1 else flat
+                chosen = self.choose_tokens(logits, options, generator, guided)
+                tokens[:, position] = chosen
+                inputs[:, columns] = encode_inputs(chosen[:, None], self.config.vocab_size, first.weight.dtype)
+            # a hidden unit of degree m reads the inputs of ranks < m
+            pre_activation = pre_activation + F.linear(inputs[:, columns], first.weight[:, columns]) * (degrees >= rank + 1)
