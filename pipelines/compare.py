@@ -64,6 +64,9 @@ class CompareEvaluation:
     batch_size: int = 256
     sample_images: int = 64  # drawn and timed per model; the grid shows up to 64 of them
     sample_quality: bool = True  # Frechet distance in the classifier's features (needs labels)
+    # Also score the validation split (val_* figures), so that a choice between models or settings can be
+    # made without looking at the test split. Doubles the scoring time.
+    score_validation: bool = False
     seed: int = 1234
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
 
@@ -314,6 +317,20 @@ def likelihood_figures(prior, tokenizer, manifest, tokens, labels, images, confi
     return figures
 
 
+VALIDATION_KEYS = ("nll_nats_per_image", "decoder_nll_nats", "prior_nll_nats", "bits_per_token", "negative_elbo_nats")
+
+
+def validation_figures(prior, tokenizer, tokenset, dataset: ImageDataset, config: CompareConfig, device) -> dict:
+    """The NLL figures of the whole validation split, prefixed `val_`."""
+    val = tokenset.tensors("val")
+    if len(val["input_ids"]) != len(dataset.val):
+        raise RunError(f"{len(val['input_ids'])} validation token rows but {len(dataset.val)} validation images")
+    labels = val.get("label") if config.conditional and tokenset.manifest.num_classes else None
+    figures = likelihood_figures(prior, tokenizer, tokenset.manifest, val["input_ids"], labels,
+                                 to_tensor_images(dataset.val.images), config, device)
+    return {f"val_{key}": figures[key] for key in VALIDATION_KEYS if key in figures}
+
+
 @torch.no_grad()
 def draw_samples(prior, tokenizer, manifest, config: CompareConfig, device) -> tuple[torch.Tensor, float]:
     """`sample_images` images drawn and decoded; returns them and the seconds per image."""
@@ -353,6 +370,8 @@ def evaluate_model(spec: ModelSpec, run: SharedTokensRun, dataset: ImageDataset,
     images = to_tensor_images(dataset.test.images)
     if getattr(prior, "has_density", True):
         row.update(likelihood_figures(prior, tokenizer, manifest, tokens, labels, images, config, device))
+        if config.evaluation.score_validation:
+            row.update(validation_figures(prior, tokenizer, tokenset, dataset, config, device))
     else:
         row.update(space="-", likelihood="no density")
     samples, seconds_per_image = draw_samples(prior, tokenizer, manifest, config, device)

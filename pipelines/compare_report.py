@@ -45,6 +45,8 @@ def markdown_table(report: dict) -> str:
              "Every NLL is on the whole test split.", "", header, "|" + " --- |" * 13]
     for row in report["models"]:
         nll = _number(row.get("nll_nats_per_image")) if row["likelihood"] != "no density" else "no density"
+        if "val_nll_nats_per_image" in row:
+            nll += f" (val {_number(row['val_nll_nats_per_image'])})"
         frechet = (f"{_number(row['frechet_distance'])} ({_number(row.get('frechet_floor'))})"
                    if "frechet_distance" in row else "-")
         parameters = f"{row['parameters']:,}" + (f" + {row['tokenizer_parameters']:,} tok." if row["tokenizer_parameters"] else "")
@@ -61,7 +63,8 @@ def markdown_table(report: dict) -> str:
               "tokgen's classifier features, beside the real-vs-real floor). Training time excludes a shared "
               "tokenizer's (see tokenizer_train_seconds in comparison.json). A model whose training sets `eval_every` "
               "keeps the weights of its evaluation with the lowest validation loss (early stopping; `selected_step` in "
-              "comparison.json); the others are scored as their training ends.", ""]
+              "comparison.json); the others are scored as their training ends. With `evaluation.score_validation`, "
+              "(val N) is the same figure on the validation split, for choosing between settings without the test split.", ""]
     return "\n".join(lines)
 
 

@@ -9,7 +9,8 @@ import pytest
 from pipelines.cli import main
 from pipelines.compare import load_compare_config
 from pipelines.config import ConfigError
-from priors import PRIORS
+from pipelines.tokenset import load_tokenset
+from priors import PRIORS, load_prior
 from tokenizers_vq import TOKENIZERS
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "compare"
@@ -114,6 +115,22 @@ def test_evaluation_is_reused_until_its_config_changes(comparison):
     assert second["key"] != first["key"]
     assert second["row"]["evaluation_seconds"] != first["row"]["evaluation_seconds"]
     assert second["row"]["nll_nats_per_image"] == pytest.approx(first["row"]["nll_nats_per_image"])
+
+
+def test_validation_figures_score_the_validation_split_when_asked(comparison):
+    directory, report = comparison
+    assert "val_nll_nats_per_image" not in rows_by_name(report)["histogram"]  # off by default
+    assert main(["compare", str(TINY), f"output_dir={directory.parent}", 'only=["histogram", "two_stage"]',
+                 "evaluation.score_validation=true"]) == 0
+    rows = rows_by_name(json.loads((directory / "comparison.json").read_text()))
+    histogram, two_stage = rows["histogram"], rows["two_stage"]
+    prior = load_prior(directory / "models" / "histogram" / "prior")
+    val = load_tokenset(directory / "tokenizers" / histogram["tokenizer_folder"] / "tokens").tensors("val")
+    assert histogram["val_nll_nats_per_image"] == pytest.approx(-prior.log_prob(val["input_ids"]).double().mean().item())
+    assert histogram["val_nll_nats_per_image"] != pytest.approx(histogram["nll_nats_per_image"])  # not the test split
+    assert two_stage["val_nll_nats_per_image"] == pytest.approx(
+        two_stage["val_decoder_nll_nats"] + two_stage["val_prior_nll_nats"])
+    assert "(val " in (directory / "comparison.md").read_text()
 
 
 def test_model_overrides_reach_one_or_every_model():
