@@ -220,34 +220,30 @@ class MADE(AutoregressiveDensityModel):
         finally:
             self.use_mask(previous)
 
-    def first_layer_degrees(self, components: Tensor | None) -> Tensor:
-        """(r H1) the first hidden layer's degrees for each row's component, or (1 H1) for the mask in use."""
-        if components is None:
-            return self.mask_degrees[self.mask_index].hidden[0][None]
-        return torch.stack([degrees.hidden[0] for degrees in self.mask_degrees])[components.cpu()]
-
     def decode_in_ordering(self, tokens: Tensor, classes: Tensor, prefix_len: int, guided: bool, options,
                            generator, components: Tensor | None = None) -> None:
         """Fill `tokens[:, prefix_len:]` in place in the ordering of the mask in use, carrying the first
         layer's pre-activation forward.
 
-        Setting x_p adds its column block of the first-layer weight to the hidden units whose degree
-        admits it, and the conditional of the next position needs only its own rows of the output
-        layer, so a sample costs O(L H) with one hidden layer (O(L H^2) with two; direct connections
-        add O(L^2)) instead of a whole network pass per position. Positions not yet drawn contribute
-        nothing; the masks keep every drawn conditional blind to them anyway, so the draws are those of
-        recomputing from the tokens. Inputs and outputs come in blocks of K per position (K = 1
-        binary, V otherwise). `components` (r,), one hidden layer and natural-order masks only: row i
-        uses the degrees of mask `components[i]` (the masks then differ in their hidden degrees alone).
+        Setting x_p adds one column block of the masked first-layer weight to the pre-activation, and
+        the conditional of the next position needs only its own rows of the output layer, so a sample
+        costs O(L H) with one hidden layer (O(L H^2) with two; direct connections add O(L^2)) instead
+        of a whole network pass per position. Positions not yet drawn contribute nothing; the masks
+        keep every drawn conditional blind to them anyway, so the draws are those of recomputing from
+        the tokens. Inputs and outputs come in blocks of K per position (K = 1 binary, V otherwise).
+        `components` (r,), one hidden layer and natural-order masks only: row i uses the hidden degrees
+        of mask `components[i]` (the masks then differ in nothing else).
         """
         first, *deeper = self.hidden_layers
         if components is not None and deeper:
             raise ValueError("per-row mixture components need a MADE with one hidden layer")
         block = self.block
-        degrees = self.first_layer_degrees(components).to(tokens.device)
+        if components is None:  # one mask for every row: mask the weights once
+            degrees, first_weight, output_weight = None, first.masked_weight(), self.output_layer.masked_weight()
+        else:  # a mask per row: the weights stay whole and each row masks its own hidden units
+            degrees = torch.stack([mask.hidden[0] for mask in self.mask_degrees])[components.cpu()].to(tokens.device)
+            first_weight, output_weight = first.weight, self.output_layer.weight  # (H1, L K), (L K, H1)
         deeper_weights = [layer.masked_weight() for layer in deeper]
-        # with one hidden layer, the output mask is applied to the hidden units instead (per row)
-        output_weight = self.output_layer.masked_weight() if deeper else self.output_layer.weight  # (L K, H_last)
         direct_weight = None if self.direct is None else self.direct.masked_weight()
         inputs = encode_inputs(tokens, self.config.vocab_size, first.weight.dtype)
         inputs[:, prefix_len * block :] = 0.0  # only the prefix is known yet
@@ -258,7 +254,7 @@ class MADE(AutoregressiveDensityModel):
                 hidden = torch.relu(pre_activation)
                 for layer, weight in zip(deeper, deeper_weights):
                     hidden = torch.relu(F.linear(hidden, weight, layer.bias))
-                if not deeper:  # the output of rank r reads hidden units of degree < r + 1
+                if degrees is not None:  # the output of rank r reads hidden units of degree < r + 1
                     hidden = hidden * (degrees < rank + 1)
                 flat = F.linear(hidden, output_weight[columns], self.output_layer.bias[columns])
                 if direct_weight is not None:
@@ -267,5 +263,7 @@ class MADE(AutoregressiveDensityModel):
                 chosen = self.choose_tokens(logits, options, generator, guided)
                 tokens[:, position] = chosen
                 inputs[:, columns] = encode_inputs(chosen[:, None], self.config.vocab_size, first.weight.dtype)
-            # a hidden unit of degree m reads the inputs of ranks < m
-            pre_activation = pre_activation + F.linear(inputs[:, columns], first.weight[:, columns]) * (degrees >= rank + 1)
+            contribution = F.linear(inputs[:, columns], first_weight[:, columns])
+            if degrees is not None:  # a hidden unit of degree m reads the inputs of ranks < m
+                contribution = contribution * (degrees >= rank + 1)
+            pre_activation = pre_activation + contribution
