@@ -320,14 +320,21 @@ def likelihood_figures(prior, tokenizer, manifest, tokens, labels, images, confi
 VALIDATION_KEYS = ("nll_nats_per_image", "decoder_nll_nats", "prior_nll_nats", "bits_per_token", "negative_elbo_nats")
 
 
-def validation_figures(prior, tokenizer, tokenset, dataset: ImageDataset, config: CompareConfig, device) -> dict:
+def split_inputs(tokenset, dataset: ImageDataset, split: str, config: CompareConfig, name: str):
+    """(tokens, labels or None, images) of one whole split; its token rows must match its images."""
+    tensors = tokenset.tensors(split)
+    tokens, images = tensors["input_ids"], dataset.splits()[split].images
+    if len(tokens) != len(images):
+        raise RunError(f"{name}: {len(tokens)} {split} token rows but {len(images)} {split} images")
+    labels = tensors.get("label") if config.conditional and tokenset.manifest.num_classes else None
+    return tokens, labels, to_tensor_images(images)
+
+
+def validation_figures(prior, tokenizer, tokenset, dataset: ImageDataset, config: CompareConfig, device,
+                       name: str) -> dict:
     """The NLL figures of the whole validation split, prefixed `val_`."""
-    val = tokenset.tensors("val")
-    if len(val["input_ids"]) != len(dataset.val):
-        raise RunError(f"{len(val['input_ids'])} validation token rows but {len(dataset.val)} validation images")
-    labels = val.get("label") if config.conditional and tokenset.manifest.num_classes else None
-    figures = likelihood_figures(prior, tokenizer, tokenset.manifest, val["input_ids"], labels,
-                                 to_tensor_images(dataset.val.images), config, device)
+    tokens, labels, images = split_inputs(tokenset, dataset, "val", config, name)
+    figures = likelihood_figures(prior, tokenizer, tokenset.manifest, tokens, labels, images, config, device)
     return {f"val_{key}": figures[key] for key in VALIDATION_KEYS if key in figures}
 
 
@@ -355,11 +362,7 @@ def evaluate_model(spec: ModelSpec, run: SharedTokensRun, dataset: ImageDataset,
     tokenset = load_tokenset(run.path("tokens"), tokenizer_dir=tokenizer_dir)
     prior = load_prior(run.path("prior")).to(device).eval()
     manifest = tokenset.manifest
-    test = tokenset.tensors("test")
-    tokens = test["input_ids"]
-    if len(tokens) != len(dataset.test):
-        raise RunError(f"{spec.name}: {len(tokens)} test token rows but {len(dataset.test)} test images")
-    labels = test.get("label") if config.conditional and manifest.num_classes else None
+    tokens, labels, images = split_inputs(tokenset, dataset, "test", config, spec.name)
     row = {
         "name": spec.name, "prior": spec.prior.kind, "tokenizer": manifest.tokenizer_kind,
         "test_items": len(tokens), "sequence_length": manifest.sequence_length, "vocab_size": manifest.vocab_size,
@@ -367,11 +370,10 @@ def evaluate_model(spec: ModelSpec, run: SharedTokensRun, dataset: ImageDataset,
         "tokenizer_parameters": sum(p.numel() for p in tokenizer.parameters()),
         "published_nats": spec.published_nats,
     }
-    images = to_tensor_images(dataset.test.images)
     if getattr(prior, "has_density", True):
         row.update(likelihood_figures(prior, tokenizer, manifest, tokens, labels, images, config, device))
         if config.evaluation.score_validation:
-            row.update(validation_figures(prior, tokenizer, tokenset, dataset, config, device))
+            row.update(validation_figures(prior, tokenizer, tokenset, dataset, config, device, spec.name))
     else:
         row.update(space="-", likelihood="no density")
     samples, seconds_per_image = draw_samples(prior, tokenizer, manifest, config, device)
