@@ -22,6 +22,7 @@ from priors.baselines import (
     MADEConfig,
     NADEConfig,
 )
+from priors.baselines import nade_fused
 from priors.sampling import SamplingOptions
 from helpers.optimize import adam_steps
 
@@ -286,6 +287,42 @@ def test_nade_blocked_pre_activations_are_the_running_sums_with_their_gradients(
     torch.testing.assert_close(blocked_grad, looped_grad)
     cumsum = model.running_pre_activations(tokens) + rearrange(bias, "b h -> b 1 h")  # the categorical path
     torch.testing.assert_close(blocked, cumsum)
+
+
+@pytest.mark.parametrize("seq_len", [1, 7, 8, 9, 17])
+@pytest.mark.parametrize("num_classes,masked", [(0, False), (3, True)])
+def test_nade_fused_cpu_loss_has_the_autograd_loss_and_gradients(seq_len, num_classes, masked, monkeypatch):
+    """Binary NADE's CPU loss computes its gradients inside one blocked pass (`BinaryNADENLL`, blocks
+    of 8 positions): loss and every parameter gradient equal autograd through the base class's loss,
+    with and without class labels and a padding mask, for lengths inside one block and across blocks."""
+    monkeypatch.setattr(nade_fused, "MIN_ELEMENTS", 0)  # the fused pass even at this tiny size
+    original_apply, calls = nade_fused.BinaryNADENLL.apply, []
+
+    def counting_apply(*args):
+        calls.append(args)
+        return original_apply(*args)
+
+    monkeypatch.setattr(nade_fused.BinaryNADENLL, "apply", counting_apply)
+    model = NADE(NADEConfig(vocab_size=2, seq_len=seq_len, num_classes=num_classes, hidden_size=6, label_dropout=0.0))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    batch = {"input_ids": torch.randint(2, (5, seq_len), generator=generator)}
+    if num_classes:
+        batch["label"] = torch.randint(num_classes, (5,), generator=generator)
+    if masked:
+        batch["loss_mask"] = torch.rand(5, seq_len, generator=generator) < 0.7
+    fused, _ = model.loss(batch, "main", 0)
+    fused_grads = torch.autograd.grad(fused, list(model.parameters()))
+    reference, _ = AutoregressiveDensityModel.loss(model, batch, "main", 0)
+    reference_grads = torch.autograd.grad(reference, list(model.parameters()))
+    torch.testing.assert_close(fused, reference)
+    for name, got, expected in zip(dict(model.named_parameters()), fused_grads, reference_grads):
+        torch.testing.assert_close(got, expected, msg=lambda m, name=name: f"{name}: {m}")
+    with torch.no_grad():  # no gradient wanted: the same loss, none computed
+        torch.testing.assert_close(model.loss(batch, "main", 0)[0], reference.detach())
+    assert len(calls) == 2  # the loss above did take the fused pass
 
 
 @pytest.mark.parametrize("vocab_size", [2, 4])

@@ -89,6 +89,12 @@ class MaskedLinear(nn.Linear):
         return F.linear(x, self.masked_weight(), self.bias)
 
 
+def nll_metrics(nll: Tensor) -> dict[str, Tensor]:
+    """The logged figures of a mean NLL per token (nats)."""
+    detached = nll.detach()
+    return {"nll_per_token": detached, "bits_per_token": detached / math.log(2.0)}
+
+
 def binary_to_categorical_logits(logit: Tensor) -> Tensor:
     """(... ) Bernoulli logit of token 1 -> (... 2) categorical logits [0, logit].
 
@@ -247,8 +253,7 @@ class AutoregressiveDensityModel(BaselinePrior):
             weights = mask.to(self.device).flatten().float()
             nll = F.cross_entropy(logits.float().flatten(0, 1), input_ids.flatten(), reduction="none")
             nll = (nll * weights).sum() / weights.sum().clamp_min(1.0)
-        detached = nll.detach()
-        return nll, {"nll_per_token": detached, "bits_per_token": detached / math.log(2.0)}
+        return nll, nll_metrics(nll)
 
     # ---- sampling -------------------------------------------------------------------------
     def prepare_sampling(self, n: int, label: Tensor | int | None, prefix: Tensor | None, options: SamplingOptions):

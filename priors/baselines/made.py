@@ -41,6 +41,7 @@ from priors.baselines.common import (
     binary_to_categorical_logits,
     check_sizes,
     config_from_dict,
+    nll_metrics,
 )
 from priors.baselines.fvsbn import encode_inputs
 from priors.baselines.made_masks import connectivity_masks, mask_degrees
@@ -172,8 +173,7 @@ class MADE(AutoregressiveDensityModel):
         log_probs = self.log_prob(batch["input_ids"], label, mask)
         tokens = log_probs.new_tensor(batch["input_ids"].numel() if mask is None else float(mask.sum()))
         nll = -log_probs.sum() / tokens.clamp_min(1.0)
-        detached = nll.detach()
-        return nll, {"nll_per_token": detached, "bits_per_token": detached / math.log(2.0)}
+        return nll, nll_metrics(nll)
 
     # ---- sampling -------------------------------------------------------------------------
     def prefix_log_probs(self, tokens: Tensor, classes: Tensor, prefix_len: int) -> Tensor:

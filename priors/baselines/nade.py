@@ -30,7 +30,9 @@ from priors.baselines.common import (
     binary_to_categorical_logits,
     check_sizes,
     config_from_dict,
+    nll_metrics,
 )
+from priors.baselines import nade_fused
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +132,25 @@ class NADE(AutoregressiveDensityModel):
         running = rearrange(within, "n (t b) h -> n t b h", b=batch) + rearrange(before, "n b h -> n 1 b h")
         running = rearrange(running, "n t b h -> (n t) b h")
         return running[:seq_len] if padding else running  # (slicing costs a zero-filled gradient)
+
+    def loss(self, batch: dict, phase: str, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """The base class's mean NLL per token; binary tokens on the CPU take `BinaryNADENLL`, which
+        computes the same loss and gradients in one cache-sized pass (2-3x faster a step there) once
+        the batch is large enough. On a GPU the blocked matmuls stay: its bandwidth suits them, and a
+        loop of small kernels does not."""
+        input_elements = batch["input_ids"].numel() * self.config.hidden_size
+        if self.block > 1 or self.device.type != "cpu" or input_elements < nade_fused.MIN_ELEMENTS:
+            return super().loss(batch, phase, step)
+        input_ids = self.check_tokens(batch["input_ids"].to(self.device))
+        mask = batch.get("loss_mask")
+        weights = torch.ones(input_ids.shape) if mask is None else mask.to(self.device).float()
+        label = batch.get("label") if self.config.num_classes > 0 else None
+        bias = self.hidden_bias(self.drop_labels(label, input_ids.shape[0]))
+        inputs = self.mask_inputs(input_ids, mask).to(self.input_weight.dtype)
+        total = nade_fused.BinaryNADENLL.apply(inputs, weights.to(inputs.dtype), bias, self.input_weight[:, 0],
+                                    self.output_weight[:, :, 0], self.output_bias[:, 0])
+        nll = total / weights.sum().clamp_min(1.0)
+        return nll, nll_metrics(nll)
 
     def next_token_logits(self, input_ids: Tensor, position: int, class_index: Tensor) -> Tensor:
         # one position's a_t only: O(t H + H V) rather than the whole sequence
