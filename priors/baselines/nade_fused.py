@@ -34,6 +34,7 @@ class BinaryNADENLL(torch.autograd.Function):
     h_t = sigmoid(bias + sum_{s<t} x_s W_s). Gradients flow to bias, W, V and out_bias."""
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)  # sums of 784 terms: not in bf16
     def forward(ctx, x: Tensor, weights: Tensor, bias: Tensor, W: Tensor, V: Tensor, out_bias: Tensor) -> Tensor:
         need_grad = any(ctx.needs_input_grad)
         seq_len = x.shape[1]
@@ -66,6 +67,7 @@ class BinaryNADENLL(torch.autograd.Function):
         return total
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad: Tensor):
         grad_bias, grad_W, grad_V, grad_out_bias = ctx.saved_tensors
         return None, None, grad * grad_bias, grad * grad_W, grad * grad_V, grad * grad_out_bias
