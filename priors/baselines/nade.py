@@ -135,7 +135,7 @@ class NADE(AutoregressiveDensityModel):
 
     def loss(self, batch: dict, phase: str, step: int) -> tuple[Tensor, dict[str, Tensor]]:
         """The base class's mean NLL per token; binary tokens on the CPU take `BinaryNADENLL`, which
-        computes the same loss and gradients in one cache-sized pass (2-3x faster a step there) once
+        computes the same loss and gradients in one cache-sized pass (2.9x faster a step at batch 100) once
         the batch is large enough. On a GPU the blocked matmuls stay: its bandwidth suits them, and a
         loop of small kernels does not."""
         input_elements = batch["input_ids"].numel() * self.config.hidden_size
@@ -147,8 +147,9 @@ class NADE(AutoregressiveDensityModel):
         label = batch.get("label") if self.config.num_classes > 0 else None
         bias = self.hidden_bias(self.drop_labels(label, input_ids.shape[0]))
         inputs = self.mask_inputs(input_ids, mask).to(self.input_weight.dtype)
-        total = nade_fused.BinaryNADENLL.apply(inputs, weights.to(inputs.dtype), bias, self.input_weight[:, 0],
-                                    self.output_weight[:, :, 0], self.output_bias[:, 0])
+        total = nade_fused.BinaryNADENLL.apply(
+            inputs, weights.to(inputs.dtype), bias, self.input_weight[:, 0], self.output_weight[:, :, 0], self.output_bias[:, 0]
+        )
         nll = total / weights.sum().clamp_min(1.0)
         return nll, nll_metrics(nll)
 
