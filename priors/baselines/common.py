@@ -240,13 +240,17 @@ class AutoregressiveDensityModel(BaselinePrior):
     def phases(self, step: int) -> list[str]:
         return ["main"]
 
+    def training_batch(self, batch: dict) -> tuple[Tensor, Tensor | None, Tensor]:
+        """(checked tokens, `loss_mask` or None, class indices with labels dropped) of a training batch."""
+        input_ids = self.check_tokens(batch["input_ids"].to(self.device))
+        label = batch.get("label") if self.config.num_classes > 0 else None
+        return input_ids, batch.get("loss_mask"), self.drop_labels(label, input_ids.shape[0])
+
     def loss(self, batch: dict, phase: str, step: int) -> tuple[Tensor, dict[str, Tensor]]:
         """Mean negative log-likelihood per token (nats) of `batch["input_ids"]`, over the tokens of
         `batch["loss_mask"]` when the batch has one."""
-        input_ids = self.check_tokens(batch["input_ids"].to(self.device))
-        mask = batch.get("loss_mask")
-        label = batch.get("label") if self.config.num_classes > 0 else None
-        logits = self.token_logits(self.mask_inputs(input_ids, mask), self.drop_labels(label, input_ids.shape[0]))
+        input_ids, mask, class_index = self.training_batch(batch)
+        logits = self.token_logits(self.mask_inputs(input_ids, mask), class_index)
         if mask is None:
             nll = F.cross_entropy(logits.float().flatten(0, 1), input_ids.flatten())
         else:

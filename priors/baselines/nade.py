@@ -141,11 +141,9 @@ class NADE(AutoregressiveDensityModel):
         input_elements = batch["input_ids"].numel() * self.config.hidden_size
         if self.block > 1 or self.device.type != "cpu" or input_elements < nade_fused.MIN_ELEMENTS:
             return super().loss(batch, phase, step)
-        input_ids = self.check_tokens(batch["input_ids"].to(self.device))
-        mask = batch.get("loss_mask")
+        input_ids, mask, class_index = self.training_batch(batch)
         weights = torch.ones(input_ids.shape) if mask is None else mask.to(self.device).float()
-        label = batch.get("label") if self.config.num_classes > 0 else None
-        bias = self.hidden_bias(self.drop_labels(label, input_ids.shape[0]))
+        bias = self.hidden_bias(class_index)
         inputs = self.mask_inputs(input_ids, mask).to(self.input_weight.dtype)
         total = nade_fused.BinaryNADENLL.apply(
             inputs, weights.to(inputs.dtype), bias, self.input_weight[:, 0], self.output_weight[:, :, 0], self.output_bias[:, 0]
