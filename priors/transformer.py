@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from priors.decode import DecodeRequest, decode_cached, decode_recompute
 from priors.sampling import SamplingOptions
+from priors.token_nll import mean_token_nll, nll_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -201,13 +202,8 @@ class TransformerPrior(nn.Module):
             dropped = torch.rand(batch_size, device=input_ids.device) < self.config.label_dropout
             cond = torch.where(dropped, torch.full_like(cond, self.config.null_token), cond)
         logits = self.image_logits(self._mask_inputs(input_ids, mask), cond)
-        nll = F.cross_entropy(rearrange(logits.float(), "b l v -> (b l) v"), rearrange(input_ids, "b l -> (b l)"),
-                              reduction="mean" if mask is None else "none")
-        if mask is not None:
-            weights = rearrange(mask, "b l -> (b l)").to(nll.dtype)
-            nll = (nll * weights).sum() / weights.sum().clamp_min(1.0)
-        detached = nll.detach()
-        return nll, {"nll_per_token": detached, "bits_per_token": detached / math.log(2)}
+        nll = mean_token_nll(logits, input_ids, mask)
+        return nll, nll_metrics(nll)
 
     def _check_tokens(self, input_ids: Tensor) -> None:
         if input_ids.dim() != 2 or input_ids.shape[1] != self.config.seq_len:

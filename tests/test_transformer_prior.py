@@ -173,6 +173,13 @@ def test_loss_gradients_flow_and_label_dropout(architecture):
         eval_loss, _ = prior.loss(batch, "main", step=0)
         expected = -prior.log_prob(batch["input_ids"], batch["label"]).mean() / 6
     assert eval_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    # With a loss mask only the kept tokens count: the masked log_prob over the number kept.
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0]] * 2 + [[1, 1, 1, 1, 1, 1]] * 2, dtype=torch.bool)
+    with torch.no_grad():
+        masked_loss, _ = prior.loss({**batch, "loss_mask": mask}, "main", step=0)
+        expected = -prior.log_prob(batch["input_ids"], batch["label"], mask).sum() / mask.sum()
+    assert masked_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert masked_loss.item() != pytest.approx(eval_loss.item(), rel=1e-3)
 
 
 def test_config_errors_and_registry():

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 from pathlib import Path
 from typing import ClassVar
 
@@ -28,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from priors.sampling import SamplingOptions, apply_guidance, draw, filter_logits
+from priors.token_nll import mean_token_nll, nll_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -87,12 +87,6 @@ class MaskedLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.masked_weight(), self.bias)
-
-
-def nll_metrics(nll: Tensor) -> dict[str, Tensor]:
-    """The logged figures of a mean NLL per token (nats)."""
-    detached = nll.detach()
-    return {"nll_per_token": detached, "bits_per_token": detached / math.log(2.0)}
 
 
 def binary_to_categorical_logits(logit: Tensor) -> Tensor:
@@ -251,12 +245,7 @@ class AutoregressiveDensityModel(BaselinePrior):
         `batch["loss_mask"]` when the batch has one."""
         input_ids, mask, class_index = self.training_batch(batch)
         logits = self.token_logits(self.mask_inputs(input_ids, mask), class_index)
-        if mask is None:
-            nll = F.cross_entropy(logits.float().flatten(0, 1), input_ids.flatten())
-        else:
-            weights = mask.to(self.device).flatten().float()
-            nll = F.cross_entropy(logits.float().flatten(0, 1), input_ids.flatten(), reduction="none")
-            nll = (nll * weights).sum() / weights.sum().clamp_min(1.0)
+        nll = mean_token_nll(logits, input_ids, mask)
         return nll, nll_metrics(nll)
 
     # ---- sampling -------------------------------------------------------------------------

@@ -41,11 +41,11 @@ from priors.baselines.common import (
     binary_to_categorical_logits,
     check_sizes,
     config_from_dict,
-    nll_metrics,
 )
 from priors.baselines.fvsbn import encode_inputs
 from priors.baselines.made_masks import connectivity_masks, mask_degrees
 from priors.sampling import draw
+from priors.token_nll import nll_metrics
 
 logger = logging.getLogger(__name__)
 

@@ -30,9 +30,9 @@ from priors.baselines.common import (
     binary_to_categorical_logits,
     check_sizes,
     config_from_dict,
-    nll_metrics,
 )
 from priors.baselines import nade_fused
+from priors.token_nll import nll_metrics
 
 logger = logging.getLogger(__name__)
 
