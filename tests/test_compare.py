@@ -133,6 +133,19 @@ def test_validation_figures_score_the_validation_split_when_asked(comparison):
     assert "(val " in (directory / "comparison.md").read_text()
 
 
+def test_code_search_tightens_the_two_stage_bound(tmp_path):
+    # 4 codes and 20 test images keep the search (49 positions x 3 other codes per image) to seconds.
+    assert main(["compare", str(TINY), f"output_dir={tmp_path}", 'only=["two_stage"]', "data.max_test=20",
+                 "models.two_stage.tokenizer.quantizer.codebook_size=4", "evaluation.code_search_sweeps=1",
+                 "evaluation.sample_quality=false"]) == 0
+    row = json.loads((tmp_path / "compare_tiny" / "comparison.json").read_text())["models"][0]
+    assert row["encoder_bound_nats"] == pytest.approx(row["decoder_nll_nats"] + row["prior_nll_nats"])
+    assert row["nll_nats_per_image"] == pytest.approx(row["searched_decoder_nll_nats"] + row["searched_prior_nll_nats"])
+    assert row["nll_nats_per_image"] < row["encoder_bound_nats"] and row["searched_changed_tokens"] > 0
+    assert row["likelihood"].startswith("bound (two-stage, codes searched")
+    assert "searched codes:" in (tmp_path / "compare_tiny" / "comparison.md").read_text()
+
+
 def test_model_overrides_reach_one_or_every_model():
     config = load_compare_config(TINY, ["models.nade.training.max_steps=3", "models.*.training.batch_size=7"])
     specs = {spec.name: spec for spec in config.models}

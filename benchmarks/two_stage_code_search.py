@@ -1,0 +1,99 @@
+"""How much the code search tightens a trained two-stage bound, on a random subset of a split.
+
+    python benchmarks/two_stage_code_search.py configs/compare/binarized_mnist_cpu.toml \
+        /tmp/runs/compare_binarized_mnist_cpu transformer_vq --items 500 --out search.json
+
+`tokgen compare ... evaluation.code_search_sweeps=1` scores the whole split, which on a CPU takes
+hours (sequence_length * (vocab_size - 1) decoder and prior passes per image). This scores `--items`
+images drawn at random from the split (never a prefix: the test split is sorted by class) and reports
+the paired gain over the encoder's codes with its standard error, and what that gain predicts for the
+whole split: an estimate, labelled as one. Pass the compare config and overrides the run used, so
+the data match.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from pipelines.code_search import search_codes
+from pipelines.compare import load_compare_config, prepare_dataset, split_inputs, token_grids
+from pipelines.data import load_image_dataset
+from pipelines.tokenset import load_tokenset
+from priors import load_prior
+from tokenizers_vq import load_tokenizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="the compare config the run used")
+    parser.add_argument("directory", help="the comparison's folder (comparison.json, models/, tokenizers/)")
+    parser.add_argument("model", help="the two-stage model's name in the comparison")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, as for tokgen compare")
+    parser.add_argument("--split", default="test", choices=["val", "test"])
+    parser.add_argument("--items", type=int, default=500, help="images drawn at random from the split")
+    parser.add_argument("--sweeps", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="", help="JSON file for the figures (printed either way)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    config = load_compare_config(args.config, args.overrides)
+    directory = Path(args.directory)
+    rows = {row["name"]: row for row in json.loads((directory / "comparison.json").read_text())["models"]}
+    if args.model not in rows:
+        raise SystemExit(f"{directory / 'comparison.json'} has no model {args.model!r}; it has {sorted(rows)}")
+    tokenizer_dir = directory / "tokenizers" / rows[args.model]["tokenizer_folder"]
+    tokenizer = load_tokenizer(tokenizer_dir / "tokenizer").eval()
+    tokenset = load_tokenset(tokenizer_dir / "tokens", tokenizer_dir=tokenizer_dir / "tokenizer")
+    prior = load_prior(directory / "models" / args.model / "prior").eval()
+    manifest = tokenset.manifest
+    dataset = prepare_dataset(load_image_dataset(config.data), config.binarize, config.conditional)
+    tokens, labels, images = split_inputs(tokenset, dataset, args.split, config, args.model)
+    chosen = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(args.seed))[: args.items]
+
+    def log_joint(x, z, y):
+        return tokenizer.decoder_log_likelihood(x, token_grids(z, manifest)).double() + prior.log_prob(z, y).double()
+
+    start_joint, joint, changed = [], [], []
+    started = time.perf_counter()
+    for batch in chosen.split(args.batch_size):
+        result = search_codes(log_joint, images[batch], tokens[batch], None if labels is None else labels[batch],
+                              manifest.vocab_size, args.sweeps)
+        start_joint.append(result.start_log_joint)
+        joint.append(result.log_joint)
+        changed.append(result.changed_positions.double())
+        print(f"{sum(len(j) for j in joint)}/{len(chosen)} images: encoder {-torch.cat(start_joint).mean():.3f}, "
+              f"searched {-torch.cat(joint).mean():.3f} nats", flush=True)
+    seconds = time.perf_counter() - started
+    gain = torch.cat(joint) - torch.cat(start_joint)
+    whole_split = rows[args.model].get("nll_nats_per_image" if args.split == "test" else "val_nll_nats_per_image")
+    figures = {
+        "model": args.model, "split": args.split, "items": len(chosen), "split_items": len(tokens),
+        "sweeps": args.sweeps, "sequence_length": manifest.sequence_length, "vocab_size": manifest.vocab_size,
+        "encoder_bound_nats": -torch.cat(start_joint).mean().item(),
+        "searched_bound_nats": -torch.cat(joint).mean().item(),
+        "gain_nats": gain.mean().item(),
+        "gain_standard_error": (gain.std() / math.sqrt(len(gain))).item() if len(gain) > 1 else None,
+        "changed_tokens_per_image": torch.cat(changed).mean().item(),
+        "seconds_per_image": seconds / len(chosen),
+        "whole_split_encoder_bound_nats": whole_split,
+        "whole_split_searched_bound_estimate_nats": None if whole_split is None else whole_split - gain.mean().item(),
+        "machine": platform.processor() or platform.machine(), "threads": args.threads, "torch": torch.__version__,
+    }
+    print(json.dumps(figures, indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
