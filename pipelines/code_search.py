@@ -12,6 +12,7 @@ joint rises, so the bound never gets worse than the encoder's.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -28,6 +29,9 @@ class SearchResult:
     start_log_joint: Tensor  # (n,) log p(x | z) + log p(z) at the encoder's codes (float64)
     log_joint: Tensor  # (n,) the same at the searched codes; never below start_log_joint
     changed_positions: Tensor  # (n,) how many tokens differ from the encoder's
+    # (n,) log sum_z p(x, z) over every distinct z the search scored: p(x) is at least that sum, so this
+    # bound is tighter still (the codes near the best one add their probability).
+    log_sum_joint: Tensor
 
 
 @torch.no_grad()
@@ -45,6 +49,7 @@ def search_codes(log_joint: JointLogProb, images: Tensor, tokens: Tensor, labels
     current = tokens.clone()
     start = log_joint(images, current, labels).double()
     best = start.clone()
+    visited, visited_scores = [rearrange(current, "n l -> n 1 l")], [rearrange(start, "n -> n 1")]
     offsets = repeat(torch.arange(1, vocab_size, device=tokens.device), "a -> (a n)", n=count)
     repeated_images = repeat(images, "n ... -> (a n) ...", a=alternatives)
     repeated_labels = None if labels is None else repeat(labels, "n -> (a n)", a=alternatives)
@@ -53,9 +58,25 @@ def search_codes(log_joint: JointLogProb, images: Tensor, tokens: Tensor, labels
             trial = repeat(current, "n l -> (a n) l", a=alternatives).clone()
             trial[:, position] = (trial[:, position] + offsets) % vocab_size  # every token but the current one
             scores = rearrange(log_joint(repeated_images, trial, repeated_labels).double(), "(a n) -> n a", a=alternatives)
+            visited.append(rearrange(trial, "(a n) l -> n a l", a=alternatives))
+            visited_scores.append(scores)
             top_score, top_index = scores.max(dim=1)
             better = top_score > best  # strict: a tie keeps the current token
             chosen = rearrange(trial[:, position], "(a n) -> n a", a=alternatives).gather(1, top_index[:, None])[:, 0]
             current[:, position] = torch.where(better, chosen, current[:, position])
             best = torch.where(better, top_score, best)
-    return SearchResult(current, start, best, (current != tokens).sum(dim=1))
+    return SearchResult(current, start, best, (current != tokens).sum(dim=1),
+                        distinct_log_sum(torch.cat(visited, dim=1), torch.cat(visited_scores, dim=1)))
+
+
+def distinct_log_sum(codes: Tensor, scores: Tensor) -> Tensor:
+    """(n k L) codes scored (n k) -> (n,) logsumexp over each image's distinct codes, each counted once.
+
+    A later sweep can score a code again (one it had left, say); counting it twice would overstate p(x).
+    """
+    sums = []
+    for image_codes, image_scores in zip(codes, scores):
+        unique, inverse = torch.unique(image_codes, dim=0, return_inverse=True)
+        once = image_scores.new_full((len(unique),), -math.inf).scatter_reduce(0, inverse, image_scores, "amax")
+        sums.append(torch.logsumexp(once, dim=0))
+    return torch.stack(sums)

@@ -31,7 +31,7 @@ def kind_cell(row: dict) -> str:
     if "negative_elbo_nats" in row:
         parts.append(f"-ELBO {_number(row['negative_elbo_nats'])}")
     if "searched_decoder_nll_nats" in row:
-        parts.append(f"searched codes: -log p(x \\| z) {_number(row['searched_decoder_nll_nats'])} + -log p_prior(z) "
+        parts.append(f"best searched code: -log p(x \\| z) {_number(row['searched_decoder_nll_nats'])} + -log p_prior(z) "
                      f"{_number(row['searched_prior_nll_nats'])}, {_number(row['searched_changed_tokens'])} tokens changed "
                      f"per image; the encoder's codes: {_number(row['encoder_bound_nats'])}")
     elif "decoder_nll_nats" in row:
@@ -62,8 +62,9 @@ def markdown_table(report: dict) -> str:
     lines += ["", "Kinds: *exact* = the model's own likelihood of the (binarised) pixels; *estimate* = the VAE's "
               "importance-weighted estimate with k samples (a stochastic lower bound on log p, so its NLL is an upper "
               "estimate; the negative ELBO is in comparison.json); *bound (two-stage)* = -log p(x | z) - log p_prior(z) "
-              "with z = encode(x), an upper bound on the two-stage model's NLL (*codes searched*: z chosen per image to "
-              "minimise that sum, still a bound since p(x) >= p(x | z) p_prior(z) for every z); *tokens only* = NLL of the token "
+              "with z = encode(x), an upper bound on the two-stage model's NLL (*codes searched*: -log of the sum of "
+              "p(x | z) p_prior(z) over the distinct codes z that a search of each image's codes scored, still a bound "
+              "since p(x) is the sum over all z); *tokens only* = NLL of the token "
               "sequence, not comparable with image NLLs; *no density* = a GAN (judge it by the Frechet distance in "
               "tokgen's classifier features, beside the real-vs-real floor). Training time excludes a shared "
               "tokenizer's (see tokenizer_train_seconds in comparison.json). A model whose training sets `eval_every` "
