@@ -7,7 +7,9 @@ in all: one whose tokens the prior finds likelier for a small loss in the decode
 rate-distortion optimised quantisation as video codecs do it (distortion -log p(x | z), rate
 -log p(z), weight 1), here by coordinate ascent: in raster order, each position takes the token that
 maximises log p(x | z) + log p_prior(z) with the rest held fixed. A position changes only when the
-joint rises, so the bound never gets worse than the encoder's.
+joint rises, so the bound never gets worse than the encoder's. Any set of distinct codes bounds it
+too, -log p(x) <= -log sum_{z in S} p(x | z) p_prior(z), so the search also sums over every code it
+scored: the codes beside the best one add their share at no extra cost.
 """
 
 from __future__ import annotations

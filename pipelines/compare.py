@@ -10,7 +10,8 @@ what kind of number it is: "exact" (autoregressive models on pixels), "estimate"
 importance-weighted estimate, Burda et al. 2016, with its ELBO beside it), "bound (two-stage)"
 (a tokenizer whose decoder defines log p(x | z): -log p(x | z) - log p_prior(z) with z = encode(x),
 the negative ELBO of the deterministic posterior, an upper bound on the NLL of the induced model
-p(x) = sum_z p(x | z) p_prior(z)), "tokens only" (a prior over tokens of a decoder without a
+p(x) = sum_z p(x | z) p_prior(z); with `code_search_sweeps` the codes of each image are searched and the
+sum runs over every code scored, a tighter bound: see `pipelines/code_search.py`), "tokens only" (a prior over tokens of a decoder without a
 likelihood) or "no density" (the GAN). It also gives parameter counts, training time, sampling
 time per image and a sample grid, and a sample-quality score (Frechet distance in the features of
 tokgen's own classifier, with the real-vs-real floor) so that a GAN is not left without a number.
