@@ -22,6 +22,7 @@ import torch
 from einops import rearrange, repeat
 from torch import Tensor
 
+MAX_CODES_PER_IMAGE = 50_000  # beyond this the search takes too long and its record of scored codes too much memory
 JointLogProb = Callable[[Tensor, Tensor, Tensor | None], Tensor]  # (images, tokens, labels) -> (n,) nats
 
 
@@ -47,6 +48,10 @@ def search_codes(log_joint: JointLogProb, images: Tensor, tokens: Tensor, labels
     if sweeps < 1:
         raise ValueError(f"code search needs sweeps >= 1, got {sweeps}")
     count, length = tokens.shape
+    if sweeps * length * (vocab_size - 1) > MAX_CODES_PER_IMAGE:
+        raise ValueError(f"code search would score {sweeps * length * (vocab_size - 1):,} codes per image "
+                         f"({sweeps} sweeps x {length} positions x {vocab_size - 1} other tokens), over "
+                         f"{MAX_CODES_PER_IMAGE:,}; it is meant for small codebooks (4-16 codes) and short sequences")
     alternatives = vocab_size - 1
     current = tokens.clone()
     start = log_joint(images, current, labels).double()

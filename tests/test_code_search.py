@@ -67,6 +67,8 @@ def test_search_from_the_best_codes_changes_nothing(two_stage):
     assert torch.equal(result.tokens, best) and (result.changed_positions == 0).all()
     with pytest.raises(ValueError, match="sweeps"):
         search_codes(log_joint, x, best, None, CODES, sweeps=0)
+    with pytest.raises(ValueError, match="small codebooks"):
+        search_codes(log_joint, x, best, None, 20_000, sweeps=1)
 
 
 def test_distinct_log_sum_counts_each_code_once():
