@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from pipelines.code_search import search_codes
-from pipelines.compare import load_compare_config, prepare_dataset, split_inputs, token_grids
+from pipelines.code_search import search_codes_in_batches
+from pipelines.compare import load_compare_config, prepare_dataset, split_inputs, two_stage_log_joint
 from pipelines.data import load_image_dataset
 from pipelines.tokenset import load_tokenset
 from priors import load_prior
@@ -60,33 +60,22 @@ def main() -> None:
     tokens, labels, images = split_inputs(tokenset, dataset, args.split, config, args.model)
     chosen = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(args.seed))[: args.items]
 
-    def log_joint(x, z, y):
-        return tokenizer.decoder_log_likelihood(x, token_grids(z, manifest)).double() + prior.log_prob(z, y).double()
-
-    start_joint, joint, sums, changed = [], [], [], []
     started = time.perf_counter()
-    for batch in chosen.split(args.batch_size):
-        result = search_codes(log_joint, images[batch], tokens[batch], None if labels is None else labels[batch],
-                              manifest.vocab_size, args.sweeps)
-        start_joint.append(result.start_log_joint)
-        joint.append(result.log_joint)
-        sums.append(result.log_sum_joint)
-        changed.append(result.changed_positions.double())
-        print(f"{sum(len(j) for j in joint)}/{len(chosen)} images: encoder {-torch.cat(start_joint).mean():.3f}, "
-              f"best searched code {-torch.cat(joint).mean():.3f}, sum over the codes scored "
-              f"{-torch.cat(sums).mean():.3f} nats", flush=True)
+    result = search_codes_in_batches(two_stage_log_joint(tokenizer, prior, manifest), images[chosen], tokens[chosen],
+                                     None if labels is None else labels[chosen], manifest.vocab_size, args.sweeps,
+                                     args.batch_size, "cpu")
     seconds = time.perf_counter() - started
-    gain = torch.cat(sums) - torch.cat(start_joint)
+    gain = result.log_sum_joint - result.start_log_joint
     whole_split = rows[args.model].get("nll_nats_per_image" if args.split == "test" else "val_nll_nats_per_image")
     figures = {
         "model": args.model, "split": args.split, "items": len(chosen), "split_items": len(tokens),
         "sweeps": args.sweeps, "sequence_length": manifest.sequence_length, "vocab_size": manifest.vocab_size,
-        "encoder_bound_nats": -torch.cat(start_joint).mean().item(),
-        "best_searched_code_nats": -torch.cat(joint).mean().item(),
-        "searched_bound_nats": -torch.cat(sums).mean().item(),  # what compare reports: the sum over codes scored
+        "encoder_bound_nats": -result.start_log_joint.mean().item(),
+        "best_searched_code_nats": -result.log_joint.mean().item(),
+        "searched_bound_nats": -result.log_sum_joint.mean().item(),  # what compare reports: the sum over codes scored
         "gain_nats": gain.mean().item(),
         "gain_standard_error": (gain.std() / math.sqrt(len(gain))).item() if len(gain) > 1 else None,
-        "changed_tokens_per_image": torch.cat(changed).mean().item(),
+        "changed_tokens_per_image": result.changed_positions.double().mean().item(),
         "seconds_per_image": seconds / len(chosen),
         "whole_split_encoder_bound_nats": whole_split,
         "whole_split_searched_bound_estimate_nats": None if whole_split is None else whole_split - gain.mean().item(),

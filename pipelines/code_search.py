@@ -15,12 +15,13 @@ scored: the codes beside the best one add their share at no extra cost.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
 from einops import rearrange, repeat
 from torch import Tensor
+from tqdm.auto import tqdm
 
 MAX_CODES_PER_IMAGE = 50_000  # beyond this the search takes too long and its record of scored codes too much memory
 JointLogProb = Callable[[Tensor, Tensor, Tensor | None], Tensor]  # (images, tokens, labels) -> (n,) nats
@@ -74,6 +75,18 @@ def search_codes(log_joint: JointLogProb, images: Tensor, tokens: Tensor, labels
             best = torch.where(better, top_score, best)
     return SearchResult(current, start, best, (current != tokens).sum(dim=1),
                         distinct_log_sum(torch.cat(visited, dim=1), torch.cat(visited_scores, dim=1)))
+
+
+def search_codes_in_batches(log_joint: JointLogProb, images: Tensor, tokens: Tensor, labels: Tensor | None,
+                            vocab_size: int, sweeps: int, batch_size: int, device) -> SearchResult:
+    """`search_codes` over a whole split, `batch_size` images at a time on `device`; the result on the CPU."""
+    parts = []
+    for start in tqdm(range(0, len(tokens), batch_size), desc="code search", leave=False):
+        chunk = slice(start, start + batch_size)
+        result = search_codes(log_joint, images[chunk].to(device), tokens[chunk].to(device),
+                              None if labels is None else labels[chunk].to(device), vocab_size, sweeps)
+        parts.append([getattr(result, field.name).cpu() for field in fields(result)])
+    return SearchResult(*(torch.cat(column) for column in zip(*parts)))
 
 
 def distinct_log_sum(codes: Tensor, scores: Tensor) -> Tensor:

@@ -35,10 +35,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from pipelines.classifier import ClassifierConfig, load_or_train_classifier
-from pipelines.code_search import search_codes
+from pipelines.code_search import search_codes_in_batches
 from pipelines.compare_report import write_reports
 from pipelines.config import (PRIOR_FIELDS_FROM_MANIFEST, ComponentSection, ConfigError, RunConfig,
                               _component_section, apply_overrides, build_dataclass, fingerprint)
@@ -326,33 +325,29 @@ def likelihood_figures(prior, tokenizer, manifest, tokens, labels, images, confi
     return figures
 
 
+def two_stage_log_joint(tokenizer, prior, manifest):
+    """(images, flat tokens, labels) -> (n,) log p(x | z) + log p_prior(z) in nats (float64)."""
+    def log_joint(images, tokens, labels):
+        return (tokenizer.decoder_log_likelihood(images, token_grids(tokens, manifest)).double()
+                + prior.log_prob(tokens, labels).double())
+    return log_joint
+
+
 def searched_code_figures(prior, tokenizer, manifest, tokens, labels, images, config: CompareConfig, device) -> dict:
     """The two-stage bound after a search of each image's codes (`pipelines/code_search.py`): -log of the sum
     of p(x, z) over the distinct codes scored, and the best single code's bound with its two terms."""
-    def log_joint(x, z, y):
-        return (tokenizer.decoder_log_likelihood(x, token_grids(z, manifest)).double()
-                + prior.log_prob(z, y).double())
-
     sweeps, batch_size = config.evaluation.code_search_sweeps, config.evaluation.batch_size
-    joints, sums, searched, changed = [], [], [], []
-    for start in tqdm(range(0, len(tokens), batch_size), desc="code search", leave=False):
-        chunk = slice(start, start + batch_size)
-        result = search_codes(log_joint, images[chunk].to(device), tokens[chunk].to(device),
-                              None if labels is None else labels[chunk].to(device), manifest.vocab_size, sweeps)
-        joints.append(result.log_joint.cpu())
-        sums.append(result.log_sum_joint.cpu())
-        searched.append(result.tokens.cpu())
-        changed.append(result.changed_positions.cpu())
-    joint = torch.cat(joints)
-    decoder = batched_decoder_log_likelihood(tokenizer, images, torch.cat(searched), manifest, batch_size, device)
+    result = search_codes_in_batches(two_stage_log_joint(tokenizer, prior, manifest), images, tokens, labels,
+                                     manifest.vocab_size, sweeps, batch_size, device)
+    decoder = batched_decoder_log_likelihood(tokenizer, images, result.tokens, manifest, batch_size, device)
     return {
-        "nll_nats_per_image": -torch.cat(sums).mean().item(),  # sum over the codes scored: the tightest
-        "searched_best_code_nats": -joint.mean().item(),
+        "nll_nats_per_image": -result.log_sum_joint.mean().item(),  # sum over the codes scored: the tightest
+        "searched_best_code_nats": -result.log_joint.mean().item(),
         "likelihood": f"bound (two-stage, codes searched: {sweeps} sweep{'s' if sweeps > 1 else ''})",
         "code_search_sweeps": sweeps,
         "searched_decoder_nll_nats": -decoder.mean().item(),
-        "searched_prior_nll_nats": -(joint - decoder).mean().item(),
-        "searched_changed_tokens": torch.cat(changed).double().mean().item(),
+        "searched_prior_nll_nats": -(result.log_joint - decoder).mean().item(),
+        "searched_changed_tokens": result.changed_positions.double().mean().item(),
     }
 
 
