@@ -35,6 +35,8 @@ def main() -> None:
     parser.add_argument("--out", default="", help="JSON file for the metrics (printed either way)")
     parser.add_argument("--classifier-cache", default="", help="folder to keep the classifier in between runs")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the codec and the classifier run (default: CUDA when there is one)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -42,7 +44,7 @@ def main() -> None:
     if not config.is_audio:
         raise SystemExit(f"{args.config} is not an audio run config (no [audio_data] section)")
     data = load_audio_dataset(config.audio_data)
-    tokenizer = load_tokenizer(args.tokenizer).eval()
+    tokenizer = load_tokenizer(args.tokenizer).eval().to(args.device)
     waveforms = torch.from_numpy(data.test.waveforms)
     metrics, _, reconstructions = audio_eval.reconstruction_metrics(
         tokenizer, waveforms, torch.as_tensor(data.test.lengths))
@@ -51,17 +53,24 @@ def main() -> None:
         classifier, _ = audio_eval.load_or_train_audio_classifier(
             cache, torch.from_numpy(data.train.waveforms), torch.as_tensor(data.train.labels),
             config.audio.classifier, data.num_classes, config.audio_data.sample_rate,
-            fingerprint={"data": data.source, "train_size": len(data.train)})  # as `evaluate_audio_run` keys it
+            fingerprint={"data": data.source, "train_size": len(data.train)},  # as `evaluate_audio_run` keys it
+            device=args.device)
         features = partial(audio_eval.log_mel_features, config=config.audio.classifier,
                            sample_rate=config.audio_data.sample_rate)
         metrics.update(audio_eval.reconstruction_classifier_metrics(
             classifier, features(reconstructions), features(waveforms), torch.as_tensor(data.test.labels)))
     record = {"config": args.config, "tokenizer": args.tokenizer, "overrides": args.overrides,
-              "machine": f"{platform.machine()} CPU, {args.threads} torch thread(s), torch {torch.__version__}",
+              "machine": _machine(args),
               "metrics": metrics}
     print(json.dumps(record, indent=2, default=float))
     if args.out:
         Path(args.out).write_text(json.dumps(record, indent=2, default=float))
+
+
+def _machine(args) -> str:
+    if args.device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(args.device)}, fp32, torch {torch.__version__}"
+    return f"{platform.machine()} CPU, {args.threads} torch thread(s), torch {torch.__version__}"
 
 
 if __name__ == "__main__":

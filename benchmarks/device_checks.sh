@@ -2,20 +2,25 @@
 # The GPU measurements the open issues still need, as one short call on a lent GPU machine
 # (device time is scarce: about 15 minutes a session, 10 a command). Run from the repo root:
 #
-#   OUT=/tmp/out bash benchmarks/device_checks.sh          # on the GPU machine ($OUT is set there)
-#   OUT=/tmp/out bash benchmarks/device_checks.sh --quick  # a CPU smoke run of the same script
+#   OUT=/tmp/out DATA=.data bash benchmarks/device_checks.sh          # on the GPU machine ($OUT is set there)
+#   OUT=/tmp/out DATA=.data bash benchmarks/device_checks.sh --quick  # a CPU smoke run of the same script
 #
+# DATA holds binarized_mnist.npz and fsdd.npz (copies of ../shared/data, carried to the machine).
 # No pip install there: the checkout runs with PYTHONPATH=. (the machine has torch, transformers,
-# accelerate, einops, safetensors). Each benchmark writes its JSON under $OUT and has its own time
-# limit, so one slow step cannot eat the others' time; a failed step is reported and the rest run.
-# Most important first: quantizer bf16 throughput (issue 3), audio encode/decode speed (issue 4),
-# prior training and sampling throughput (issue 2), tokenizer encode/decode (issue 2), NADE's training step (issue 5).
+# accelerate, einops, safetensors; datasets and soundfile travel as wheels). Each step has its own
+# time limit and trainings stop on `max_minutes`, so one slow step cannot eat the others' time; a
+# failed step is reported and the rest run. Most important first: quantizer bf16 throughput
+# (issue 3), audio encode/decode speed (issue 4), the two-stage binarized-MNIST bound with the code
+# search over the whole test split (issue 5), a GPU-trained audio codec's SI-SNR (issue 4), then
+# prior, tokenizer and NADE speed (issues 2 and 5) if time is left.
 set -u
 : "${OUT:?set OUT to the folder the results go to}"
 mkdir -p "$OUT"
-export PYTHONPATH=. PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+: "${DATA:=.data}"
 quick=()
 [[ "${1:-}" == "--quick" ]] && quick=(--quick)
+runs="$OUT/runs"  # packed into one archive at the end: only 8 files come back from $OUT
 status=0
 
 log="$OUT/checks.log"  # one log: the machine returns at most 8 files from $OUT
@@ -44,12 +49,36 @@ step() {  # step NAME SECONDS command...: run with a time limit, its output appe
 }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || echo "no nvidia-smi"
-  python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; } > "$log" 2>&1
-step quantizers 150 python benchmarks/bench_quantizers.py "${quick[@]}" --out "$OUT/bench_quantizers.json"
-step audio 120 python benchmarks/bench_audio.py "${quick[@]}" --out "$OUT/bench_audio.json"
-step prior 240 python benchmarks/bench_prior.py "${quick[@]}" --out "$OUT/bench_prior.json"
-step tokenizer 90 python benchmarks/bench_tokenizer.py "${quick[@]}" --out "$OUT/bench_tokenizer.json"
+  python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+  python -c "import datasets, pyarrow, soundfile; print('datasets', datasets.__version__, 'pyarrow', pyarrow.__version__)"
+} > "$log" 2>&1
+step quantizers 100 python benchmarks/bench_quantizers.py "${quick[@]}" --out "$OUT/bench_quantizers.json"
+step audio 60 python benchmarks/bench_audio.py "${quick[@]}" --out "$OUT/bench_audio.json"
+
+# Issue 5: the CPU recipe of the 90.35-nat two-stage row (32-channel tokenizer, 4000 steps; LSTM
+# prior, 3000 steps), scored on the whole test split with 2 sweeps of code search.
+if ((${#quick[@]})); then two_stage_steps=(models.rnn_vq.tokenizer_training.max_steps=20 models.rnn_vq.training.max_steps=20
+                                          evaluation.sample_quality=false); else two_stage_steps=(); fi
+step two_stage 200 python -m pipelines.cli compare configs/compare/binarized_mnist_cpu.toml 'only=["rnn_vq"]' \
+    data.path="$DATA/binarized_mnist.npz" output_dir="$runs" evaluation.code_search_sweeps=2 \
+    models.rnn_vq.tokenizer.hidden_channels=32 models.rnn_vq.tokenizer_training.max_steps=4000 \
+    models.rnn_vq.training.max_steps=3000 models.rnn_vq.tokenizer_training.max_minutes=1.5 \
+    models.rnn_vq.training.max_minutes=1 "${two_stage_steps[@]}"
+
+# Issue 4: the GPU config's 64-channel codec for the minutes a call allows (its config asks 20,000 steps).
+codec=(audio_data.path="$DATA/fsdd.npz" output_dir="$runs")
+if ((${#quick[@]})); then codec+=(tokenizer.hidden_channels=8 tokenizer_training.max_steps=10 tokenizer_training.batch_size=4
+                                  tokenizer_training.mixed_precision=no audio.classifier.network.epochs=1)
+else codec+=(tokenizer_training.max_steps=8000 tokenizer_training.warmup_steps=300 tokenizer_training.max_minutes=2.2); fi
+step audio_codec 150 python -m pipelines.cli train-tokenizer configs/pipeline/fsdd_transformer.toml "${codec[@]}"
+step audio_codec_eval 60 python benchmarks/audio_codec_eval.py configs/pipeline/fsdd_transformer.toml \
+    "$runs/fsdd_transformer/tokenizer" "${codec[@]}" --threads 8 --out "$OUT/audio_codec_eval.json"
+
+step prior 120 python benchmarks/bench_prior.py "${quick[@]}" --out "$OUT/bench_prior.json"
+step tokenizer 60 python benchmarks/bench_tokenizer.py "${quick[@]}" --out "$OUT/bench_tokenizer.json"
 # last and short (seconds on a GPU): whether NADE's blocked pre-activations also beat the cumulative sum there
 step nade_training 30 python benchmarks/bench_baseline_training.py "${quick[@]}" --out "$OUT/bench_nade_training.json"
+# the runs' metrics, tables, logs and small models in one file, without checkpoints or the codec's weights
+tar czf "$OUT/runs.tar.gz" --exclude=checkpoints --exclude=tokens --exclude='fsdd_transformer/tokenizer/*.safetensors' -C "$OUT" runs 2>>"$log" && rm -rf "$runs"
 head -3 "$log"
 exit $status

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +73,10 @@ class TrainConfig:
     num_workers: int = 0
     eval_every: int = 0  # 0: evaluate once, at the end (when an eval_fn is given)
     group_learning_rates: dict[str, float] = field(default_factory=dict)  # per param group override
+    # Wall-clock budget of one call (0: none). Past it, training stops at the next log step as if that
+    # were the last (evaluated, checkpointed); a later call resumes towards max_steps. The schedule
+    # still runs to max_steps, so a stopped run ends with the learning rate where it was.
+    max_minutes: float = 0.0
 
     def __post_init__(self):
         if self.lr_schedule not in LR_SCHEDULES:
@@ -87,6 +92,8 @@ class TrainConfig:
         for name in ("max_steps", "warmup_steps", "checkpoint_every", "num_workers", "eval_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.max_minutes < 0:
+            raise ValueError(f"max_minutes must not be negative, got {self.max_minutes}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
         if len(self.betas) != 2:
@@ -325,6 +332,7 @@ def _fit(model, module, optimizers, group_parameters, loader, accelerator, confi
         total=config.max_steps, initial=state.step, desc=description, disable=not accelerator.is_local_main_process
     )
     module.train()
+    deadline = time.monotonic() + 60.0 * config.max_minutes if config.max_minutes > 0 else None
     try:
         while state.step < config.max_steps:
             step = state.step
@@ -350,7 +358,12 @@ def _fit(model, module, optimizers, group_parameters, loader, accelerator, confi
             state.add_to_window(step_metrics)
             progress.update(1)
             progress.set_postfix({k: f"{v:.4g}" for k, v in step_metrics.items() if k.endswith("loss")})
-            last_step = state.step == config.max_steps
+            out_of_time = (deadline is not None and state.step % config.log_every == 0
+                           and _any_process(accelerator, time.monotonic() >= deadline))
+            if out_of_time and state.step < config.max_steps:
+                logger.warning("%s: stopping at step %d of %d, max_minutes=%g reached (training again with resume continues)",
+                               description, state.step, config.max_steps, config.max_minutes)
+            last_step = state.step == config.max_steps or out_of_time
             entry = {}
             if state.step % config.log_every == 0 or last_step:
                 entry.update(state.take_window_means())
@@ -361,6 +374,8 @@ def _fit(model, module, optimizers, group_parameters, loader, accelerator, confi
                 accelerator.log(entry, step=state.step)
             if config.checkpoint_every > 0 and (state.step % config.checkpoint_every == 0 or last_step):
                 last_checkpoint = save_checkpoint(accelerator, state)
+            if out_of_time:
+                break
     finally:
         progress.close()
         batches.close()
@@ -368,6 +383,13 @@ def _fit(model, module, optimizers, group_parameters, loader, accelerator, confi
     for entry in state.history:
         final_metrics.update({k: v for k, v in entry.items() if k != "step"})
     return TrainResult(state.step, final_metrics, state.history, last_checkpoint)
+
+
+def _any_process(accelerator, flag: bool) -> bool:
+    """True on every process when `flag` is true on any: each reads its own clock, all must stop together."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "max").item())
 
 
 def train(

@@ -1,6 +1,7 @@
 """The training loop: it learns, resumes exactly, accumulates, stops on NaN, respects phases, and
 runs twice in one process and across two CPU processes."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -75,6 +76,22 @@ def test_resume_equals_uninterrupted(tmp_path, accumulation):
     assert resumed.steps == expected.steps == 12
     assert resumed.history == expected.history  # bitwise-equal logged losses, before and after step 6
     assert torch.equal(flat_weights(resumed_model), flat_weights(uninterrupted))
+
+
+def test_max_minutes_stops_at_a_log_step_with_a_checkpoint_and_resume_goes_on(tmp_path, caplog):
+    # A budget already spent: the first log step (every 4) ends the call, evaluated and checkpointed.
+    config = small_config(log_every=4, checkpoint_every=100, max_minutes=1e-9)
+    with caplog.at_level(logging.WARNING):
+        stopped = train(TinyRegressor(seed=0), RegressionDataset(), config, tmp_path,
+                        eval_fn=lambda module, step: {"val": 1.0})
+    assert stopped.steps == 4 and stopped.history[-1]["step"] == 4 and stopped.history[-1]["val"] == 1.0
+    assert read_train_state(stopped.checkpoint_dir).step == 4
+    assert "stopping at step 4 of 12" in caplog.text
+    unlimited = dataclasses.replace(config, max_minutes=0.0)
+    resumed = train(TinyRegressor(seed=1), RegressionDataset(), unlimited, tmp_path, resume=True)
+    assert resumed.steps == 12
+    with pytest.raises(ValueError, match="max_minutes"):
+        small_config(max_minutes=-1.0)
 
 
 def test_gradient_accumulation_matches_full_batch(tmp_path):
