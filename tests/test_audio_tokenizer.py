@@ -128,6 +128,20 @@ def test_chunked_decode_equals_whole_decode_with_enough_overlap():
     assert not torch.allclose(model.decode_chunked(tokens, chunk_frames=64, overlap_frames=0), whole, atol=1e-5)
 
 
+def test_batched_windows_keep_each_clip_and_window_in_place():
+    # Two clips, windows run 1, 3 or all at a time: the same tokens and audio as the whole clip.
+    model = AudioVQVAE(tiny_config()).eval()
+    x = audio(batch=2, length=3001, seed=5)
+    whole = model.encode(x)
+    assert whole.shape[0] == 2 and not torch.equal(whole[0], whole[1])
+    for windows_per_batch in (1, 3, 64):
+        assert torch.equal(model.encode_chunked(x, chunk_samples=400, windows_per_batch=windows_per_batch), whole)
+        decoded = model.decode_chunked(whole, chunk_frames=8, windows_per_batch=windows_per_batch)
+        torch.testing.assert_close(decoded, model.decode(whole), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="windows_per_batch"):
+        model.encode_chunked(x, chunk_samples=400, windows_per_batch=0)
+
+
 # --- checkpoints ------------------------------------------------------------------------------------
 
 

@@ -63,6 +63,19 @@ def chunk_spans(total_frames: int, chunk_frames: int, overlap_frames: int) -> li
     return spans
 
 
+def batched_spans(spans: list[ChunkSpan], windows_per_batch: int):
+    """Indices of `spans` in groups of equal window length (edge windows can be shorter), at most
+    `windows_per_batch` a group: the windows of a group run as one batch, not one call each."""
+    if windows_per_batch < 1:
+        raise ValueError(f"windows_per_batch must be at least 1, got {windows_per_batch}")
+    by_length: dict[int, list[int]] = {}
+    for index, span in enumerate(spans):
+        by_length.setdefault(span.context_end - span.context_start, []).append(index)
+    for indices in by_length.values():
+        for start in range(0, len(indices), windows_per_batch):
+            yield indices[start : start + windows_per_batch]
+
+
 def default_quantizer() -> ResidualVQConfig:
     return ResidualVQConfig(num_quantizers=2, quantizer=VQConfig(codebook_size=256))
 
@@ -245,7 +258,7 @@ class AudioVQVAE(PretrainedTokenizer, nn.Module):
 
     @torch.no_grad()
     def encode_chunked(self, x: Tensor, chunk_samples: int | None = None, chunk_seconds: float | None = None,
-                       overlap_samples: int | None = None) -> Tensor:
+                       overlap_samples: int | None = None, windows_per_batch: int = 64) -> Tensor:
         """`encode` in windows of `chunk_samples` (or seconds), each seen with `overlap_samples` of context.
 
         Chunk boundaries fall on hop multiples (the chunk is rounded down, the overlap up, to the
@@ -254,7 +267,8 @@ class AudioVQVAE(PretrainedTokenizer, nn.Module):
         every kept frame its full context, and the result equals `encode(x)` (up to float
         rounding at near-ties of the nearest code). With a smaller overlap, frames within
         receptive_field / 2 samples of a chunk edge see zeros where the whole clip has signal and
-        may get different tokens; frames farther from the edges are unchanged.
+        may get different tokens; frames farther from the edges are unchanged. Up to
+        `windows_per_batch` windows go through the encoder together (memory grows with it).
         """
         if (chunk_samples is None) == (chunk_seconds is None):
             raise ValueError("give exactly one of chunk_samples and chunk_seconds")
@@ -268,30 +282,36 @@ class AudioVQVAE(PretrainedTokenizer, nn.Module):
         overlap_frames = self._hop_multiple(overlap_samples, round_up=True) // self.hop_length
         total_frames = self.token_grid(tuple(x.shape[1:]))[0]
         x = torch.nn.functional.pad(x, (0, total_frames * self.hop_length - x.shape[-1]))
-        pieces = []
-        for span in chunk_spans(total_frames, chunk_frames, overlap_frames):
-            window = x[..., span.context_start * self.hop_length : span.context_end * self.hop_length]
-            pieces.append(self.encode(window)[:, span.keep_start : span.keep_end])
+        spans = chunk_spans(total_frames, chunk_frames, overlap_frames)
+        pieces = [None] * len(spans)
+        for indices in batched_spans(spans, windows_per_batch):
+            hop = self.hop_length
+            windows = torch.cat([x[..., spans[i].context_start * hop : spans[i].context_end * hop] for i in indices])
+            for i, codes in zip(indices, self.encode(windows).split(x.shape[0])):
+                pieces[i] = codes[:, spans[i].keep_start : spans[i].keep_end]
         return torch.cat(pieces, dim=1)
 
     @torch.no_grad()
     def decode_chunked(self, tokens: Tensor, chunk_frames: int, overlap_frames: int | None = None,
-                       length: int | None = None) -> Tensor:
+                       length: int | None = None, windows_per_batch: int = 64) -> Tensor:
         """`decode` in windows of `chunk_frames` frames, each decoded with `overlap_frames` of context.
 
         The kept samples of each window are concatenated (no cross-fade). They equal those of the
         whole decode (up to float rounding) when the overlap covers the decoder's reach; the
         default, the encoder's receptive field in frames, does, since the decoder mirrors the
-        encoder. With less overlap, samples near chunk edges differ.
+        encoder. With less overlap, samples near chunk edges differ. Up to `windows_per_batch`
+        windows are decoded together.
         """
         if overlap_frames is None:
             overlap_frames = math.ceil(self.receptive_field / self.hop_length)
         if chunk_frames < 1 or overlap_frames < 0:
             raise ValueError("chunk_frames must be positive and overlap_frames >= 0")
-        pieces = []
-        for span in chunk_spans(tokens.shape[1], chunk_frames, overlap_frames):
-            audio = self.decode(tokens[:, span.context_start : span.context_end])
-            pieces.append(audio[..., span.keep_start * self.hop_length : span.keep_end * self.hop_length])
+        spans = chunk_spans(tokens.shape[1], chunk_frames, overlap_frames)
+        pieces = [None] * len(spans)
+        for indices in batched_spans(spans, windows_per_batch):
+            windows = torch.cat([tokens[:, spans[i].context_start : spans[i].context_end] for i in indices])
+            for i, audio in zip(indices, self.decode(windows).split(tokens.shape[0])):
+                pieces[i] = audio[..., spans[i].keep_start * self.hop_length : spans[i].keep_end * self.hop_length]
         audio = torch.cat(pieces, dim=-1)
         return audio if length is None else audio[..., :length]
 
