@@ -450,7 +450,7 @@ def cached_row(spec: ModelSpec, run: Run, dataset: ImageDataset, config: Compare
 
 
 def tokenizer_key(section: ComponentSection, training: TrainConfig, config: CompareConfig) -> str:
-    digest = fingerprint(section, training if section.kind != "pixels" else None, config.data,
+    digest = fingerprint(section, training.identity() if section.kind != "pixels" else None, config.data,
                          config.binarize, config.conditional)
     return f"{section.kind}-{digest[:8]}"
 

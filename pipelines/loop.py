@@ -99,6 +99,13 @@ class TrainConfig:
         if len(self.betas) != 2:
             raise ValueError(f"betas must be two numbers, got {self.betas}")
 
+    def identity(self) -> str:
+        """This config as stage fingerprints see it: without max_minutes, which changes when a training
+        stops, not what it trains, so a run it stopped resumes under another budget. (The dataclass's
+        repr otherwise, as fingerprints were before max_minutes existed.)"""
+        shown = (f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.name != "max_minutes")
+        return f"{type(self).__name__}({', '.join(shown)})"
+
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         names = [f.name for f in dataclasses.fields(cls)]
@@ -118,6 +125,7 @@ class TrainResult(NamedTuple):
     final_metrics: dict[str, float]  # the latest logged value of every metric
     history: list[dict]  # every logged line, {"step": s, metric: value, ...}
     checkpoint_dir: Path | None  # the last complete checkpoint, None when checkpoints are off
+    stopped_early: bool = False  # max_minutes ended it before max_steps
 
 
 class TrainingDivergedError(RuntimeError):
@@ -382,7 +390,8 @@ def _fit(model, module, optimizers, group_parameters, loader, accelerator, confi
     final_metrics = {}
     for entry in state.history:
         final_metrics.update({k: v for k, v in entry.items() if k != "step"})
-    return TrainResult(state.step, final_metrics, state.history, last_checkpoint)
+    return TrainResult(state.step, final_metrics, state.history, last_checkpoint,
+                       stopped_early=state.step < config.max_steps)
 
 
 def _any_process(accelerator, flag: bool) -> bool:

@@ -46,9 +46,26 @@ def mark_stage_done(directory: Path, stage_fingerprint: str, **extra) -> None:
     (directory / STAGE_FILE).write_text(json.dumps(record, indent=2))
 
 
-def stage_is_current(directory: Path, stage_fingerprint: str) -> bool:
+def stage_is_current(directory: Path, stage_fingerprint: str, resume: bool = False) -> bool:
+    """Whether `directory` holds this config's finished stage. A training that `max_minutes` stopped
+    early counts as finished (its model is used), except under `--resume`, which trains it on."""
     record = read_stage(directory)
-    return record is not None and record.get("fingerprint") == stage_fingerprint
+    if record is None or record.get("fingerprint") != stage_fingerprint:
+        return False
+    if record.get("stopped_early"):
+        if resume:
+            return False
+        logger.info("%s: trained %s of %s steps (max_minutes); --resume continues its training",
+                    directory, record.get("steps"), record.get("max_steps"))
+    return True
+
+
+def training_record(result: TrainResult, config) -> dict:
+    """What stage.json says about a training: its steps and metrics, and whether max_minutes cut it short."""
+    record = {"steps": result.steps, "final_metrics": result.final_metrics}
+    if result.stopped_early:
+        record.update(stopped_early=True, max_steps=config.max_steps)
+    return record
 
 
 class RunError(RuntimeError):
@@ -118,7 +135,7 @@ class Run:
     # Fingerprints chain so that a change upstream invalidates everything after it.
     def tokenizer_fingerprint(self) -> str:
         c = self.config
-        return fingerprint("tokenizer", c.audio_data if c.is_audio else c.data, c.tokenizer, c.tokenizer_training)
+        return fingerprint("tokenizer", c.audio_data if c.is_audio else c.data, c.tokenizer, c.tokenizer_training.identity())
 
     def tokens_fingerprint(self) -> str:
         if self.config.is_audio:  # the layout decides the token sequences
@@ -127,7 +144,7 @@ class Run:
 
     def prior_fingerprint(self) -> str:
         c = self.config
-        return fingerprint("prior", self.tokens_fingerprint(), c.prior, c.prior_training)
+        return fingerprint("prior", self.tokens_fingerprint(), c.prior, c.prior_training.identity())
 
     def samples_fingerprint(self) -> str:
         c = self.config
@@ -158,7 +175,7 @@ def check_audio_tokenizer(tokenizer_config, dataset: AudioDataset) -> None:
 def train_tokenizer_stage(run: Run, resume: bool = False, force: bool = False) -> Path:
     out_dir = run.path("tokenizer")
     stage_fingerprint = run.tokenizer_fingerprint()
-    if not force and stage_is_current(out_dir, stage_fingerprint):
+    if not force and stage_is_current(out_dir, stage_fingerprint, resume):
         logger.info("tokenizer: reusing %s (config unchanged)", out_dir)
         return out_dir
     dataset = run.dataset
@@ -187,7 +204,7 @@ def train_tokenizer_stage(run: Run, resume: bool = False, force: bool = False) -
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tokenizer.save_pretrained(out_dir)
-        mark_stage_done(out_dir, stage_fingerprint, steps=result.steps, final_metrics=result.final_metrics)
+        mark_stage_done(out_dir, stage_fingerprint, **training_record(result, run.config.tokenizer_training))
     run.state.wait_for_everyone()
     return out_dir
 
@@ -228,7 +245,7 @@ def validation_selection(prior, tokenset, training) -> BestValidationWeights | N
 def train_prior_stage(run: Run, resume: bool = False, force: bool = False) -> Path:
     out_dir = run.path("prior")
     stage_fingerprint = fingerprint(run.prior_fingerprint(), read_stage(run.path("tokens")))
-    if not force and stage_is_current(out_dir, stage_fingerprint):
+    if not force and stage_is_current(out_dir, stage_fingerprint, resume):
         logger.info("prior: reusing %s", out_dir)
         return out_dir
     tokenset = load_tokenset(run.path("tokens"), tokenizer_dir=run.path("tokenizer"))
@@ -254,7 +271,7 @@ def train_prior_stage(run: Run, resume: bool = False, force: bool = False) -> Pa
             shutil.rmtree(out_dir)
         prior.save_pretrained(out_dir)
         (out_dir / "token_manifest.json").write_text(json.dumps(manifest.to_json(), indent=2))
-        mark_stage_done(out_dir, stage_fingerprint, steps=result.steps, final_metrics=result.final_metrics)
+        mark_stage_done(out_dir, stage_fingerprint, **training_record(result, run.config.prior_training))
     run.state.wait_for_everyone()
     return out_dir
 

@@ -100,3 +100,22 @@ def test_two_fresh_runs_of_one_config_train_the_same_weights(tmp_path):
         assert first.keys() == second.keys()
         for key in first:
             assert torch.equal(first[key], second[key]), f"{part} {key} differs between identical runs"
+
+
+def test_stage_stopped_by_max_minutes_is_used_and_resume_trains_it_on(tmp_path):
+    """A spent time budget stops the tokenizer at its first log step (2 of 6); stage.json says so,
+    a plain re-run reuses it, and --resume trains it on to max_steps."""
+    args = ["train-tokenizer", str(SMOKE), f"output_dir={tmp_path}", "name=budget",
+            "tokenizer_training.max_minutes=1e-9"]
+    assert main(args) == 0
+    stage_file = tmp_path / "budget" / "tokenizer" / "stage.json"
+    stage = json.loads(stage_file.read_text())
+    assert stage["steps"] == 2 and stage["stopped_early"] and stage["max_steps"] == 6
+    weights = tmp_path / "budget" / "tokenizer" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    assert main(args) == 0 and weights.stat().st_mtime_ns == before  # reused, not retrained
+    # The budget is not part of the stage's identity: resuming under another one continues from step 2.
+    assert main(args[:-1] + ["--resume"]) == 0
+    stage = json.loads(stage_file.read_text())
+    assert stage["steps"] == 6 and "stopped_early" not in stage
+    assert weights.stat().st_mtime_ns != before
