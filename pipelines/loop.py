@@ -369,7 +369,7 @@ def _fit(model, module, optimizers, group_parameters, loader, accelerator, confi
             out_of_time = (deadline is not None and state.step % config.log_every == 0
                            and _any_process(accelerator, time.monotonic() >= deadline))
             if out_of_time and state.step < config.max_steps:
-                logger.warning("%s: stopping at step %d of %d, max_minutes=%g reached (training again with resume continues)",
+                logger.warning("%s: stopping at step %d of %d, max_minutes=%g reached (resuming continues it)",
                                description, state.step, config.max_steps, config.max_minutes)
             last_step = state.step == config.max_steps or out_of_time
             entry = {}

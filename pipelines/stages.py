@@ -135,7 +135,8 @@ class Run:
     # Fingerprints chain so that a change upstream invalidates everything after it.
     def tokenizer_fingerprint(self) -> str:
         c = self.config
-        return fingerprint("tokenizer", c.audio_data if c.is_audio else c.data, c.tokenizer, c.tokenizer_training.identity())
+        data = c.audio_data if c.is_audio else c.data
+        return fingerprint("tokenizer", data, c.tokenizer, c.tokenizer_training.identity())
 
     def tokens_fingerprint(self) -> str:
         if self.config.is_audio:  # the layout decides the token sequences
