@@ -26,7 +26,7 @@ from einops import rearrange, reduce
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from tokenizers_vq.audio_losses import mel_filterbank, mel_loss, masked_l1, multi_resolution_stft_loss, si_snr
+from tokenizers_vq.audio_losses import mel_filterbank, mel_loss, masked_l1, multi_resolution_stft_loss
 from tokenizers_vq.checkpoint import PretrainedTokenizer
 from tokenizers_vq.losses import GAN_LOSSES, discriminator_loss, generator_loss
 from tokenizers_vq.nets.audio_discriminators import (
@@ -98,9 +98,6 @@ class AudioVQVAEConfig:
     stft_weight: float = 1.0
     stft_fft_sizes: tuple[int, ...] = (64, 128, 256, 512)  # window n, hop n / 4
     mel_weight: float = 1.0
-    # Weight of -SI-SNR (dB, mean over clips): rewards the waveform's phase directly, which the spectral
-    # losses ignore and a waveform L1 rewards only weakly (SoundStream/EnCodec use none; off by default).
-    si_snr_weight: float = 0.0
     mel_fft_size: int = 1024
     mel_hop: int = 256
     num_mels: int = 64
@@ -118,8 +115,8 @@ class AudioVQVAEConfig:
         check_strides(self.strides)
         if min(self.channels, self.sample_rate, self.hidden_channels, self.embedding_dim) < 1:
             raise ValueError("channels, sample_rate, hidden_channels and embedding_dim must be positive")
-        for name in ("waveform_weight", "stft_weight", "mel_weight", "si_snr_weight", "gan_weight",
-                     "feature_matching_weight", "discriminator_start"):
+        for name in ("waveform_weight", "stft_weight", "mel_weight", "gan_weight", "feature_matching_weight",
+                     "discriminator_start"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.feature_matching_weight > 0 and self.gan_weight == 0:
@@ -358,8 +355,6 @@ class AudioVQVAE(PretrainedTokenizer, nn.Module):
         if config.mel_weight > 0:
             losses["mel_loss"] = mel_loss(reconstruction, target, self.mel_filterbank, config.mel_fft_size,
                                           config.mel_hop, mask)
-        if config.si_snr_weight > 0:
-            losses["si_snr_loss"] = -si_snr(reconstruction, target, mask).mean()
         return losses
 
     def _reconstruction_loss(self, waveform: Tensor, mask: Tensor, step: int) -> tuple[Tensor, dict[str, Tensor]]:
@@ -368,8 +363,6 @@ class AudioVQVAE(PretrainedTokenizer, nn.Module):
         losses = self._spectral_losses(reconstruction, waveform, mask)
         total = (config.waveform_weight * losses["waveform_loss"] + config.stft_weight * losses["stft_loss"]
                  + config.mel_weight * losses["mel_loss"] + aux_loss)
-        if config.si_snr_weight > 0:
-            total = total + config.si_snr_weight * losses["si_snr_loss"]
         metrics = {name: value.detach() for name, value in losses.items()}
         if self.use_gan:
             # Before the start the GAN terms are absent, but logged as 0 so every step has the same keys.
