@@ -13,8 +13,11 @@
 # 545 s on an H200; the audio step needed 110 s and was rerun alone; BENCHMARKS.md): quantizer bf16 throughput (issue 3), audio
 # encode/decode speed (issue 4), the two-stage binarized-MNIST bound with the code search over the
 # whole test split (issue 5), a GPU-trained audio codec's SI-SNR (issue 4), then prior, tokenizer and
-# NADE speed. What is still open is the audio codec at full length, so a next call would run e.g.
-#   CHECKS="audio audio_codec audio_codec_eval" CODEC_MINUTES=7 CODEC_STEPS=7000 OUT=... bash benchmarks/device_checks.sh
+# NADE speed. Still open: the audio codec at full length, the batched chunked audio speed and the
+# transformer's two-stage bound with the search (step two_stage_transformer, added since), so a next call
+# would run e.g.
+#   CHECKS="audio two_stage_transformer audio_codec audio_codec_eval" CODEC_MINUTES=4 CODEC_STEPS=4500 \
+#       OUT=... DATA=.data bash benchmarks/device_checks.sh
 set -u
 : "${OUT:?set OUT to the folder the results go to}"
 mkdir -p "$OUT"
@@ -59,15 +62,22 @@ step() {  # step NAME SECONDS command...: run with a time limit, its output appe
 step quantizers 100 python benchmarks/bench_quantizers.py "${quick[@]}" --out "$OUT/bench_quantizers.json"
 step audio 120 python benchmarks/bench_audio.py "${quick[@]}" --out "$OUT/bench_audio.json"
 
-# Issue 5: the CPU recipe of the 90.35-nat two-stage row (32-channel tokenizer, 4000 steps; LSTM
-# prior, 3000 steps), scored on the whole test split with 2 sweeps of code search.
-if ((${#quick[@]})); then two_stage_steps=(models.rnn_vq.tokenizer_training.max_steps=20 models.rnn_vq.training.max_steps=20
-                                          evaluation.sample_quality=false); else two_stage_steps=(); fi
-step two_stage 200 python -m pipelines.cli compare configs/compare/binarized_mnist_cpu.toml 'only=["rnn_vq"]' \
-    data.path="$DATA/binarized_mnist.npz" output_dir="$runs" evaluation.code_search_sweeps=2 \
-    models.rnn_vq.tokenizer.hidden_channels=32 models.rnn_vq.tokenizer_training.max_steps=4000 \
-    models.rnn_vq.training.max_steps=3000 models.rnn_vq.tokenizer_training.max_minutes=1.5 \
-    models.rnn_vq.training.max_minutes=1 "${two_stage_steps[@]}"
+# Issue 5: the CPU recipe of the 90.35-nat two-stage rows (32-channel tokenizer, 4000 steps; LSTM or
+# transformer prior, 3000 steps), scored on the whole test split with 2 sweeps of code search. Both
+# models share the tokenizer (trained once per call). The quick run skips the search (minutes on a CPU).
+two_stage_args() {  # two_stage_args MODEL: sets the array `args` of `tokgen compare`
+    local model=$1
+    args=(configs/compare/binarized_mnist_cpu.toml "only=[\"$model\"]" data.path="$DATA/binarized_mnist.npz"
+          output_dir="$runs" evaluation.code_search_sweeps=2 models.$model.tokenizer.hidden_channels=32
+          models.$model.tokenizer_training.max_steps=4000 models.$model.training.max_steps=3000
+          models.$model.tokenizer_training.max_minutes=1.5 models.$model.training.max_minutes=1.5)
+    if ((${#quick[@]})); then args+=(models.$model.tokenizer_training.max_steps=20 models.$model.training.max_steps=20
+                                     evaluation.sample_quality=false evaluation.code_search_sweeps=0); fi
+}
+two_stage_args rnn_vq
+step two_stage 200 python -m pipelines.cli compare "${args[@]}"
+two_stage_args transformer_vq
+step two_stage_transformer 200 python -m pipelines.cli compare "${args[@]}"
 
 # Issue 4: the GPU config's 64-channel codec for the minutes a call allows (its config asks 20,000 steps,
 # about 20 minutes on an H200: 17 steps/s). CODEC_MINUTES sets the budget; the schedule is planned for
