@@ -133,9 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    finished = False  # only a finished command waits for the other processes before leaving
     try:
         if args.verb == "generate":
             print(f"wrote {generate_command(args)}")
+            finished = True
             return 0
         if args.verb == "compare":
             from pipelines.compare import load_compare_config, run_comparison
@@ -143,9 +145,11 @@ def main(argv: list[str] | None = None) -> int:
             report = run_comparison(load_compare_config(args.config, args.overrides))
             table = Path(report["directory"]) / "comparison.md"
             print(f"{table.read_text()}\nwrote {table}, comparison.json and comparison.png")
+            finished = True
             return 0
         config_path, overrides = _split_config_and_overrides(args)
         metrics = run_stages(args.verb, config_path, overrides, args.resume, args.force)
+        finished = True
     except ConfigError as error:
         print(f"tokgen: config error: {error}", file=sys.stderr)
         return 2
@@ -156,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tokgen: training stopped: {error}", file=sys.stderr)
         return 3
     finally:
-        release_process_group()
+        release_process_group(wait_for_others=finished)
     if metrics:
         print(json.dumps(summarise(metrics), indent=2))
     return 0

