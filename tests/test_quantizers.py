@@ -216,7 +216,15 @@ def test_distances_are_fp32_under_bf16_autocast():
         to_indices = quantizer.to_indices(z)
     assert torch.equal(output.indices, reference)
     assert torch.equal(to_indices, reference)
-    assert vq_module.squared_distances(z[0].bfloat16(), codebook).dtype == torch.float32
+
+
+def test_nearest_codes_in_chunks_of_rows_equal_the_whole_search():
+    generator = torch.Generator().manual_seed(3)
+    vectors, codebook = torch.randn(300, 16, generator=generator), torch.randn(50, 16, generator=generator)
+    expected = torch.cdist(vectors, codebook).argmin(dim=1)
+    for chunk_entries in (1, 50 * 7, 10**9):  # one row, 7 rows (a ragged last chunk), everything at once
+        assert torch.equal(vq_module.nearest_codes(vectors, codebook, chunk_entries=chunk_entries), expected)
+    assert vq_module.nearest_codes(vectors[:0], codebook).shape == (0,)
 
 
 def test_usage_and_perplexity_on_hand_made_counts():
