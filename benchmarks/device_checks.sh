@@ -13,11 +13,11 @@
 # 545 s on an H200; the audio step needed 110 s and was rerun alone; BENCHMARKS.md): quantizer bf16 throughput (issue 3), audio
 # encode/decode speed (issue 4), the two-stage binarized-MNIST bound with the code search over the
 # whole test split (issue 5), a GPU-trained audio codec's SI-SNR (issue 4), then prior, tokenizer and
-# NADE speed. Still open: the audio codec at full length, the batched chunked audio speed and the
-# transformer's two-stage bound with the search (step two_stage_transformer, added since), so a next call
-# would run e.g.
-#   CHECKS="audio two_stage_transformer audio_codec audio_codec_eval" CODEC_MINUTES=4 CODEC_STEPS=4500 \
-#       OUT=... DATA=.data bash benchmarks/device_checks.sh
+# NADE speed. Still open: the audio codec at full length, the batched chunked audio speed, the
+# chunked nearest-code search's GPU speed (and the VQ rows of the quantizer benchmark after it), and the
+# transformer's two-stage bound with the search (steps added since), so a next call would run e.g.
+#   CHECKS="quantizers nearest_codes nearest_codes_whole audio two_stage_transformer audio_codec audio_codec_eval" \
+#       CODEC_MINUTES=3 CODEC_STEPS=3500 OUT=... DATA=.data bash benchmarks/device_checks.sh
 set -u
 : "${OUT:?set OUT to the folder the results go to}"
 mkdir -p "$OUT"
@@ -60,6 +60,13 @@ step() {  # step NAME SECONDS command...: run with a time limit, its output appe
   python -c "import datasets, pyarrow, soundfile; print('datasets', datasets.__version__, 'pyarrow', pyarrow.__version__)"
 } > "$log" 2>&1
 step quantizers 100 python benchmarks/bench_quantizers.py "${quick[@]}" --out "$OUT/bench_quantizers.json"
+# VQ's nearest-code search alone, in row chunks (now) and whole (as before 079993f): GPU time and memory.
+# Into $runs, so they come back in the archive (at most 8 files come back from $OUT).
+mkdir -p "$runs"
+nearest=(--tokens 65536); ((${#quick[@]})) && nearest=(--tokens 4096)
+step nearest_codes 30 python benchmarks/bench_nearest_codes.py "${nearest[@]}" --out "$runs/nearest_codes_chunked.json"
+step nearest_codes_whole 30 python benchmarks/bench_nearest_codes.py "${nearest[@]}" --chunk-entries 0 \
+    --out "$runs/nearest_codes_whole.json"
 step audio 120 python benchmarks/bench_audio.py "${quick[@]}" --out "$OUT/bench_audio.json"
 
 # Issue 5: the CPU recipe of the 90.35-nat two-stage rows (32-channel tokenizer, 4000 steps; LSTM or
