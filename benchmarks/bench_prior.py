@@ -2,7 +2,7 @@
 same size, and sampling tokens/s of `TransformerPrior.sample` against transformers'
 `model.generate(cache_implementation="static")` on the same network.
 
-    python benchmarks/bench_prior.py --out benchmarks/results/prior.json [--quick] [--no-compile]
+    python benchmarks/bench_prior.py --out benchmarks/results/prior.json [--quick] [--no-compile] [--profile DIR]
 
 On CUDA: ~25M-parameter Llama prior (hidden 512, 8 layers), 256 tokens per sequence, batch 256, bf16
 autocast for training and bf16 weights for sampling, `torch.compile` for both training models and
@@ -27,9 +27,9 @@ from torch import nn
 from priors import SamplingOptions, TransformerPrior, TransformerPriorConfig
 
 try:
-    from benchmarks.timing import timed
+    from benchmarks.timing import profile_table, timed
 except ImportError:  # run as a script, `python benchmarks/bench_prior.py`
-    from timing import timed
+    from timing import profile_table, timed
 
 try:  # run as `python benchmarks/bench_prior.py` (script folder on sys.path) or as a module
     from bench_tokenizer import bench_tokenizer
@@ -79,7 +79,20 @@ class NanoGPT(nn.Module):
 # ---- training throughput ------------------------------------------------------------------------------
 
 
-def bench_training(sizes: dict, device: torch.device, compile_models: bool) -> list[dict]:
+def slug(name: str) -> str:
+    """A file name from a row's label: "TransformerPrior (HF Llama)" -> "transformerprior_hf_llama"."""
+    return "_".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
+
+
+def write_profile(profile_dir: Path | None, name: str, function, device: torch.device) -> None:
+    """With --profile DIR: DIR/<name>.txt, the operators that took the most time in a few more calls."""
+    if profile_dir is not None:
+        profile_dir.mkdir(parents=True, exist_ok=True)
+        (profile_dir / f"{name}.txt").write_text(profile_table(function, device))
+
+
+def bench_training(sizes: dict, device: torch.device, compile_models: bool,
+                   profile_dir: Path | None = None) -> list[dict]:
     batch, length, vocab, classes = sizes["batch_size"], sizes["seq_len"], sizes["vocab_size"], sizes["num_classes"]
     tokens = torch.randint(0, vocab, (batch, length), device=device)
     labels = torch.randint(0, classes, (batch,), device=device)
@@ -110,6 +123,7 @@ def bench_training(sizes: dict, device: torch.device, compile_models: bool) -> l
             optimizer.zero_grad(set_to_none=True)
 
         seconds = timed(train_step, device, sizes["train_repeats"], warmup=3)
+        write_profile(profile_dir, "train_" + slug(name), train_step, device)
         results.append({"model": name, "parameters": sum(p.numel() for p in model.parameters()),
                         "train_tokens_per_second": batch * length / seconds, "step_seconds": seconds})
     return results
@@ -125,7 +139,8 @@ def prior_config(sizes: dict) -> TransformerPriorConfig:
                                   num_heads=sizes["num_heads"], label_dropout=0.1)
 
 
-def bench_sampling(sizes: dict, device: torch.device, compile_models: bool) -> list[dict]:
+def bench_sampling(sizes: dict, device: torch.device, compile_models: bool,
+                   profile_dir: Path | None = None) -> list[dict]:
     batch, length = sizes["sample_batch_size"], sizes["seq_len"]
     prior = TransformerPrior(prior_config(sizes)).eval()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -151,6 +166,7 @@ def bench_sampling(sizes: dict, device: torch.device, compile_models: bool) -> l
     for name, function in samplers:
         with torch.no_grad():
             seconds = timed(function, device, sizes["sample_repeats"], warmup=2)
+            write_profile(profile_dir, "sample_" + slug(name), function, device)
         results.append({"sampler": name, "sample_tokens_per_second": batch * length / seconds, "call_seconds": seconds,
                         "batch_size": batch, "tokens_per_sample": length, "dtype": str(dtype).replace("torch.", "")})
     return results
@@ -185,6 +201,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/prior.json"))
     parser.add_argument("--quick", action="store_true", help="tiny sizes on the CPU (smoke run)")
     parser.add_argument("--no-compile", action="store_true", help="eager models and samplers on CUDA")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="folder for torch.profiler tables of each timed model and sampler (where the time goes)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available() and not args.quick
     device = torch.device("cuda" if cuda else "cpu")
@@ -202,8 +220,8 @@ def main() -> None:
               "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
     if cuda:
         report["gpu"] = torch.cuda.get_device_name()
-    report["training"] = bench_training(sizes, device, compile_models)
-    report["sampling"] = bench_sampling(sizes, device, compile_models)
+    report["training"] = bench_training(sizes, device, compile_models, args.profile)
+    report["sampling"] = bench_sampling(sizes, device, compile_models, args.profile)
     # Stage one's encode throughput belongs in the same report: it bounds how fast tokens can be exported.
     tokenizer_sizes = (dict(batch_size=1024, image_size=32, channels=3, hidden_channels=128, repeats=20) if cuda
                        else dict(batch_size=64, image_size=28, channels=1, hidden_channels=64, repeats=5))

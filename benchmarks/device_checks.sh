@@ -14,10 +14,11 @@
 # encode/decode speed (issue 4), the two-stage binarized-MNIST bound with the code search over the
 # whole test split (issue 5), a GPU-trained audio codec's SI-SNR (issue 4), then prior, tokenizer and
 # NADE speed. Still open: the audio codec at full length, the batched chunked audio speed, the
-# chunked nearest-code search's GPU speed (and the VQ rows of the quantizer benchmark after it), and the
-# transformer's two-stage bound with the search (steps added since), so a next call would run e.g.
-#   CHECKS="quantizers nearest_codes nearest_codes_whole audio two_stage_transformer audio_codec audio_codec_eval" \
-#       CODEC_MINUTES=3 CODEC_STEPS=3500 OUT=... DATA=.data bash benchmarks/device_checks.sh
+# chunked nearest-code search's GPU speed (and the VQ rows of the quantizer benchmark after it), the
+# transformer's two-stage bound with the search, and where the prior's training and sampling time goes
+# (bench_prior.py --profile; both miss issue 2's targets), so a next call would run e.g.
+#   CHECKS="quantizers nearest_codes nearest_codes_whole audio two_stage_transformer audio_codec audio_codec_eval prior" \
+#       CODEC_MINUTES=2 CODEC_STEPS=2500 OUT=... DATA=.data bash benchmarks/device_checks.sh
 set -u
 : "${OUT:?set OUT to the folder the results go to}"
 mkdir -p "$OUT"
@@ -99,7 +100,7 @@ step audio_codec "$codec_limit" python -m pipelines.cli train-tokenizer configs/
 step audio_codec_eval 60 python benchmarks/audio_codec_eval.py configs/pipeline/fsdd_transformer.toml \
     "$runs/fsdd_transformer/tokenizer" "${codec[@]}" --threads 8 --out "$OUT/audio_codec_eval.json"
 
-step prior 120 python benchmarks/bench_prior.py "${quick[@]}" --out "$OUT/bench_prior.json"
+step prior 150 python benchmarks/bench_prior.py "${quick[@]}" --out "$OUT/bench_prior.json" --profile "$runs/prior_profiles"
 step tokenizer 60 python benchmarks/bench_tokenizer.py "${quick[@]}" --out "$OUT/bench_tokenizer.json"
 # last and short (seconds on a GPU): whether NADE's blocked pre-activations also beat the cumulative sum there
 step nade_training 30 python benchmarks/bench_baseline_training.py "${quick[@]}" --out "$OUT/bench_nade_training.json"

@@ -33,3 +33,23 @@ def measure(function, device: torch.device, repeats: int, warmup: int = 2) -> tu
 def timed(function, device: torch.device, repeats: int, warmup: int = 2) -> float:
     """Median wall seconds of `function()` (see `measure`)."""
     return measure(function, device, repeats, warmup)[0]
+
+
+def profile_table(function, device: torch.device, calls: int = 3, rows: int = 25) -> str:
+    """torch.profiler's table of the `rows` operators that took the most device time (CPU time without
+    CUDA) over `calls` calls of `function`, warm-up already done by the caller: where a step's time goes."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(calls):
+            function()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    averages = profiler.key_averages()
+    if device.type != "cuda":
+        return averages.table(sort_by="self_cpu_time_total", row_limit=rows)
+    try:  # newer torch names the column after the device, older after CUDA
+        return averages.table(sort_by="self_device_time_total", row_limit=rows)
+    except (AttributeError, KeyError, ValueError):
+        return averages.table(sort_by="self_cuda_time_total", row_limit=rows)
