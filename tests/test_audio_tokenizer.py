@@ -130,6 +130,7 @@ def test_chunked_decode_equals_whole_decode_with_enough_overlap():
 
 def test_batched_windows_keep_each_clip_and_window_in_place():
     # Two clips, windows run 1, 3 or all at a time: the same tokens and audio as the whole clip.
+    torch.manual_seed(0)  # initial weights under which the two clips get different tokens
     model = AudioVQVAE(tiny_config()).eval()
     x = audio(batch=2, length=3001, seed=5)
     whole = model.encode(x)
