@@ -49,11 +49,11 @@ def search_codes(log_joint: JointLogProb, images: Tensor, tokens: Tensor, labels
     if sweeps < 1:
         raise ValueError(f"code search needs sweeps >= 1, got {sweeps}")
     count, length = tokens.shape
-    if sweeps * length * (vocab_size - 1) > MAX_CODES_PER_IMAGE:
-        raise ValueError(f"code search would score {sweeps * length * (vocab_size - 1):,} codes per image "
-                         f"({sweeps} sweeps x {length} positions x {vocab_size - 1} other tokens), over "
-                         f"{MAX_CODES_PER_IMAGE:,}; it is meant for small codebooks (4-16 codes) and short sequences")
     alternatives = vocab_size - 1
+    if sweeps * length * alternatives > MAX_CODES_PER_IMAGE:
+        raise ValueError(f"code search would score {sweeps * length * alternatives:,} codes per image "
+                         f"({sweeps} sweeps x {length} positions x {alternatives} other tokens), over "
+                         f"{MAX_CODES_PER_IMAGE:,}; it is meant for small codebooks (4-16 codes) and short sequences")
     current = tokens.clone()
     start = log_joint(images, current, labels).double()
     best = start.clone()

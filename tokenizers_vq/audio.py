@@ -283,9 +283,8 @@ class AudioVQVAE(PretrainedTokenizer, nn.Module):
         total_frames = self.token_grid(tuple(x.shape[1:]))[0]
         x = torch.nn.functional.pad(x, (0, total_frames * self.hop_length - x.shape[-1]))
         spans = chunk_spans(total_frames, chunk_frames, overlap_frames)
-        pieces = [None] * len(spans)
+        pieces, hop = [None] * len(spans), self.hop_length
         for indices in batched_spans(spans, windows_per_batch):
-            hop = self.hop_length
             windows = torch.cat([x[..., spans[i].context_start * hop : spans[i].context_end * hop] for i in indices])
             for i, codes in zip(indices, self.encode(windows).split(x.shape[0])):
                 pieces[i] = codes[:, spans[i].keep_start : spans[i].keep_end]
