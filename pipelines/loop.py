@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from pipelines.train_state import checkpoint_step, restore_checkpoint, save_checkpoint
+from pipelines.weight_average import WeightAverage
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,9 @@ class TrainConfig:
     # were the last (evaluated, checkpointed); a later call resumes towards max_steps. The schedule
     # still runs to max_steps, so a stopped run ends with the learning rate where it was.
     max_minutes: float = 0.0
+    # Decay of an exponential moving average of the weights (0: none). Evaluation sees the average,
+    # and the trained model is the average when training ends (pipelines/weight_average.py).
+    ema_decay: float = 0.0
 
     def __post_init__(self):
         if self.lr_schedule not in LR_SCHEDULES:
@@ -95,6 +99,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.max_minutes < 0:
             raise ValueError(f"max_minutes must not be negative, got {self.max_minutes}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
         if len(self.betas) != 2:
@@ -102,10 +108,14 @@ class TrainConfig:
 
     def identity(self) -> str:
         """This config as stage fingerprints see it: without max_minutes, which changes when a training
-        stops, not what it trains, so a run it stopped resumes under another budget. (The dataclass's
-        repr otherwise, as fingerprints were before max_minutes existed.)"""
-        shown = (f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.name != "max_minutes")
-        return f"{type(self).__name__}({', '.join(shown)})"
+        stops, not what it trains, so a run it stopped resumes under another budget; and without
+        ema_decay while it is off, so stages trained before it existed keep their fingerprints.
+        (The dataclass's repr otherwise, as fingerprints were before max_minutes existed.)"""
+        def shown(name):
+            return name != "max_minutes" and not (name == "ema_decay" and self.ema_decay == 0.0)
+
+        fields = (f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if shown(f.name))
+        return f"{type(self).__name__}({', '.join(fields)})"
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -335,6 +345,9 @@ def _fit(model, module, optimizers, group_parameters, loader, accelerator, confi
     state, last_checkpoint = restore_checkpoint(
         accelerator, output_dir, resume, checkpointing=config.checkpoint_every > 0, description=description
     )
+    average = WeightAverage(model, config.ema_decay) if config.ema_decay > 0 else None
+    if average is not None and last_checkpoint is not None:
+        average.load(last_checkpoint)
     accelerator.step = 0  # the accumulation counter: every step starts a fresh accumulation
     batches = _endless_batches(accelerator, loader, state.step * config.gradient_accumulation_steps)
     progress = tqdm(
@@ -364,6 +377,8 @@ def _fit(model, module, optimizers, group_parameters, loader, accelerator, confi
                 prefix = f"{phase}/" if several_groups else ""
                 step_metrics.update({prefix + key: value for key, value in values.items()})
             state.step += 1
+            if average is not None:
+                average.update(model)
             state.add_to_window(step_metrics)
             progress.update(1)
             progress.set_postfix({k: f"{v:.4g}" for k, v in step_metrics.items() if k.endswith("loss")})
@@ -377,17 +392,19 @@ def _fit(model, module, optimizers, group_parameters, loader, accelerator, confi
             if state.step % config.log_every == 0 or last_step:
                 entry.update(state.take_window_means())
             if eval_fn is not None and (last_step or (config.eval_every > 0 and state.step % config.eval_every == 0)):
-                entry.update(_evaluate(accelerator, module, eval_fn, state.step))
+                entry.update(_evaluate(accelerator, module, eval_fn, state.step, average))
             if entry:
                 state.history.append({"step": state.step, **entry})
                 accelerator.log(entry, step=state.step)
             if config.checkpoint_every > 0 and (state.step % config.checkpoint_every == 0 or last_step):
-                last_checkpoint = save_checkpoint(accelerator, state)
+                last_checkpoint = save_checkpoint(accelerator, state, average)
             if out_of_time:
                 break
     finally:
         progress.close()
         batches.close()
+    if average is not None:
+        average.copy_to(model)  # the trained model is the average; checkpoints keep the live weights
     final_metrics = {}
     for entry in state.history:
         final_metrics.update({k: v for k, v in entry.items() if k != "step"})
@@ -419,8 +436,9 @@ def train(
 
     Checkpoints go to `output_dir/checkpoints/checkpoint_N`; `resume=True` continues from the newest
     complete one (and starts afresh, saying so, when there is none). `eval_fn(model, step)` runs on
-    every process, with the unwrapped model in eval mode and without gradients, every
-    `config.eval_every` steps and at the end; its metrics join the log. Logged metrics are "loss",
+    every process, with the unwrapped model in eval mode and without gradients (and with the
+    weight average swapped in when `config.ema_decay > 0`), every `config.eval_every` steps and at
+    the end; its metrics join the log. Logged metrics are "loss",
     "grad_norm", "lr" and the model's own, each prefixed "<group>/" when the model has several
     param groups, averaged over the steps since the last log line and over processes. With
     `accelerator` given, its trackers and mixed precision are used and it is handed back as it
@@ -488,11 +506,11 @@ def release_process_group(wait_for_others: bool = True) -> None:
         torch.distributed.destroy_process_group()
 
 
-def _evaluate(accelerator, module, eval_fn, step: int) -> dict[str, float]:
+def _evaluate(accelerator, module, eval_fn, step: int, average: WeightAverage | None) -> dict[str, float]:
     model = accelerator.unwrap_model(module).model
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), average.swapped_in(model) if average is not None else nullcontext():
             metrics = eval_fn(model, step)
     finally:
         model.train()

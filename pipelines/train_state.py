@@ -112,10 +112,13 @@ def checkpoint_step(checkpoint_dir: Path | None) -> int | None:
     return read_train_state(checkpoint_dir).step
 
 
-def save_checkpoint(accelerator, state: TrainState) -> Path:
-    """`save_state` on every process, then the train state, written last to mark completion."""
+def save_checkpoint(accelerator, state: TrainState, weight_average=None) -> Path:
+    """`save_state` on every process, then the weight average (if any), then the train state, written
+    last to mark completion."""
     location = Path(accelerator.save_state())
     if accelerator.is_main_process:
+        if weight_average is not None:
+            weight_average.save(location)
         write_train_state(location, state)
     accelerator.wait_for_everyone()
     return location
