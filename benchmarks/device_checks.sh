@@ -17,8 +17,8 @@
 # chunked nearest-code search's GPU speed (and the VQ rows of the quantizer benchmark after it), the
 # transformer's two-stage bound with the search, and where the prior's training and sampling time goes
 # (bench_prior.py --profile; both miss issue 2's targets), so a next call would run e.g.
-#   CHECKS="quantizers nearest_codes nearest_codes_whole audio two_stage_transformer audio_codec audio_codec_eval prior" \
-#       CODEC_MINUTES=2 CODEC_STEPS=2500 OUT=... DATA=.data bash benchmarks/device_checks.sh
+#   CHECKS="nearest_codes audio two_stage_transformer audio_codec audio_codec_eval made_masks" \
+#       CODEC_MINUTES=2 CODEC_STEPS=2500 MADE_MINUTES=3 OUT=... DATA=.data bash benchmarks/device_checks.sh
 set -u
 : "${OUT:?set OUT to the folder the results go to}"
 mkdir -p "$OUT"
@@ -99,6 +99,19 @@ codec_limit=$(python3 -c "print(int(60 * ${CODEC_MINUTES:-2.2}) + 40)")
 step audio_codec "$codec_limit" python -m pipelines.cli train-tokenizer configs/pipeline/fsdd_transformer.toml "${codec[@]}"
 step audio_codec_eval 60 python benchmarks/audio_codec_eval.py configs/pipeline/fsdd_transformer.toml \
     "$runs/fsdd_transformer/tokenizer" "${codec[@]}" --threads 8 --out "$OUT/audio_codec_eval.json"
+
+# Issue 5: MADE's published 86.64 is a connectivity-agnostic ensemble (32 masks); on one CPU core its
+# training was still underfit after 20,000 steps (90.71, 71 min). On the GPU a step costs the loop's
+# overhead, not the matrix products, so a batch of 1000 is as fast as one of 100: MADE_MINUTES of it.
+made=(configs/compare/binarized_mnist.toml 'only=["made"]' data.path="$DATA/binarized_mnist.npz" output_dir="$runs"
+      models.made.prior.num_masks=32 models.made.training.batch_size=1000 models.made.training.learning_rate=3e-3
+      models.made.training.max_steps=${MADE_STEPS:-30000} models.made.training.eval_every=2000
+      models.made.training.checkpoint_every=10000 models.made.training.ema_decay=0.999
+      models.made.training.max_minutes=${MADE_MINUTES:-4} evaluation.sample_images=200)
+((${#quick[@]})) && made+=(models.made.prior.hidden_sizes=[64] models.made.training.max_steps=20
+                          models.made.training.eval_every=10 evaluation.sample_quality=false)
+made_limit=$(python3 -c "print(int(60 * ${MADE_MINUTES:-4}) + 90)")
+step made_masks "$made_limit" python -m pipelines.cli compare "${made[@]}"
 
 step prior 150 python benchmarks/bench_prior.py "${quick[@]}" --out "$OUT/bench_prior.json" --profile "$runs/prior_profiles"
 step tokenizer 60 python benchmarks/bench_tokenizer.py "${quick[@]}" --out "$OUT/bench_tokenizer.json"
