@@ -52,6 +52,10 @@ WEIGHT_DECAY_MODES = ("decoupled", "l2")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 
 
+_NOT_IN_IDENTITY = ("max_minutes",)  # see TrainConfig.identity
+_IN_IDENTITY_WHEN_SET = ("ema_decay",)  # fields added later: fingerprinted only away from their defaults
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     max_steps: int = 1000
@@ -108,13 +112,15 @@ class TrainConfig:
 
     def identity(self) -> str:
         """This config as stage fingerprints see it: without max_minutes, which changes when a training
-        stops, not what it trains, so a run it stopped resumes under another budget; and without
-        ema_decay while it is off, so stages trained before it existed keep their fingerprints.
-        (The dataclass's repr otherwise, as fingerprints were before max_minutes existed.)"""
-        def shown(name):
-            return name != "max_minutes" and not (name == "ema_decay" and self.ema_decay == 0.0)
+        stops, not what it trains, so a run it stopped resumes under another budget; and without the
+        fields added since fingerprints existed while they hold their defaults, so stages trained before
+        them keep their fingerprints. (The dataclass's repr otherwise, as fingerprints were before.)"""
+        def shown(f: dataclasses.Field) -> bool:
+            if f.name in _NOT_IN_IDENTITY:
+                return False
+            return f.name not in _IN_IDENTITY_WHEN_SET or getattr(self, f.name) != f.default
 
-        fields = (f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if shown(f.name))
+        fields = (f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if shown(f))
         return f"{type(self).__name__}({', '.join(fields)})"
 
     @classmethod

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 WEIGHT_AVERAGE_FILE = "weight_average.safetensors"
@@ -40,7 +40,7 @@ class WeightAverage:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """Fold the model's current weights into the average (once per optimizer step)."""
-        state = model.state_dict()
+        state = model.state_dict()  # asked afresh each step: a module may replace a buffer, not copy into it
         weight = 1.0 - self.decay_at(self.updates)
         names = list(self.shadow)
         torch._foreach_lerp_([self.shadow[n] for n in names], [state[n].detach().float() for n in names], weight)
@@ -77,7 +77,7 @@ class WeightAverage:
             )
         with safe_open(str(path), framework="pt") as handle:
             updates = int((handle.metadata() or {}).get("updates", "0"))
-        tensors = load_file(str(path))
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         if set(tensors) != set(self.shadow):
             missing, extra = sorted(set(self.shadow) - set(tensors)), sorted(set(tensors) - set(self.shadow))
             raise ValueError(f"{path} does not fit the model: missing {missing[:5]}, unexpected {extra[:5]}")
