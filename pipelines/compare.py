@@ -242,7 +242,10 @@ def timed_stage(stage_dir: Path, record_path: Path, action, main_process: bool) 
 
 
 def count_parameters(module: torch.nn.Module) -> int:
-    """Trainable numbers; a model fitted by counting (no parameters) reports the size of its tables."""
+    """Trainable numbers; a model fitted by counting (no parameters) reports the size of its tables,
+    and one that trained spare copies to choose from (an FVSBN's L1 banks) the numbers it uses."""
+    if hasattr(module, "parameters_in_use"):
+        return module.parameters_in_use()
     parameters = sum(p.numel() for p in module.parameters())
     return parameters or sum(t.numel() for t in module.state_dict().values())
 

@@ -234,13 +234,26 @@ def export_tokens_stage(run: Run, force: bool = False) -> Path:
 def validation_selection(prior, tokenset, training) -> BestValidationWeights | None:
     """Early stopping (keep the best validation weights) when `eval_every > 0`, the prior has a
     training loss that scores data (not a GAN) and the token set has a validation split."""
-    has_val = "val" in tokenset.splits and len(tokenset.splits["val"]) > 0
+    has_val = has_validation_split(tokenset)
     if training.eval_every <= 0 or not has_val or not getattr(prior, "has_density", True):
         if training.eval_every > 0:
             logger.info("prior: eval_every is set but %s; no early stopping",
                         "there is no validation split" if not has_val else "the prior has no density")
         return None
     return BestValidationWeights(tokenset.torch_dataset("val"), training.batch_size)
+
+
+def has_validation_split(tokenset) -> bool:
+    return "val" in tokenset.splits and len(tokenset.splits["val"]) > 0
+
+
+def check_can_choose_per_position(prior, tokenset) -> None:
+    """A prior trained with several settings per position (an FVSBN with a list of L1 strengths)
+    keeps, for each position, the one that scores the validation split best: refuse before training
+    when there is no such split."""
+    if getattr(prior, "chooses_on_validation", False) and not has_validation_split(tokenset):
+        raise ValueError(f"this {prior.kind} prior chooses a setting per position on the validation split, "
+                         "but the token set has none: give the data a validation split, or give one value")
 
 
 def train_prior_stage(run: Run, resume: bool = False, force: bool = False) -> Path:
@@ -255,6 +268,7 @@ def train_prior_stage(run: Run, resume: bool = False, force: bool = False) -> Pa
     _, prior_cls = PRIORS[run.config.prior.kind]
     set_seed(run.config.prior_training.seed)  # as for the tokenizer: reproducible initial weights
     prior = prior_cls(prior_config)
+    check_can_choose_per_position(prior, tokenset)
     train_tokens = tokenset.torch_dataset("train")  # audio items carry the loss mask of their padding
     if getattr(prior, "fit_by_counting", False):  # histograms are fit by counting, not by gradient steps
         result = fit_by_counting(prior, train_tokens, run.config.prior_training.batch_size)
@@ -267,6 +281,9 @@ def train_prior_stage(run: Run, resume: bool = False, force: bool = False) -> Pa
                        eval_fn=selection, description="prior")
         if selection is not None:
             result.final_metrics.update(selection.restore(prior, result.steps))
+        if getattr(prior, "chooses_on_validation", False):
+            result.final_metrics.update(
+                prior.choose_on_validation(tokenset.torch_dataset("val"), run.config.prior_training.batch_size))
     if run.state.is_main_process:
         if out_dir.exists():
             shutil.rmtree(out_dir)

@@ -4,6 +4,7 @@ Exact normalisation over every sequence of a tiny space, autoregressive masks, h
 histograms, save/load, sampling shapes and prefixes, and a few optimizer steps lowering the NLL.
 """
 
+import dataclasses
 import itertools
 import json
 
@@ -26,8 +27,17 @@ from priors.baselines import nade_fused
 from priors.sampling import SamplingOptions
 from helpers.optimize import adam_steps
 
+def banked_fvsbn(vocab_size: int, seq_len: int, num_classes: int) -> FVSBN:
+    """An FVSBN with three L1 banks whose positions use different banks."""
+    model = FVSBN(FVSBNConfig(vocab_size=vocab_size, seq_len=seq_len, num_classes=num_classes,
+                              l1_penalty=[0.0, 0.01, 0.1]))
+    model.position_bank.copy_(torch.arange(seq_len) % 3)
+    return model
+
+
 NEURAL = {
     "fvsbn": lambda v, l, c: FVSBN(FVSBNConfig(vocab_size=v, seq_len=l, num_classes=c)),
+    "fvsbn_banks": banked_fvsbn,
     "nade": lambda v, l, c: NADE(NADEConfig(vocab_size=v, seq_len=l, num_classes=c, hidden_size=8)),
     "made": lambda v, l, c: MADE(MADEConfig(vocab_size=v, seq_len=l, num_classes=c, hidden_sizes=(12,))),
     "made2": lambda v, l, c: MADE(MADEConfig(vocab_size=v, seq_len=l, num_classes=c, hidden_sizes=(12, 10))),
@@ -375,3 +385,92 @@ def test_fvsbn_l1_penalty_counts_in_training_only_and_sparsifies_the_weights():
     free, penalised = trained_weights(0.0), trained_weights(0.02)
     assert penalised.abs().sum() < 0.5 * free.abs().sum()
     assert (penalised.abs() < 0.01).sum() > (free.abs() < 0.01).sum()
+
+
+def single_bank(banked: FVSBN, bank: int) -> FVSBN:
+    """The one-bank FVSBN with bank `bank`'s weights and penalty."""
+    config = banked.config
+    single = FVSBN(FVSBNConfig(vocab_size=config.vocab_size, seq_len=config.seq_len, num_classes=config.num_classes,
+                               l1_penalty=config.penalties[bank]))
+    rows = slice(bank * single.regression.weight.shape[0], (bank + 1) * single.regression.weight.shape[0])
+    with torch.no_grad():
+        single.regression.weight.copy_(banked.regression.weight[rows])
+        single.regression.bias.copy_(banked.regression.bias[rows])
+        single.class_bias.weight.copy_(banked.class_bias.weight[:, rows])
+    return single
+
+
+@pytest.mark.parametrize("vocab_size", [2, 3])
+def test_fvsbn_banks_train_as_separate_models(vocab_size):
+    """Each bank's gradient is the gradient its own one-value FVSBN would get (penalty included)."""
+    banked = build("fvsbn_banks", vocab_size, 5, num_classes=0).train()
+    singles = [single_bank(banked, bank).train() for bank in range(3)]
+    batch = {"input_ids": torch.randint(vocab_size, (16, 5), generator=torch.Generator().manual_seed(4))}
+    banked.loss(batch, "prior", 0)[0].backward()
+    rows = singles[0].regression.weight.shape[0]
+    for bank, single in enumerate(singles):
+        single.loss(batch, "prior", 0)[0].backward()
+        part = slice(bank * rows, (bank + 1) * rows)
+        torch.testing.assert_close(banked.regression.weight.grad[part], single.regression.weight.grad)
+        torch.testing.assert_close(banked.regression.bias.grad[part], single.regression.bias.grad)
+    # the table counts the chosen model's numbers, one bank's worth
+    from pipelines.compare import count_parameters
+    assert count_parameters(banked) == count_parameters(singles[0]) == sum(p.numel() for p in singles[0].parameters())
+    # evaluation scores the banks' mean likelihood, without penalties
+    banked.eval()
+    expected = torch.stack([single.eval().loss(batch, "prior", 0)[0] for single in singles]).mean()
+    torch.testing.assert_close(banked.loss(batch, "prior", 0)[0], expected)
+
+
+@pytest.mark.parametrize("vocab_size,num_classes", [(2, 0), (3, 2)])
+def test_fvsbn_chooses_per_position_the_bank_best_on_validation(vocab_size, num_classes):
+    banked = build("fvsbn_banks", vocab_size, 6, num_classes=num_classes)
+    singles = [single_bank(banked, bank).eval() for bank in range(3)]
+    generator = torch.Generator().manual_seed(5)
+    tokens = torch.randint(vocab_size, (40, 6), generator=generator)
+    labels = torch.randint(max(num_classes, 1), (40,), generator=generator)
+    items = [{"input_ids": t, **({"label": y} if num_classes else {})} for t, y in zip(tokens, labels)]
+    chosen = banked.choose_on_validation(items, batch_size=16)
+    label = labels if num_classes else None
+    per_bank = torch.stack([-s.token_log_probs(tokens, label).sum(dim=0) for s in singles])  # (K L)
+    assert banked.position_bank.tolist() == per_bank.argmin(dim=0).tolist()
+    assert chosen["positions_per_l1_penalty"] == torch.bincount(per_bank.argmin(dim=0), minlength=3).tolist()
+    # the chosen model is the per-position pick of the single models, and scores no worse than any bank
+    expected = torch.stack([s.token_log_probs(tokens, label) for s in singles])  # (K b L)
+    picked = expected.gather(0, banked.position_bank.expand(1, 40, 6))[0]
+    torch.testing.assert_close(banked.token_log_probs(tokens, label), picked)
+    assert chosen["chosen_val_nll_per_item"] <= min(chosen["bank_val_nll_per_item"]) + 1e-9
+
+
+def test_fvsbn_bank_choice_needs_a_validation_split():
+    from types import SimpleNamespace
+
+    from pipelines.stages import check_can_choose_per_position
+    banked = build("fvsbn_banks", 2, 4, num_classes=0)
+    with pytest.raises(ValueError, match="validation split"):
+        check_can_choose_per_position(banked, SimpleNamespace(splits={"train": [1]}))
+    check_can_choose_per_position(banked, SimpleNamespace(splits={"train": [1], "val": [1]}))
+    check_can_choose_per_position(build("fvsbn", 2, 4, num_classes=0), SimpleNamespace(splits={"train": [1]}))
+    with pytest.raises(ValueError, match="distinct"):
+        FVSBNConfig(vocab_size=2, seq_len=4, l1_penalty=[0.1, 0.1])
+    with pytest.raises(ValueError, match=">= 0"):
+        FVSBNConfig(vocab_size=2, seq_len=4, l1_penalty=[0.1, -0.1])
+
+
+def test_made_direct_l1_penalty_counts_in_training_only():
+    model = build("made_direct", 2, 6, num_classes=0)
+    model = MADE(dataclasses.replace(model.config, direct_l1_penalty=0.01))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(2)))
+    batch = {"input_ids": torch.randint(2, (16, 6), generator=torch.Generator().manual_seed(0))}
+    nll = -model.log_prob(batch["input_ids"]).mean() / 6
+    model.train()
+    loss, metrics = model.loss(batch, "prior", 0)
+    penalty = 0.01 * model.direct.masked_weight().abs().sum()
+    torch.testing.assert_close(loss, nll + penalty)
+    torch.testing.assert_close(metrics["direct_l1_penalty"], penalty)
+    model.eval()
+    torch.testing.assert_close(model.loss(batch, "prior", 0)[0], nll)
+    with pytest.raises(ValueError, match="direct_connections"):
+        MADEConfig(vocab_size=2, seq_len=6, direct_l1_penalty=0.01)

@@ -172,3 +172,23 @@ def test_compare_configs_parse_and_build(path):
         prior_config_cls, prior_cls = PRIORS[spec.prior.kind]
         fields = dict(spec.prior.fields, vocab_size=tokenizer.vocab_size, seq_len=16, num_classes=0)
         assert prior_cls(prior_config_cls.from_dict(fields)) is not None
+
+
+def test_fvsbn_with_a_list_of_l1_strengths_chooses_one_per_pixel_on_validation(tmp_path):
+    config = tmp_path / "tiny_fvsbn.toml"
+    config.write_text(TINY.read_text() + '''
+[[models]]
+name = "fvsbn_banks"
+prior = { kind = "fvsbn", l1_penalty = [0.0, 1e-3] }
+training = { max_steps = 6, batch_size = 32, warmup_steps = 1, learning_rate = 3e-2, checkpoint_every = 0, eval_every = 3 }
+''')
+    assert main(["compare", str(config), f"output_dir={tmp_path}", 'only=["fvsbn_banks"]',
+                 "evaluation.sample_quality=false"]) == 0
+    directory = tmp_path / "compare_tiny" / "models" / "fvsbn_banks" / "prior"
+    record = json.loads((directory / "stage.json").read_text())["final_metrics"]
+    assert sum(record["positions_per_l1_penalty"]) == 784
+    prior = load_prior(directory)
+    assert prior.position_bank.bincount(minlength=2).tolist() == record["positions_per_l1_penalty"]
+    row = json.loads((tmp_path / "compare_tiny" / "comparison.json").read_text())["models"][0]
+    assert row["parameters"] == prior.parameters_in_use() == 784 * 784 + 2 * 784  # one bank's weight, bias, class bias
+    assert row["likelihood"] == "exact" and math.isfinite(row["nll_nats_per_image"])

@@ -61,6 +61,9 @@ class MADEConfig:
     num_masks: int = 1  # K > 1: connectivity-agnostic training and a K-component mixture density
     order_agnostic: bool = False  # masks 1..K-1 also get a random ordering of the positions
     mask_seed: int = 0  # seeds the degrees (and orderings) of masks 1..K-1
+    # training only: direct_l1_penalty * sum |direct weight| joins the mean NLL per token. The direct
+    # term is an FVSBN, and an FVSBN fits binarized MNIST best under an L1 penalty (BENCHMARKS.md).
+    direct_l1_penalty: float = 0.0
 
     def __post_init__(self):
         if isinstance(self.hidden_sizes, list):  # JSON / TOML give lists
@@ -74,6 +77,9 @@ class MADEConfig:
             raise ValueError(f"num_masks must be >= 1, got {self.num_masks}")
         if self.order_agnostic and self.num_masks == 1:
             raise ValueError("order_agnostic needs num_masks > 1: mask 0 always uses the natural ordering")
+        if self.direct_l1_penalty < 0.0 or (self.direct_l1_penalty > 0.0 and not self.direct_connections):
+            raise ValueError(f"direct_l1_penalty must be >= 0 and needs direct_connections = true, got "
+                             f"{self.direct_l1_penalty} with direct_connections = {self.direct_connections}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "MADEConfig":
@@ -164,10 +170,15 @@ class MADE(AutoregressiveDensityModel):
     # ---- training -------------------------------------------------------------------------
     def loss(self, batch: dict, phase: str, step: int):
         """Training: the NLL per token under mask `step mod K` (K masks cycle over the steps, so a resumed
-        run picks up the same one). Eval mode (validation, early stopping): the mixture's NLL per token."""
+        run picks up the same one), plus the direct term's L1 penalty. Eval mode (validation, early
+        stopping): the mixture's NLL per token."""
         if self.training or self.num_masks == 1:
             self.use_mask(step % self.num_masks)
-            return super().loss(batch, phase, step)
+            nll, metrics = super().loss(batch, phase, step)
+            if not self.training or self.config.direct_l1_penalty == 0.0:
+                return nll, metrics
+            penalty = self.config.direct_l1_penalty * self.direct.masked_weight().abs().sum()
+            return nll + penalty, {**metrics, "direct_l1_penalty": penalty.detach()}
         mask = batch.get("loss_mask")
         label = batch.get("label") if self.config.num_classes > 0 else None
         log_probs = self.log_prob(batch["input_ids"], label, mask)
