@@ -192,3 +192,22 @@ training = { max_steps = 6, batch_size = 32, warmup_steps = 1, learning_rate = 3
     row = json.loads((tmp_path / "compare_tiny" / "comparison.json").read_text())["models"][0]
     assert row["parameters"] == prior.parameters_in_use() == 784 * 784 + 2 * 784  # one bank's weight, bias, class bias
     assert row["likelihood"] == "exact" and math.isfinite(row["nll_nats_per_image"])
+
+
+def test_prior_mixture_benchmark_scores_an_exact_mixture(comparison, tmp_path, monkeypatch):
+    import sys
+
+    from benchmarks import prior_mixture
+    directory, report = comparison
+    rows = rows_by_name(report)
+    tokens = directory / "tokenizers" / rows["nade"]["tokenizer_folder"] / "tokens"
+    priors = [directory / "models" / name / "prior" for name in ("histogram", "nade")]
+    out = tmp_path / "mixture.json"
+    monkeypatch.setattr(sys, "argv", ["prior_mixture", str(tokens), *map(str, priors), "--out", str(out)])
+    prior_mixture.main()
+    test = json.loads(out.read_text())["splits"]["test"]
+    members, mixture = test["member_nll_nats"], test["mixture_nll_nats"]["2"]
+    assert members[0] == pytest.approx(rows["histogram"]["nll_nats_per_image"], rel=1e-5)
+    assert mixture <= sum(members) / 2  # Jensen
+    assert mixture <= min(members) + math.log(2)  # every item keeps half of the best member's probability
+    assert mixture != pytest.approx(sum(members) / 2)  # two different models: mixing changes the figure
