@@ -474,3 +474,18 @@ def test_made_direct_l1_penalty_counts_in_training_only():
     torch.testing.assert_close(model.loss(batch, "prior", 0)[0], nll)
     with pytest.raises(ValueError, match="direct_connections"):
         MADEConfig(vocab_size=2, seq_len=6, direct_l1_penalty=0.01)
+
+
+def test_fvsbn_bank_choice_leaves_padding_out():
+    """Padding (loss_mask False) scores nothing: a padded last position keeps bank 0, the others choose
+    as they would unpadded (no earlier position reads the last one)."""
+    banked = build("fvsbn_banks", 2, 6, num_classes=0)
+    tokens = torch.randint(2, (30, 6), generator=torch.Generator().manual_seed(7))
+    banked.choose_on_validation([{"input_ids": t} for t in tokens], batch_size=8)
+    unpadded = banked.position_bank.clone()
+    mask = torch.ones(6, dtype=torch.bool)
+    mask[-1] = False
+    chosen = banked.choose_on_validation([{"input_ids": t, "loss_mask": mask} for t in tokens], batch_size=8)
+    assert banked.position_bank[-1] == 0 and banked.position_bank[:-1].tolist() == unpadded[:-1].tolist()
+    assert unpadded[-1] != 0  # the padding changed a choice, so the test can fail
+    assert sum(chosen["positions_per_l1_penalty"]) == 6

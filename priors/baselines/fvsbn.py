@@ -197,13 +197,13 @@ class FVSBN(AutoregressiveDensityModel):
         totals = torch.zeros(self.num_banks, self.config.seq_len, dtype=torch.float64, device=self.device)
         for batch in torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False):
             input_ids = self.check_tokens(batch["input_ids"].to(self.device))
-            mask = batch.get("loss_mask")
+            mask = batch["loss_mask"].to(self.device) if "loss_mask" in batch else None
             label = batch.get("label") if self.config.num_classes > 0 else None
             logits = self.bank_logits(self.mask_inputs(input_ids, mask), self.class_index(label, input_ids.shape[0]))
             targets = repeat(input_ids, "b l -> b k l 1", k=self.num_banks)
             nll = -F.log_softmax(logits.float(), dim=-1).gather(-1, targets).squeeze(-1)  # (b K L)
             if mask is not None:
-                nll = nll * rearrange(mask.to(nll), "b l -> b 1 l")
+                nll = nll * rearrange(mask.to(nll.dtype), "b l -> b 1 l")
             totals += nll.sum(dim=0).double()
         self.train(was_training)
         self.position_bank.copy_(totals.argmin(dim=0))
