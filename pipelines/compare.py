@@ -503,8 +503,12 @@ def run_comparison(config: CompareConfig) -> dict:
         if state.is_main_process:
             row = cached_row(spec, model_run, dataset, config, classifier)
             stage = read_stage(model_run.path("prior")) or {}
+            final_metrics = stage.get("final_metrics") or {}
+            if "positions_per_l1_penalty" in final_metrics:  # an FVSBN that chose its L1 strength per position
+                row["positions_per_l1_penalty"] = dict(zip(map(str, spec.prior.fields["l1_penalty"]),
+                                                           final_metrics["positions_per_l1_penalty"]))
             row.update(train_seconds=seconds, train_steps=stage.get("steps"),
-                       selected_step=(stage.get("final_metrics") or {}).get("selected_step"),
+                       selected_step=final_metrics.get("selected_step"),
                        train_batch_size=spec.training.batch_size,
                        tokenizer_folder=key, tokenizer_train_seconds=tokenizer_seconds)
             rows.append(row)

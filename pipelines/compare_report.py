@@ -36,6 +36,9 @@ def kind_cell(row: dict) -> str:
                      f"per image; the encoder's codes: {_number(row['encoder_bound_nats'])}")
     elif "decoder_nll_nats" in row:
         parts.append(f"-log p(x \\| z) {_number(row['decoder_nll_nats'])} + -log p_prior(z) {_number(row['prior_nll_nats'])}")
+    if "positions_per_l1_penalty" in row:
+        parts.append("L1 strength chosen per position on validation: " + ", ".join(
+            f"{value} for {count}" for value, count in row["positions_per_l1_penalty"].items()))
     return row["likelihood"] + (f" ({'; '.join(parts)})" if parts else "")
 
 

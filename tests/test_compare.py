@@ -192,6 +192,8 @@ training = { max_steps = 6, batch_size = 32, warmup_steps = 1, learning_rate = 3
     row = json.loads((tmp_path / "compare_tiny" / "comparison.json").read_text())["models"][0]
     assert row["parameters"] == prior.parameters_in_use() == 784 * 784 + 2 * 784  # one bank's weight, bias, class bias
     assert row["likelihood"] == "exact" and math.isfinite(row["nll_nats_per_image"])
+    assert list(row["positions_per_l1_penalty"].values()) == record["positions_per_l1_penalty"]
+    assert "L1 strength chosen per position on validation: 0.0 for" in (tmp_path / "compare_tiny" / "comparison.md").read_text()
 
 
 def test_prior_mixture_benchmark_scores_an_exact_mixture(comparison, tmp_path, monkeypatch):
