@@ -22,17 +22,9 @@ from pathlib import Path
 
 import torch
 
+from pipelines.compare import batched_log_prob
 from pipelines.tokenset import load_tokenset
 from priors import load_prior
-
-
-def split_log_probs(prior, tokens: torch.Tensor, labels: torch.Tensor | None, batch_size: int) -> torch.Tensor:
-    """(n,) log p(x) in nats of every item, in float64."""
-    with torch.no_grad():
-        return torch.cat([
-            prior.log_prob(tokens[i:i + batch_size], None if labels is None else labels[i:i + batch_size]).double()
-            for i in range(0, len(tokens), batch_size)
-        ])
 
 
 def check_trained_on(prior_dir: Path, tokenset) -> None:
@@ -62,7 +54,9 @@ def main() -> None:
     for split in args.splits:
         data = tokenset.tensors(split)
         labels = data.get("label") if conditional else None
-        members = torch.stack([split_log_probs(p, data["input_ids"], labels, args.batch_size) for p in priors])
+        # a stochastic estimate (a VAE's) draws from the generator; the exact models ignore it
+        members = torch.stack([batched_log_prob(p, data["input_ids"], labels, args.batch_size, "cpu",
+                                                torch.Generator().manual_seed(0)) for p in priors])
         member_nll = [-float(m.mean()) for m in members]
         mixtures = {k: -float((torch.logsumexp(members[:k], dim=0) - math.log(k)).mean())
                     for k in range(2, len(priors) + 1)}

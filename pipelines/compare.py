@@ -505,8 +505,7 @@ def run_comparison(config: CompareConfig) -> dict:
             stage = read_stage(model_run.path("prior")) or {}
             final_metrics = stage.get("final_metrics") or {}
             if "positions_per_l1_penalty" in final_metrics:  # an FVSBN that chose its L1 strength per position
-                row["positions_per_l1_penalty"] = dict(zip(map(str, spec.prior.fields["l1_penalty"]),
-                                                           final_metrics["positions_per_l1_penalty"]))
+                row["positions_per_l1_penalty"] = final_metrics["positions_per_l1_penalty"]
             row.update(train_seconds=seconds, train_steps=stage.get("steps"),
                        selected_step=final_metrics.get("selected_step"),
                        train_batch_size=spec.training.batch_size,

@@ -434,7 +434,8 @@ def test_fvsbn_chooses_per_position_the_bank_best_on_validation(vocab_size, num_
     label = labels if num_classes else None
     per_bank = torch.stack([-s.token_log_probs(tokens, label).sum(dim=0) for s in singles])  # (K L)
     assert banked.position_bank.tolist() == per_bank.argmin(dim=0).tolist()
-    assert chosen["positions_per_l1_penalty"] == torch.bincount(per_bank.argmin(dim=0), minlength=3).tolist()
+    assert chosen["positions_per_l1_penalty"] == dict(zip(["0.0", "0.01", "0.1"],
+                                                        torch.bincount(per_bank.argmin(dim=0), minlength=3).tolist()))
     # the chosen model is the per-position pick of the single models, and scores no worse than any bank
     expected = torch.stack([s.token_log_probs(tokens, label) for s in singles])  # (K b L)
     picked = expected.gather(0, banked.position_bank.expand(1, 40, 6))[0]
@@ -488,4 +489,4 @@ def test_fvsbn_bank_choice_leaves_padding_out():
     chosen = banked.choose_on_validation([{"input_ids": t, "loss_mask": mask} for t in tokens], batch_size=8)
     assert banked.position_bank[-1] == 0 and banked.position_bank[:-1].tolist() == unpadded[:-1].tolist()
     assert unpadded[-1] != 0  # the padding changed a choice, so the test can fail
-    assert sum(chosen["positions_per_l1_penalty"]) == 6
+    assert sum(chosen["positions_per_l1_penalty"].values()) == 6

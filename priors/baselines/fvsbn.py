@@ -37,7 +37,7 @@ from priors.baselines.common import (
     check_sizes,
     config_from_dict,
 )
-from priors.token_nll import mean_token_nll, nll_metrics
+from priors.token_nll import nll_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -173,11 +173,8 @@ class FVSBN(AutoregressiveDensityModel):
                 return nll, metrics
             penalty = strength * self.regression.masked_weight().abs().sum()
             return nll + penalty, {**metrics, "l1_penalty": penalty.detach()}
-        input_ids, mask, class_index = self.training_batch(batch)
-        logits = self.bank_logits(self.mask_inputs(input_ids, mask), class_index)
-        targets = repeat(input_ids, "b l -> (b k) l", k=self.num_banks)
-        bank_mask = None if mask is None else repeat(mask, "b l -> (b k) l", k=self.num_banks)
-        nll = mean_token_nll(rearrange(logits, "b k l v -> (b k) l v"), targets, bank_mask)
+        token_nll, tokens = self.bank_token_nll(batch)
+        nll = token_nll.sum() / (self.num_banks * tokens)  # the banks' mean NLL per scored token
         metrics = nll_metrics(nll)
         if not self.training:
             return nll, metrics
@@ -185,6 +182,17 @@ class FVSBN(AutoregressiveDensityModel):
         strengths = torch.tensor(self.config.penalties, device=weights.device, dtype=weights.dtype)
         penalty = (strengths * weights.abs().sum(dim=(1, 2))).sum()
         return self.num_banks * nll + penalty, {**metrics, "l1_penalty": penalty.detach()}
+
+    def bank_token_nll(self, batch: dict) -> tuple[Tensor, Tensor | float]:
+        """(b K L) NLL of every bank's conditional (0 on padding, `loss_mask` False), and the number of
+        scored tokens per bank. Labels are dropped in training mode only, as for every prior."""
+        input_ids, mask, class_index = self.training_batch(batch)
+        logits = self.bank_logits(self.mask_inputs(input_ids, mask), class_index)
+        targets = repeat(input_ids, "b l -> b k l 1", k=self.num_banks)
+        nll = -F.log_softmax(logits.float(), dim=-1).gather(-1, targets).squeeze(-1)
+        if mask is None:
+            return nll, float(input_ids.numel())
+        return nll * rearrange(mask.to(nll.dtype), "b l -> b 1 l"), mask.sum().clamp_min(1)
 
     @torch.no_grad()
     def choose_on_validation(self, dataset, batch_size: int) -> dict:
@@ -196,23 +204,16 @@ class FVSBN(AutoregressiveDensityModel):
         self.eval()
         totals = torch.zeros(self.num_banks, self.config.seq_len, dtype=torch.float64, device=self.device)
         for batch in torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False):
-            input_ids = self.check_tokens(batch["input_ids"].to(self.device))
-            mask = batch["loss_mask"].to(self.device) if "loss_mask" in batch else None
-            label = batch.get("label") if self.config.num_classes > 0 else None
-            logits = self.bank_logits(self.mask_inputs(input_ids, mask), self.class_index(label, input_ids.shape[0]))
-            targets = repeat(input_ids, "b l -> b k l 1", k=self.num_banks)
-            nll = -F.log_softmax(logits.float(), dim=-1).gather(-1, targets).squeeze(-1)  # (b K L)
-            if mask is not None:
-                nll = nll * rearrange(mask.to(nll.dtype), "b l -> b 1 l")
-            totals += nll.sum(dim=0).double()
+            token_nll, _ = self.bank_token_nll({key: value.to(self.device) for key, value in batch.items()})
+            totals += token_nll.sum(dim=0).double()
         self.train(was_training)
         self.position_bank.copy_(totals.argmin(dim=0))
         items = len(dataset)
         chosen = totals.gather(0, self.position_bank[None])[0]
         counts = torch.bincount(self.position_bank, minlength=self.num_banks).tolist()
-        logger.info("FVSBN: per-position L1 strengths %s chosen for %s positions; validation NLL %.4f "
-                    "(banks alone: %s) per item", list(self.config.penalties), counts, float(chosen.sum()) / items,
-                    [round(float(t) / items, 4) for t in totals.sum(dim=1)])
+        counts = {str(value): count for value, count in zip(self.config.penalties, counts)}
+        logger.info("FVSBN: positions per L1 strength %s; validation NLL %.4f (banks alone: %s) per item", counts,
+                    float(chosen.sum()) / items, [round(float(t) / items, 4) for t in totals.sum(dim=1)])
         return {"positions_per_l1_penalty": counts, "chosen_val_nll_per_item": float(chosen.sum()) / items,
                 "bank_val_nll_per_item": [float(t) / items for t in totals.sum(dim=1)]}
 
