@@ -477,6 +477,31 @@ def test_made_direct_l1_penalty_counts_in_training_only():
         MADEConfig(vocab_size=2, seq_len=6, direct_l1_penalty=0.01)
 
 
+def test_made_dropout_acts_in_training_only_and_keeps_the_masks():
+    """Dropout makes training passes stochastic, leaves eval passes (log_prob, validation) equal to the
+    same weights without dropout, and never lets output t read inputs >= t."""
+    reference = build("made_direct", 2, 6, num_classes=0)
+    model = MADE(dataclasses.replace(reference.config, dropout=0.5))
+    model.load_state_dict(reference.state_dict())
+    tokens = torch.randint(2, (16, 6), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    torch.testing.assert_close(model.log_prob(tokens), reference.log_prob(tokens))
+    model.train()
+    torch.manual_seed(0)
+    first, second = model.loss({"input_ids": tokens}, "prior", 0)[0], model.loss({"input_ids": tokens}, "prior", 0)[0]
+    assert not torch.equal(first, second)
+    classes = torch.full((16,), model.null_class)
+    for position in range(6):  # flipping inputs >= t, under the same dropout draw, moves no output <= t
+        flipped = tokens.clone()
+        flipped[:, position:] = 1 - flipped[:, position:]
+        torch.manual_seed(position)
+        logits = model.token_logits(tokens, classes)
+        torch.manual_seed(position)
+        torch.testing.assert_close(model.token_logits(flipped, classes)[:, : position + 1], logits[:, : position + 1])
+    with pytest.raises(ValueError, match="dropout"):
+        MADEConfig(vocab_size=2, seq_len=6, dropout=1.0)
+
+
 def test_fvsbn_bank_choice_leaves_padding_out():
     """Padding (loss_mask False) scores nothing: a padded last position keeps bank 0, the others choose
     as they would unpadded (no earlier position reads the last one)."""

@@ -64,6 +64,9 @@ class MADEConfig:
     # training only: direct_l1_penalty * sum |direct weight| joins the mean NLL per token. The direct
     # term is an FVSBN, and an FVSBN fits binarized MNIST best under an L1 penalty (BENCHMARKS.md).
     direct_l1_penalty: float = 0.0
+    # training only: dropout on the hidden units (Srivastava et al. 2014). The 4000-unit MADE fits the
+    # train split 7 nats better than validation; the paper's masks ensemble was its regulariser.
+    dropout: float = 0.0
 
     def __post_init__(self):
         if isinstance(self.hidden_sizes, list):  # JSON / TOML give lists
@@ -73,6 +76,8 @@ class MADEConfig:
             raise ValueError(f"hidden_sizes must be one or two positive sizes, got {self.hidden_sizes}")
         if not 0.0 <= self.label_dropout <= 1.0:
             raise ValueError(f"label_dropout must lie in [0, 1], got {self.label_dropout}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
         if self.num_masks < 1:
             raise ValueError(f"num_masks must be >= 1, got {self.num_masks}")
         if self.order_agnostic and self.num_masks == 1:
@@ -140,7 +145,7 @@ class MADE(AutoregressiveDensityModel):
             pre_activation = layer(hidden)
             if index == 0:
                 pre_activation = pre_activation + self.class_bias(class_index)
-            hidden = torch.relu(pre_activation)
+            hidden = F.dropout(torch.relu(pre_activation), self.config.dropout, self.training)
         flat = self.output_layer(hidden)
         if self.direct is not None:
             flat = flat + self.direct(inputs)
