@@ -3,6 +3,7 @@
     tokgen run [CONFIG] [key=value ...]           train tokenizer, export tokens, train prior, sample, evaluate
     tokgen train-tokenizer | export-tokens | train-prior | sample | eval  [CONFIG] [key=value ...]
     tokgen generate RUN_DIR --label 3 --num 16     ad-hoc conditioned samples from a finished run
+    tokgen generate RUN_DIR --prompt FILE          continue the beginning of your own image or clip
     tokgen compare CONFIG [key=value ...]          train/evaluate a list of models on one split, one table
 
 CONFIG is a TOML file (see configs/); without one the built-in CPU default runs on the MNIST subset
@@ -63,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--out", type=Path, default=None, help="PNG path (default RUN_DIR/samples/generated.png); for audio a folder "
                           "for the WAVs (default RUN_DIR/samples/generated/)")
+    generate.add_argument("--prompt", type=Path, default=None,
+                          help="an image (image run) or audio file (audio run) whose beginning the prior continues")
+    generate.add_argument("--prompt-rows", type=int, default=None,
+                          help="image prompt: token rows kept from the top (default: half of them)")
+    generate.add_argument("--prompt-seconds", type=float, default=None,
+                          help="audio prompt: seconds kept from the start (default: the run's audio.prefix_seconds)")
     return parser
 
 
@@ -111,6 +118,8 @@ def generate_command(args) -> Path:
     if args.label is not None and not 0 <= args.label < max(manifest.num_classes, 1):
         raise SystemExit(f"--label {args.label} is outside this run's {manifest.num_classes} classes")
     options = SamplingOptions(args.temperature, args.top_k, args.top_p, args.guidance_scale)
+    if args.prompt is not None:
+        return generate_from_prompt(args, tokenizer, prior, tokenset, options, device)
     if manifest.modality == "audio":  # WAVs (and a spectrogram PNG) instead of an image grid
         from pipelines.audio_stages import generate_audio_clips
 
@@ -126,6 +135,18 @@ def generate_command(args) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     save_image_grid(decode_tokens(tokenizer, tokens, manifest), out, nrow=min(args.num, 8))
     return out
+
+
+def generate_from_prompt(args, tokenizer, prior, tokenset, options, device) -> Path:
+    from pipelines.prompting import continue_audio_prompt, continue_image_prompt
+
+    common = dict(label=args.label, num=args.num, options=options, seed=args.seed, device=device)
+    if tokenset.manifest.modality == "audio":
+        out = args.out or args.run_dir / "samples" / "prompted"
+        return continue_audio_prompt(args.prompt, args.run_dir, tokenizer, prior, tokenset, args.prompt_seconds,
+                                     out_dir=out, **common)
+    out = args.out or args.run_dir / "samples" / "prompted.png"
+    return continue_image_prompt(args.prompt, tokenizer, prior, tokenset.manifest, args.prompt_rows, out=out, **common)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -152,7 +152,14 @@ class RunConfig:
         return config_cls.from_dict(fields)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The config in the form of a config file (what `run_config_from_dict` reads back): components as
+        `{"kind": ..., **fields}`, and only the data section the run reads."""
+        data = dataclasses.asdict(self)
+        for name in ("tokenizer", "prior"):
+            section = getattr(self, name)
+            data[name] = {"kind": section.kind, **copy.deepcopy(section.fields)}
+        data.pop("data" if self.is_audio else "audio_data")
+        return data
 
 
 def _component_section(registry: dict, data: dict, where: str, reserved: tuple[str, ...] = ()) -> ComponentSection:

@@ -231,7 +231,7 @@ def _convert_array(images: np.ndarray, config: DataConfig) -> np.ndarray:
         images = np.round(luma).clip(0, 255).astype(np.uint8)[..., None]
     if config.image_size and images.shape[1:3] != (config.image_size, config.image_size):
         channels = images.shape[-1]
-        images = np.stack([_pil_to_array(_array_to_pil(image), channels, config.image_size) for image in images])
+        images = np.stack([pil_to_array(_array_to_pil(image), channels, config.image_size) for image in images])
     return images
 
 
@@ -239,16 +239,18 @@ def _array_to_pil(image: np.ndarray) -> Image.Image:
     return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
 
 
-def _pil_to_array(image: Image.Image, channels: int, image_size: int) -> np.ndarray:
+def pil_to_array(image: Image.Image, channels: int, image_size: int | tuple[int, int]) -> np.ndarray:
+    """uint8 (h w c) with `channels` channels, resized to `image_size` (a square's side, or (width, height); 0 keeps it)."""
     image = image.convert("L" if channels == 1 else "RGB")
-    if image_size and image.size != (image_size, image_size):
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if image_size and image.size != size:
         # Pillow's bicubic filter widens its support when shrinking, so downscaling is antialiased.
-        image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
+        image = image.resize(size, Image.Resampling.BICUBIC)
     array = np.asarray(image, dtype=np.uint8)
     return array[..., None] if channels == 1 else array
 
 
-def _decode_image(item, where: str) -> Image.Image:
+def decode_image(item, where: str) -> Image.Image:
     """Decode one image given as a path or `{"bytes", "path"}` dict, naming the file on failure."""
     path = item.get("path") if isinstance(item, dict) else item
     data = item.get("bytes") if isinstance(item, dict) else None
@@ -263,14 +265,14 @@ def _decode_image(item, where: str) -> Image.Image:
 
 def _stack_pil_images(items: list, config: DataConfig, where: str) -> np.ndarray:
     """Decode and convert a list of images of possibly mixed sizes and modes into uint8 (n h w c)."""
-    images = [_decode_image(item, where) for item in items]
+    images = [decode_image(item, where) for item in items]
     channels = config.channels or (1 if all(image.mode in GRAYSCALE_MODES for image in images) else 3)
     if not config.image_size:
         sizes = sorted({image.size for image in images})
         if len(sizes) > 1:
             raise DataError(f"{where}: images have different sizes {sizes[:5]} (w, h); "
                             "set data.image_size to resize them")
-    return np.stack([_pil_to_array(image, channels, config.image_size) for image in images])
+    return np.stack([pil_to_array(image, channels, config.image_size) for image in images])
 
 
 # --- sources: each returns ({split name: ImageSplit}, class names, description) -----------------------

@@ -244,7 +244,7 @@ class TokenTensorDataset(torch.utils.data.Dataset):
 # --- export -------------------------------------------------------------------------------------
 
 
-def _encode_split(tokenizer, images: np.ndarray, batch_size: int, device, progress: bool, name: str) -> np.ndarray:
+def encode_images(tokenizer, images: np.ndarray, batch_size: int, device, progress: bool, name: str) -> np.ndarray:
     """uint8 (n h w c) -> (n L) int64 tokens, flattened row-major (codebook index fastest)."""
     chunks = []
     starts = range(0, len(images), batch_size)
@@ -257,7 +257,7 @@ def _encode_split(tokenizer, images: np.ndarray, batch_size: int, device, progre
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.int64)
 
 
-def _encode_audio_split(tokenizer, waveforms: np.ndarray, layout: str, batch_size: int, device, progress: bool,
+def encode_clips(tokenizer, waveforms: np.ndarray, layout: str, batch_size: int, device, progress: bool,
                         name: str) -> np.ndarray:
     """float32 (n c t) clips -> (n L) int64 tokens in `layout` (padding is zeros, encoded like any audio)."""
     chunks = []
@@ -360,7 +360,7 @@ def export_tokens(tokenizer, tokenizer_dir: str | Path, dataset: ImageDataset, o
     split_sizes = {}
     with _eval_mode(tokenizer):
         for name, split in dataset.splits().items():
-            tokens = _encode_split(tokenizer, split.images, batch_size, device, progress, name)
+            tokens = encode_images(tokenizer, split.images, batch_size, device, progress, name)
             _check_tokens(tokens, sequence_length, vocab_size)
             split_sizes[name] = _write_split(_token_dataset(tokens, split.labels, sequence_length), out_dir, name)
     kind, config = _tokenizer_record(tokenizer)
@@ -395,7 +395,7 @@ def export_audio_tokens(tokenizer, tokenizer_dir: str | Path, dataset, out_dir: 
     split_sizes = {}
     with _eval_mode(tokenizer):
         for name, split in dataset.splits().items():
-            tokens = _encode_audio_split(tokenizer, split.waveforms, layout, batch_size, device, progress, name)
+            tokens = encode_clips(tokenizer, split.waveforms, layout, batch_size, device, progress, name)
             _check_tokens(tokens, sequence_length, vocab_size)
             lengths = {"num_frames": -(-np.asarray(split.lengths, dtype=np.int64) // hop_length),
                        "num_samples": np.asarray(split.lengths, dtype=np.int64)}

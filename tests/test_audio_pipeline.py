@@ -7,6 +7,7 @@ files and wrong channel counts in the data itself are tested in test_audio_data.
 out of the NLL in test_layouts.py.
 """
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -18,6 +19,9 @@ import torch
 from safetensors.torch import load_file
 
 from pipelines.cli import main
+from pipelines.prompting import audio_prompt_tokens, continue_prompt, resolved_run_config
+from pipelines.stages import load_matched_pair
+from priors import SamplingOptions
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke" / "tiny_audio.toml"
 RATE = 8000
@@ -107,6 +111,57 @@ def test_generate_writes_wavs_of_the_requested_class(audio_run):
     assert (out / f"{name}_spectrograms.png").is_file()
     with pytest.raises(SystemExit, match="outside"):
         main(["generate", str(run_dir), "--label", "7"])
+
+
+def write_prompt_clip(path: Path, seconds: float, rate: int = 16000) -> Path:
+    """A stereo tone at twice the run's rate: the prompt is resampled and downmixed as the data would be."""
+    t = np.arange(round(rate * seconds)) / rate
+    tone = 0.3 * np.sin(2 * np.pi * CLASSES["mid"] * t)
+    soundfile.write(path, np.stack([tone, 0.5 * tone], axis=1).astype(np.float32), rate)
+    return path
+
+
+def test_generate_continues_a_prompt_clip(audio_run, tmp_path):
+    run_dir, _ = audio_run
+    prompt = write_prompt_clip(tmp_path / "prompt.wav", seconds=0.2)
+    out = tmp_path / "prompted"
+    assert main(["generate", str(run_dir), "--prompt", str(prompt), "--prompt-seconds", "0.1", "--label", "1",
+                 "--num", "2", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.glob("*.wav")) == ["continued_0.wav", "continued_1.wav", "prompt.wav"]
+    written, rate = soundfile.read(out / "prompt.wav")
+    assert rate == RATE and written.shape == (round(0.1 * RATE),)  # mono at the run's rate, cut at the prompt
+    assert np.abs(written).max() == pytest.approx((0.3 + 0.15) / 2, abs=0.01)  # the two channels averaged
+    continued, _ = soundfile.read(out / "continued_0.wav")
+    assert len(continued) >= len(written)
+    assert (out / "continuations.png").is_file()
+
+
+def test_prompt_clip_tokens_begin_every_continuation(audio_run, tmp_path):
+    run_dir, _ = audio_run
+    tokenizer, prior, tokenset = load_matched_pair(run_dir, "cpu")
+    manifest = tokenset.manifest
+    data_config = resolved_run_config(run_dir).audio_data
+    prompt, clip = audio_prompt_tokens(write_prompt_clip(tmp_path / "p.wav", 0.2), tokenizer, manifest, data_config, 0.1)
+    frames = round(0.1 * RATE / manifest.hop_length)
+    assert prompt.shape == (1, frames * manifest.num_codebooks) and clip.shape == (1, 1, frames * manifest.hop_length)
+    continued = continue_prompt(prior, prompt, label=0, num=3, options=SamplingOptions(), seed=0, device="cpu")
+    assert torch.equal(continued[:, : prompt.shape[1]], prompt.expand(3, -1))
+    levelled = dataclasses.replace(data_config, peak_level=0.9)  # a run whose clips were scaled to one peak
+    _, clip = audio_prompt_tokens(tmp_path / "p.wav", tokenizer, manifest, levelled, 0.1)
+    assert clip.abs().max().item() == pytest.approx(0.9, abs=0.01)
+
+
+def test_prompt_shorter_than_asked_or_unreadable_is_refused(audio_run, tmp_path, capsys):
+    run_dir, _ = audio_run
+    short = write_prompt_clip(tmp_path / "short.wav", seconds=0.05)
+    assert main(["generate", str(run_dir), "--prompt", str(short), "--prompt-seconds", "0.1"]) == 2
+    assert f"audio file {short} holds 0.050 s" in capsys.readouterr().err
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF....WAVEfmt nonsense")
+    assert main(["generate", str(run_dir), "--prompt", str(broken)]) == 2
+    assert f"cannot read audio file {broken}" in capsys.readouterr().err
+    assert main(["generate", str(run_dir), "--prompt", str(short), "--prompt-seconds", "5"]) == 2
+    assert "--prompt-seconds gives" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("override, message", [

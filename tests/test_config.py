@@ -1,10 +1,11 @@
 """Every config in configs/ parses and builds; bad keys and kinds fail with a useful message."""
 
+import json
 from pathlib import Path
 
 import pytest
 
-from pipelines.config import ConfigError, RunConfig, apply_overrides, load_run_config
+from pipelines.config import ConfigError, RunConfig, apply_overrides, load_run_config, run_config_from_dict
 from priors import PRIORS
 from tokenizers_vq import TOKENIZERS
 
@@ -27,6 +28,14 @@ def test_config_parses_and_builds(path):
     prior_config = config.prior_config(vocab_size=tokenizer.vocab_size, seq_len=16, num_classes=10)
     _, prior_cls = PRIORS[config.prior.kind]
     assert prior_cls(prior_config) is not None
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: str(p.relative_to(CONFIG_DIR)))
+def test_resolved_config_reads_back_as_the_same_config(path):
+    """A run records `to_dict()` as config.resolved.json; `tokgen generate --prompt` reads it back."""
+    config = load_run_config(path)
+    resolved = json.loads(json.dumps(config.to_dict(), default=str))
+    assert run_config_from_dict(resolved) == config
 
 
 def test_cpu_default_file_equals_packaged_default():

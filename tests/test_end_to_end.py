@@ -3,11 +3,16 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from pipelines.cli import main
+from pipelines.prompting import continue_prompt, image_prompt_tokens
+from pipelines.stages import load_matched_pair
+from priors import SamplingOptions
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke" / "tiny.toml"
 
@@ -67,6 +72,50 @@ def test_generate_verb(smoke_run, tmp_path):
     out = tmp_path / "g.png"
     assert main(["generate", str(smoke_run), "--label", "3", "--num", "4", "--guidance-scale", "2", "--out", str(out)]) == 0
     assert out.is_file()
+
+
+def write_prompt_image(path: Path) -> Path:
+    """An RGB image of another size than the run's grey 28 x 28 digits: the prompt is converted like the data."""
+    pixels = np.zeros((40, 36, 3), dtype=np.uint8)
+    pixels[8:32, 14:22] = (250, 240, 230)  # a bright vertical bar, a "1"
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def test_generate_continues_a_prompt_image(smoke_run, tmp_path):
+    prompt = write_prompt_image(tmp_path / "one.png")
+    out = tmp_path / "prompted.png"
+    assert main(["generate", str(smoke_run), "--prompt", str(prompt), "--prompt-rows", "2", "--label", "1",
+                 "--num", "3", "--out", str(out)]) == 0
+    manifest = json.loads((smoke_run / "tokens" / "manifest.json").read_text())
+    channels, height, width = manifest["image_shape"]
+    assert Image.open(out).size == (4 * width + 5 * 2, height + 2 * 2)  # the prompt, then 3 completions, one row
+
+
+def test_prompt_tokens_begin_every_completion(smoke_run, tmp_path):
+    tokenizer, prior, tokenset = load_matched_pair(smoke_run, "cpu")
+    manifest = tokenset.manifest
+    prompt, image = image_prompt_tokens(write_prompt_image(tmp_path / "one.png"), tokenizer, manifest, prompt_rows=2)
+    assert prompt.shape == (1, 2 * manifest.token_grid[1] * manifest.num_codebooks)
+    assert image.shape == (1, *manifest.image_shape) and image.min() >= -1 and image.max() <= 1
+    completed = continue_prompt(prior, prompt, label=None, num=4, options=SamplingOptions(), seed=0, device="cpu")
+    assert completed.shape == (4, manifest.sequence_length)
+    assert torch.equal(completed[:, : prompt.shape[1]], prompt.expand(4, -1))
+    assert not torch.equal(completed[0], completed[1])  # sampled, not copied
+
+
+@pytest.mark.parametrize("rows", ["0", "99"])
+def test_prompt_rows_outside_the_grid_are_refused(smoke_run, tmp_path, capsys, rows):
+    prompt = write_prompt_image(tmp_path / "one.png")
+    assert main(["generate", str(smoke_run), "--prompt", str(prompt), "--prompt-rows", rows]) == 2
+    assert "--prompt-rows gives" in capsys.readouterr().err
+
+
+def test_unreadable_prompt_image_names_the_file(smoke_run, tmp_path, capsys):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    assert main(["generate", str(smoke_run), "--prompt", str(broken)]) == 2
+    assert str(broken) in capsys.readouterr().err
 
 
 def test_bad_config_key_exits_with_message(tmp_path, capsys):
