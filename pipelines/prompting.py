@@ -5,8 +5,11 @@ An image prompt keeps its top `prompt_rows` rows of tokens, an audio prompt its 
 file goes through what the run's data went through (channels and size for an image; rate,
 channels and peak level for a clip) and is then encoded by the run's own tokenizer, so a file of
 another size, rate or channel count works, and an unreadable one is a `DataError` naming it. An
-audio prompt is cut at `prompt_seconds` before it is encoded, so the codes it gives the prior have
-heard nothing after the prompt. Outputs sit beside each other for a person to compare: a PNG grid
+audio prompt is cut at `prompt_seconds` before it is encoded (zeros after it, as the run pads its
+clips), so the codes it gives the prior have heard nothing after the prompt. An image is encoded
+whole, as the sample stage's completions of test images are: a convolutional encoder's top rows of
+codes can carry a little of the pixels just below them, so give a partial image for a strict prompt
+(an image has no neutral filler the way silence is one for a clip). Outputs sit beside each other for a person to compare: a PNG grid
 with the prompt first, or the prompt's WAV, the continuations' WAVs and their spectrograms.
 """
 
