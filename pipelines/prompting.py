@@ -123,6 +123,7 @@ def continue_audio_prompt(path: Path, run_dir: Path, tokenizer, prior, tokenset,
     clips = silence_after(decode_audio_tokens(tokenizer, continued, manifest), lengths.clamp_min(prompt_clip.shape[-1]))
     write_wavs(prompt_clip, ["prompt"], out_dir, manifest.sample_rate)
     write_wavs(clips, [f"continued_{i}" for i in range(num)], out_dir, manifest.sample_rate)
-    rows = [(f"prompt, {prompt_clip.shape[-1] / manifest.sample_rate:g} s", prompt_clip), ("continued", clips)]
+    padded = torch.nn.functional.pad(prompt_clip, (0, clips.shape[-1] - prompt_clip.shape[-1]))  # one time axis
+    rows = [(f"prompt, {prompt_clip.shape[-1] / manifest.sample_rate:g} s", padded), ("continued", clips)]
     plot_spectrograms(rows, out_dir / "continuations.png", manifest.sample_rate, config.audio.classifier)
     return out_dir
