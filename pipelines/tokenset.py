@@ -258,7 +258,7 @@ def encode_images(tokenizer, images: np.ndarray, batch_size: int, device, progre
 
 
 def encode_clips(tokenizer, waveforms: np.ndarray, layout: str, batch_size: int, device, progress: bool,
-                        name: str) -> np.ndarray:
+                 name: str) -> np.ndarray:
     """float32 (n c t) clips -> (n L) int64 tokens in `layout` (padding is zeros, encoded like any audio)."""
     chunks = []
     starts = range(0, len(waveforms), batch_size)
