@@ -23,15 +23,9 @@ from pathlib import Path
 import torch
 
 from pipelines.compare import batched_log_prob
+from pipelines.stages import check_prior_matches_tokens
 from pipelines.tokenset import load_tokenset
 from priors import load_prior
-
-
-def check_trained_on(prior_dir: Path, tokenset) -> None:
-    recorded = json.loads((prior_dir / "token_manifest.json").read_text()).get("tokenizer_sha256")
-    if recorded != tokenset.manifest.tokenizer_sha256:
-        raise ValueError(f"{prior_dir} was trained on tokens of tokenizer sha256 {recorded}, "
-                         f"not on this token set's ({tokenset.manifest.tokenizer_sha256})")
 
 
 def main() -> None:
@@ -45,9 +39,9 @@ def main() -> None:
     if len(args.priors) < 2:
         parser.error("a mixture needs two or more priors")
     tokenset = load_tokenset(args.tokens)
-    for prior_dir in args.priors:
-        check_trained_on(prior_dir, tokenset)
     priors = [load_prior(prior_dir).eval() for prior_dir in args.priors]
+    for prior, prior_dir in zip(priors, args.priors):
+        check_prior_matches_tokens(prior, prior_dir, tokenset.manifest)
     conditional = tokenset.manifest.num_classes > 0
     report = {"tokens": str(args.tokens), "priors": [str(p) for p in args.priors], "splits": {},
               "machine": platform.machine(), "torch": torch.__version__}

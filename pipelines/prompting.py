@@ -9,8 +9,9 @@ audio prompt is cut at `prompt_seconds` before it is encoded (zeros after it, as
 clips), so the codes it gives the prior have heard nothing after the prompt. An image is encoded
 whole, as the sample stage's completions of test images are: a convolutional encoder's top rows of
 codes can carry a little of the pixels just below them, so give a partial image for a strict prompt
-(an image has no neutral filler the way silence is one for a clip). Outputs sit beside each other for a person to compare: a PNG grid
-with the prompt first, or the prompt's WAV, the continuations' WAVs and their spectrograms.
+(an image has no neutral filler the way silence is one for a clip). Outputs sit beside each other for
+a person to compare: a PNG grid with the prompt first, or the prompt's WAV, the continuations' WAVs
+and their spectrograms.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pipelines.config import run_config_from_dict
 from pipelines.data import DataError, decode_image, pil_to_array, to_tensor_images
 from pipelines.generation import sample_labelled
 from pipelines.images import save_image_grid
-from pipelines.stages import RunError, decode_tokens
+from pipelines.stages import RunError, decode_tokens, module_device
 from pipelines.tokenset import encode_clips, encode_images
 
 
@@ -45,7 +46,7 @@ def image_prompt_tokens(path: Path, tokenizer, manifest, prompt_rows: int) -> tu
     token_rows, token_columns = manifest.token_grid
     check_prompt_length(prompt_rows, token_rows, "token rows", "--prompt-rows")
     array = np.array(pil_to_array(decode_image(str(path), str(path)), channels, (width, height)))[None]  # writable
-    device = next(tokenizer.parameters()).device
+    device = module_device(tokenizer)
     tokens = torch.from_numpy(encode_images(tokenizer, array, 1, device, progress=False, name="prompt"))
     return tokens[:, : prompt_rows * token_columns * manifest.num_codebooks], to_tensor_images(array)
 
@@ -75,7 +76,7 @@ def audio_prompt_tokens(path: Path, tokenizer, manifest, data_config,
                         f"{prompt_samples / manifest.sample_rate:.3f} s prompt asked for")
     waveform = np.zeros((1, clip.shape[0], clip_samples), dtype=np.float32)
     waveform[0, :, :prompt_samples] = clip[:, :prompt_samples]
-    device = next(tokenizer.parameters()).device
+    device = module_device(tokenizer)
     tokens = torch.from_numpy(encode_clips(tokenizer, waveform, manifest.order, 1, device, progress=False,
                                            name="prompt"))
     prompt_length = layouts.prefix_length(manifest.order, prompt_frames, manifest.num_codebooks)

@@ -301,22 +301,24 @@ def fit_by_counting(prior, dataset, batch_size: int) -> TrainResult:
     return TrainResult(steps=0, final_metrics={}, history=[], checkpoint_dir=None)
 
 
+def check_prior_matches_tokens(prior, prior_dir: Path, manifest) -> None:
+    """Refuse a prior (loaded from `prior_dir`) not trained on tokens of the manifest's tokenizer, or of other sizes."""
+    recorded = json.loads((prior_dir / "token_manifest.json").read_text()).get("tokenizer_sha256")
+    if recorded != manifest.tokenizer_sha256:
+        raise ValueError(f"prior in {prior_dir} was trained on tokens of tokenizer sha256 {recorded}, "
+                         f"but the token set's tokenizer has {manifest.tokenizer_sha256}")
+    expected = (manifest.vocab_size, manifest.sequence_length, manifest.num_classes)
+    got = (prior.config.vocab_size, prior.config.seq_len, prior.config.num_classes)
+    if expected != got:
+        raise ValueError(f"prior (vocab, length, classes)={got} does not match the token manifest {expected}")
+
+
 def load_matched_pair(run_dir: Path, device):
     """Load a run's tokenizer and prior, refusing a pair that were not made for each other."""
     tokenizer_dir, prior_dir = run_dir / "tokenizer", run_dir / "prior"
     tokenset = load_tokenset(run_dir / "tokens", tokenizer_dir=tokenizer_dir)
     prior = load_prior(prior_dir)
-    manifest = tokenset.manifest
-    recorded_manifest = json.loads((prior_dir / "token_manifest.json").read_text())
-    if recorded_manifest.get("tokenizer_sha256") != manifest.tokenizer_sha256:
-        raise ValueError(
-            f"prior in {prior_dir} was trained on tokens of tokenizer sha256 "
-            f"{recorded_manifest.get('tokenizer_sha256')}, but {tokenizer_dir} has {manifest.tokenizer_sha256}"
-        )
-    expected = (manifest.vocab_size, manifest.sequence_length, manifest.num_classes)
-    got = (prior.config.vocab_size, prior.config.seq_len, prior.config.num_classes)
-    if expected != got:
-        raise ValueError(f"prior (vocab, length, classes)={got} does not match the token manifest {expected}")
+    check_prior_matches_tokens(prior, prior_dir, tokenset.manifest)
     tokenizer = load_tokenizer(tokenizer_dir).to(device).eval()
     return tokenizer, prior.to(device).eval(), tokenset
 

@@ -1,5 +1,6 @@
 """End-to-end smoke runs of `tokgen run` on a tiny config: every stage, every output file."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from safetensors.torch import load_file
 
 from pipelines.cli import main
 from pipelines.prompting import continue_prompt, image_prompt_tokens
-from pipelines.stages import load_matched_pair
+from pipelines.stages import check_prior_matches_tokens, load_matched_pair
 from priors import SamplingOptions
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke" / "tiny.toml"
@@ -116,6 +117,18 @@ def test_unreadable_prompt_image_names_the_file(smoke_run, tmp_path, capsys):
     broken.write_bytes(b"\x89PNG not really")
     assert main(["generate", str(smoke_run), "--prompt", str(broken)]) == 2
     assert str(broken) in capsys.readouterr().err
+
+
+def test_prior_of_other_tokens_is_refused(smoke_run):
+    """`generate`, `sample` and prior_mixture.py refuse a prior trained on another tokenizer's tokens, or of other sizes."""
+    _, prior, tokenset = load_matched_pair(smoke_run, "cpu")
+    check_prior_matches_tokens(prior, smoke_run / "prior", tokenset.manifest)
+    other_tokenizer = dataclasses.replace(tokenset.manifest, tokenizer_sha256="0" * 64)
+    with pytest.raises(ValueError, match="trained on tokens of tokenizer sha256"):
+        check_prior_matches_tokens(prior, smoke_run / "prior", other_tokenizer)
+    longer = dataclasses.replace(tokenset.manifest, sequence_length=tokenset.manifest.sequence_length + 1)
+    with pytest.raises(ValueError, match="does not match the token manifest"):
+        check_prior_matches_tokens(prior, smoke_run / "prior", longer)
 
 
 def test_bad_config_key_exits_with_message(tmp_path, capsys):
