@@ -17,7 +17,7 @@ from tokenizers_vq.audio_losses import (
     si_snr,
 )
 from tokenizers_vq.nets.audio_discriminators import AudioDiscriminatorConfig, feature_matching_loss
-from tokenizers_vq.nets.conv1d import Encoder1d
+from tokenizers_vq.nets.conv1d import Encoder1d, Snake1d
 from tokenizers_vq.quantizers import ResidualVQConfig, VQConfig
 from helpers.optimize import adam_steps
 
@@ -161,6 +161,31 @@ def test_save_and_load_give_identical_outputs(tmp_path, gan):
     tokens = model.encode(x)
     assert torch.equal(loaded.encode(x), tokens)
     assert torch.equal(loaded.decode(tokens), model.decode(tokens))
+
+
+def test_snake_codec_saves_its_learned_alphas(tmp_path):
+    model = AudioVQVAE(tiny_config(activation="snake")).eval()
+    snakes = [module for module in model.modules() if isinstance(module, Snake1d)]
+    assert len(snakes) == 2 * (2 * (2 * 3 + 1) + 1)  # each net: 2 per residual unit, 1 per stride, 1 at the end
+    with torch.no_grad():
+        for snake in snakes:
+            snake.alpha.uniform_(0.5, 2.0)  # a fresh model's alphas are all 1: only saved ones differ
+    model.save_pretrained(tmp_path)
+    loaded = AudioVQVAE.from_pretrained(tmp_path)
+    x = audio(seed=3, length=640)
+    assert loaded.config.activation == "snake"
+    assert torch.equal(loaded.decode(loaded.encode(x)), model.decode(model.encode(x)))
+
+
+def test_snake_is_x_plus_sin_squared_over_alpha_and_bad_activations_are_refused():
+    snake = Snake1d(2)
+    with torch.no_grad():
+        snake.alpha.copy_(torch.tensor([0.5, 3.0]).view(1, 2, 1))
+    x = torch.linspace(-2, 2, 9).expand(1, 2, 9)
+    expected = x + torch.sin(torch.tensor([[0.5], [3.0]]) * x).square() / torch.tensor([[0.5], [3.0]])
+    torch.testing.assert_close(snake(x), expected)
+    with pytest.raises(ValueError, match="activation"):
+        AudioVQVAEConfig(activation="relu")
 
 
 def test_loading_refuses_a_mismatched_folder(tmp_path):

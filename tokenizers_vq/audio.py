@@ -34,7 +34,7 @@ from tokenizers_vq.nets.audio_discriminators import (
     build_audio_discriminator,
     feature_matching_loss,
 )
-from tokenizers_vq.nets.conv1d import Decoder1d, Encoder1d, check_strides, hop_length
+from tokenizers_vq.nets.conv1d import ACTIVATIONS, Decoder1d, Encoder1d, check_strides, hop_length
 from tokenizers_vq.quantizers import QUANTIZERS, QuantizerConfig, ResidualVQConfig, VQConfig, build_quantizer
 from tokenizers_vq.quantizers.base import config_from_dict
 
@@ -92,6 +92,7 @@ class AudioVQVAEConfig:
     strides: tuple[int, ...] = (4, 4, 5)  # hop = 80 samples -> 100 frames/s at 8 kHz
     embedding_dim: int = 64
     weight_norm: bool = True
+    activation: str = "elu"  # or "snake" (DAC's periodic activation; nets/conv1d.py)
     quantizer: QuantizerConfig = field(default_factory=default_quantizer)  # any QUANTIZERS kind
     # Loss weights: EnCodec's lambda_t = 0.1 (waveform) and lambda_f = 1 (spectral).
     waveform_weight: float = 0.1
@@ -113,6 +114,8 @@ class AudioVQVAEConfig:
             if isinstance(getattr(self, name), list):  # tolerate JSON/TOML lists in direct construction
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         check_strides(self.strides)
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if min(self.channels, self.sample_rate, self.hidden_channels, self.embedding_dim) < 1:
             raise ValueError("channels, sample_rate, hidden_channels and embedding_dim must be positive")
         for name in ("waveform_weight", "stft_weight", "mel_weight", "gan_weight", "feature_matching_weight",
@@ -154,7 +157,8 @@ class AudioVQVAE(PretrainedTokenizer, nn.Module):
     def __init__(self, config: AudioVQVAEConfig, generator: torch.Generator | None = None):
         super().__init__()
         self.config = config
-        sizes = dict(hidden_channels=config.hidden_channels, strides=config.strides, weight_norm=config.weight_norm)
+        sizes = dict(hidden_channels=config.hidden_channels, strides=config.strides, weight_norm=config.weight_norm,
+                     activation=config.activation)
         self.encoder = Encoder1d(in_channels=config.channels, out_channels=config.embedding_dim, **sizes)
         self.quantizer = build_quantizer(config.quantizer, config.embedding_dim)
         self.decoder = Decoder1d(in_channels=config.embedding_dim, out_channels=config.channels, **sizes)

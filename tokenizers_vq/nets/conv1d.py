@@ -11,7 +11,10 @@ padding with zeros only, and no LSTM, so that the encoder is a pure convolution 
 receptive field (`receptive_field`), which is what chunked encoding relies on. Inputs must have
 a length divisible by the hop (the tokenizer pads and trims); then the encoder gives exactly
 t / hop frames and the decoder exactly frames * hop samples. Weight normalisation (Salimans &
-Kingma 2016), as in both codecs, is optional.
+Kingma 2016), as in both codecs, is optional. So is the activation: ELU as in SEANet, or Snake,
+x + sin^2(alpha x) / alpha with a learned alpha per channel (Ziyin et al. 2020; used by BigVGAN and
+DAC, Kumar et al. 2023, "High-Fidelity Audio Compression with Improved RVQGAN"), whose periodic
+bias suits the periodic waveforms of voiced speech.
 """
 
 from __future__ import annotations
@@ -19,11 +22,33 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm as apply_weight_norm
 
 DILATIONS = (1, 3, 9)
 KERNEL_SIZE = 7  # input, output and residual-unit convolutions
+ACTIVATIONS = ("elu", "snake")
+
+
+class Snake1d(nn.Module):
+    """x + sin^2(alpha x) / alpha per channel of (b c t), alpha learned and initialised to 1."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(1, channels, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # the floor keeps 1 / alpha finite if training drives an alpha to zero (where the term -> 0)
+        return x + torch.sin(self.alpha * x).square() / (self.alpha + 1e-9)
+
+
+def make_activation(kind: str, channels: int) -> nn.Module:
+    if kind == "elu":
+        return nn.ELU()
+    if kind == "snake":
+        return Snake1d(channels)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {kind!r}")
 
 
 def _maybe_weight_norm(module: nn.Module, enabled: bool) -> nn.Module:
@@ -41,16 +66,16 @@ def check_strides(strides: Sequence[int]) -> None:
 
 
 class ResidualUnit1d(nn.Module):
-    """x + conv1x1(ELU(conv7_dilated(ELU(x)))), channels unchanged (SoundStream's residual unit)."""
+    """x + conv1x1(act(conv7_dilated(act(x)))), channels unchanged (SoundStream's residual unit)."""
 
-    def __init__(self, channels: int, dilation: int, weight_norm: bool):
+    def __init__(self, channels: int, dilation: int, weight_norm: bool, activation: str = "elu"):
         super().__init__()
         self.dilation = dilation
         self.residual = nn.Sequential(
-            nn.ELU(),
+            make_activation(activation, channels),
             _maybe_weight_norm(nn.Conv1d(channels, channels, KERNEL_SIZE, dilation=dilation,
                                          padding=dilation * (KERNEL_SIZE - 1) // 2), weight_norm),
-            nn.ELU(),
+            make_activation(activation, channels),
             _maybe_weight_norm(nn.Conv1d(channels, channels, 1), weight_norm),
         )
 
@@ -91,7 +116,7 @@ class Encoder1d(nn.Module):
     """(b in_channels t) -> (b out_channels t / hop), hop = prod(strides), for t divisible by hop."""
 
     def __init__(self, in_channels: int, hidden_channels: int, strides: Sequence[int], out_channels: int,
-                 weight_norm: bool = True):
+                 weight_norm: bool = True, activation: str = "elu"):
         super().__init__()
         check_strides(strides)
         if hidden_channels < 1 or in_channels < 1 or out_channels < 1:
@@ -102,11 +127,11 @@ class Encoder1d(nn.Module):
             _maybe_weight_norm(nn.Conv1d(in_channels, channels, KERNEL_SIZE, padding=KERNEL_SIZE // 2), weight_norm)
         ]
         for stride in strides:
-            layers += [ResidualUnit1d(channels, dilation, weight_norm) for dilation in DILATIONS]
-            layers += [nn.ELU(), Downsample1d(channels, 2 * channels, stride, weight_norm)]
+            layers += [ResidualUnit1d(channels, dilation, weight_norm, activation) for dilation in DILATIONS]
+            layers += [make_activation(activation, channels), Downsample1d(channels, 2 * channels, stride, weight_norm)]
             channels *= 2
         layers += [
-            nn.ELU(),
+            make_activation(activation, channels),
             _maybe_weight_norm(nn.Conv1d(channels, out_channels, KERNEL_SIZE, padding=KERNEL_SIZE // 2), weight_norm),
         ]
         self.layers = nn.Sequential(*layers)
@@ -122,7 +147,7 @@ class Decoder1d(nn.Module):
     """(b in_channels frames) -> (b out_channels frames * hop): the encoder's mirror image."""
 
     def __init__(self, in_channels: int, hidden_channels: int, strides: Sequence[int], out_channels: int,
-                 weight_norm: bool = True):
+                 weight_norm: bool = True, activation: str = "elu"):
         super().__init__()
         check_strides(strides)
         self.hop_length = hop_length(strides)
@@ -131,11 +156,11 @@ class Decoder1d(nn.Module):
             _maybe_weight_norm(nn.Conv1d(in_channels, channels, KERNEL_SIZE, padding=KERNEL_SIZE // 2), weight_norm)
         ]
         for stride in reversed(strides):
-            layers += [nn.ELU(), Upsample1d(channels, channels // 2, stride, weight_norm)]
+            layers += [make_activation(activation, channels), Upsample1d(channels, channels // 2, stride, weight_norm)]
             channels //= 2
-            layers += [ResidualUnit1d(channels, dilation, weight_norm) for dilation in DILATIONS]
+            layers += [ResidualUnit1d(channels, dilation, weight_norm, activation) for dilation in DILATIONS]
         layers += [
-            nn.ELU(),
+            make_activation(activation, channels),
             _maybe_weight_norm(nn.Conv1d(channels, out_channels, KERNEL_SIZE, padding=KERNEL_SIZE // 2), weight_norm),
         ]
         self.layers = nn.Sequential(*layers)
