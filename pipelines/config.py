@@ -255,6 +255,17 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
 
 
 def fingerprint(*parts: Any) -> str:
-    """A short stable hash of JSON-able parts; decides whether a stage's outputs can be reused."""
-    text = json.dumps(parts, sort_keys=True, default=str)
+    """A short stable hash of JSON-able parts; decides whether a stage's outputs can be reused.
+
+    Dataclasses are hashed as dicts, so their keys are sorted too: a config section's `fields` keep
+    the order they were written in, and the same settings in another order (a key moved from the
+    command line into the TOML) must not look like a new config and retrain a stage.
+    """
+    text = json.dumps(parts, sort_keys=True, default=_as_json)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _as_json(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return str(value)

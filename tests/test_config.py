@@ -5,7 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import ConfigError, RunConfig, apply_overrides, load_run_config, run_config_from_dict
+from pipelines.config import (
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    fingerprint,
+    load_run_config,
+    run_config_from_dict,
+)
 from priors import PRIORS
 from tokenizers_vq import TOKENIZERS
 
@@ -87,3 +94,17 @@ def test_overrides_are_typed():
 def test_override_of_missing_file_is_clear(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_run_config(tmp_path / "nope.toml")
+
+
+def test_fingerprint_ignores_the_order_a_section_was_written_in(tmp_path):
+    """A key moved from the command line into the TOML is the same config: its stages are reused."""
+    in_file = tmp_path / "in_file.toml"
+    in_file.write_text('[tokenizer]\nkind = "vqvae"\nhidden_channels = 16\nembedding_dim = 8\n')
+    on_command_line = tmp_path / "on_command_line.toml"
+    on_command_line.write_text('[tokenizer]\nkind = "vqvae"\nembedding_dim = 8\n')
+    written = load_run_config(in_file)
+    overridden = load_run_config(on_command_line, ["tokenizer.hidden_channels=16"])
+    assert list(written.tokenizer.fields) != list(overridden.tokenizer.fields)  # the orders do differ
+    assert fingerprint(written.tokenizer) == fingerprint(overridden.tokenizer)
+    changed = load_run_config(on_command_line, ["tokenizer.hidden_channels=32"])
+    assert fingerprint(changed.tokenizer) != fingerprint(written.tokenizer)
