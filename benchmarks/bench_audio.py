@@ -5,7 +5,7 @@
 Times `encode` (waveform -> codes) and `decode` (codes -> waveform) of the audio VQ-VAE at 8 kHz,
 hop 80 (100 frames/s), 2 x 256-code residual VQ = 1.6 kbps, for two widths: the CPU config's
 (hidden_channels 8, configs/pipeline/fsdd_cpu.toml) and the GPU configs' (64,
-fsdd_transformer.toml). Batches of 1 s clips, plus one long clip through `encode_chunked` /
+fsdd_transformer.toml), with the configs' Snake activation (`--activation elu` for the old one). Batches of 1 s clips, plus one long clip through `encode_chunked` /
 `decode_chunked` (1 s windows with full-context overlap), with warm-up and device syncs, median of
 several repeats. Weights are random: speed does not depend on them. "x real time" is seconds of
 audio per second of compute. Without CUDA it runs small sizes on the CPU and says so; the default
@@ -34,9 +34,9 @@ WIDTHS = {"fsdd_cpu": 8, "fsdd_gpu": 64}
 
 
 def bench_width(name: str, hidden_channels: int, device: torch.device, batch_size: int, long_seconds: float,
-                repeats: int) -> dict:
+                repeats: int, activation: str) -> dict:
     config = AudioVQVAEConfig(hidden_channels=hidden_channels, embedding_dim=32 if hidden_channels < 32 else 64,
-                              sample_rate=SAMPLE_RATE)
+                              sample_rate=SAMPLE_RATE, activation=activation)
     model = AudioVQVAE(config).to(device).eval()
     generator = torch.Generator(device=device).manual_seed(0)
     clips = 0.1 * torch.randn(batch_size, 1, SAMPLE_RATE, device=device, generator=generator)
@@ -69,7 +69,7 @@ def bench_width(name: str, hidden_channels: int, device: torch.device, batch_siz
 
     batch_audio = batch_size * 1.0
     return {
-        "model": name, "hidden_channels": hidden_channels, "parameters": sum(p.numel() for p in model.parameters()),
+        "model": name, "hidden_channels": hidden_channels, "activation": activation, "parameters": sum(p.numel() for p in model.parameters()),
         "hop_length": model.hop_length, "bitrate_bps": SAMPLE_RATE / model.hop_length * 2 * 8,
         "batch_size": batch_size, "clip_seconds": 1.0, "long_clip_seconds": long_seconds, "dtype": str(dtype)[6:],
         "encode_x_real_time": batch_audio / timed(encode, device, repeats),
@@ -84,6 +84,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/bench_audio_<device>.json)")
     parser.add_argument("--quick", action="store_true", help="force the small CPU sizes")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--activation", choices=("snake", "elu"), default="snake",
+                        help="the codec's activation (the FSDD configs use snake)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -91,7 +93,7 @@ def main() -> None:
     device = torch.device("cuda" if cuda else "cpu")
     sizes = dict(batch_size=256, long_seconds=600.0, repeats=10) if cuda else \
         dict(batch_size=8, long_seconds=10.0, repeats=3)
-    results = [bench_width(name, width, device, **sizes) for name, width in WIDTHS.items()]
+    results = [bench_width(name, width, device, activation=args.activation, **sizes) for name, width in WIDTHS.items()]
     report = {
         "device": torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
         "note": "" if cuda else "no CUDA device: small CPU sizes, fp32; not a GPU figure",
