@@ -5,9 +5,9 @@
 Times `encode` (waveform -> codes) and `decode` (codes -> waveform) of the audio VQ-VAE at 8 kHz,
 hop 80 (100 frames/s), 2 x 256-code residual VQ = 1.6 kbps, for two widths: the CPU config's
 (hidden_channels 8, configs/pipeline/fsdd_cpu.toml) and the GPU configs' (64,
-fsdd_transformer.toml), with the configs' Snake activation (`--activation elu` for the old one). Batches of 1 s clips, plus one long clip through `encode_chunked` /
-`decode_chunked` (1 s windows with full-context overlap), with warm-up and device syncs, median of
-several repeats. Weights are random: speed does not depend on them. "x real time" is seconds of
+fsdd_transformer.toml), with the configs' Snake activation (`--activation elu` for the old one).
+Batches of 1 s clips, plus one long clip through `encode_chunked` / `decode_chunked` (1 s windows
+with full-context overlap), with warm-up and device syncs, median of several repeats. Weights are random: speed does not depend on them. "x real time" is seconds of
 audio per second of compute. Without CUDA it runs small sizes on the CPU and says so; the default
 output file is named after the device (bench_audio_cpu.json / bench_audio_cuda.json).
 """
@@ -69,7 +69,8 @@ def bench_width(name: str, hidden_channels: int, device: torch.device, batch_siz
 
     batch_audio = batch_size * 1.0
     return {
-        "model": name, "hidden_channels": hidden_channels, "activation": activation, "parameters": sum(p.numel() for p in model.parameters()),
+        "model": name, "hidden_channels": hidden_channels, "activation": activation,
+        "parameters": sum(p.numel() for p in model.parameters()),
         "hop_length": model.hop_length, "bitrate_bps": SAMPLE_RATE / model.hop_length * 2 * 8,
         "batch_size": batch_size, "clip_seconds": 1.0, "long_clip_seconds": long_seconds, "dtype": str(dtype)[6:],
         "encode_x_real_time": batch_audio / timed(encode, device, repeats),

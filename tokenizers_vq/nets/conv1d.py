@@ -39,7 +39,7 @@ class Snake1d(nn.Module):
         self.alpha = nn.Parameter(torch.ones(1, channels, 1))
 
     def forward(self, x: Tensor) -> Tensor:
-        # the floor keeps 1 / alpha finite if training drives an alpha to zero (where the term -> 0)
+        # as in DAC: the 1e-9 keeps 1 / alpha finite at alpha = 0, where sin^2(alpha x) is 0 too
         return x + torch.sin(self.alpha * x).square() / (self.alpha + 1e-9)
 
 
