@@ -7,9 +7,10 @@ hop 80 (100 frames/s), 2 x 256-code residual VQ = 1.6 kbps, for two widths: the 
 (hidden_channels 8, configs/pipeline/fsdd_cpu.toml) and the GPU configs' (64,
 fsdd_transformer.toml), with the configs' Snake activation (`--activation elu` for the old one).
 Batches of 1 s clips, plus one long clip through `encode_chunked` / `decode_chunked` (1 s windows
-with full-context overlap), with warm-up and device syncs, median of several repeats. Weights are random: speed does not depend on them. "x real time" is seconds of
-audio per second of compute. Without CUDA it runs small sizes on the CPU and says so; the default
-output file is named after the device (bench_audio_cpu.json / bench_audio_cuda.json).
+with full-context overlap), with warm-up and device syncs, median of several repeats. Weights are
+random: speed does not depend on them. "x real time" is seconds of audio per second of compute.
+Without CUDA it runs small sizes on the CPU and says so; the default output file is named after
+the device (bench_audio_cpu.json / bench_audio_cuda.json).
 """
 
 from __future__ import annotations
