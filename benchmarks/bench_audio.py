@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from tokenizers_vq.audio import AudioVQVAE, AudioVQVAEConfig
+from tokenizers_vq.nets.conv1d import ACTIVATIONS
 
 try:
     from benchmarks.timing import timed
@@ -86,7 +87,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/bench_audio_<device>.json)")
     parser.add_argument("--quick", action="store_true", help="force the small CPU sizes")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    parser.add_argument("--activation", choices=("snake", "elu"), default="snake",
+    parser.add_argument("--activation", choices=ACTIVATIONS, default="snake",
                         help="the codec's activation (the FSDD configs use snake)")
     args = parser.parse_args()
     if args.threads:

@@ -93,8 +93,10 @@ step two_stage_transformer 200 python -m pipelines.cli compare "${args[@]}"
 # about 20 minutes on an H200: 17 steps/s). CODEC_MINUTES sets the budget; the schedule is planned for
 # CODEC_STEPS, so set both to fit (2026-11-30: 2.2 min, 2300 of 8000 steps, test SI-SNR 4.1 dB).
 codec=(audio_data.path="$DATA/fsdd.npz" output_dir="$runs")
-if ((${#quick[@]})); then codec+=(tokenizer.hidden_channels=8 tokenizer_training.max_steps=10 tokenizer_training.batch_size=4
-                                  tokenizer_training.mixed_precision=no audio.classifier.network.epochs=1)
+# the quick run's tiny codec and classifier, shared by the two audio training steps below
+quick_codec=(tokenizer.hidden_channels=8 tokenizer_training.max_steps=10 tokenizer_training.batch_size=4
+             tokenizer_training.mixed_precision=no audio.classifier.network.epochs=1)
+if ((${#quick[@]})); then codec+=("${quick_codec[@]}")
 else codec+=(tokenizer_training.max_steps=${CODEC_STEPS:-8000} tokenizer_training.warmup_steps=300
              tokenizer_training.max_minutes=${CODEC_MINUTES:-2.2}); fi
 codec_limit=$(python3 -c "print(int(60 * ${CODEC_MINUTES:-2.2}) + 40)")
@@ -107,11 +109,9 @@ step audio_codec_eval 60 python benchmarks/audio_codec_eval.py configs/pipeline/
 # issue's quality targets (SI-SNR, generated-digit accuracy) come from one run. Its metrics.json, WAVs
 # and PNGs come back in the archive; the weights do not (the codec alone is 32 MB in float32).
 whole=(configs/pipeline/fsdd_transformer.toml name=fsdd_whole audio_data.path="$DATA/fsdd.npz" output_dir="$runs")
-if ((${#quick[@]})); then whole+=(tokenizer.hidden_channels=8 tokenizer_training.max_steps=10 tokenizer_training.batch_size=4
-                                  tokenizer_training.mixed_precision=no prior.hidden_size=32 prior.num_layers=1
-                                  prior.num_heads=2 prior_training.max_steps=10 prior_training.batch_size=4
-                                  prior_training.mixed_precision=no sampling.eval_samples_per_class=2
-                                  sampling.grid_samples_per_class=1 audio.completions=2 audio.classifier.network.epochs=1)
+if ((${#quick[@]})); then whole+=("${quick_codec[@]}" prior.hidden_size=32 prior.num_layers=1 prior.num_heads=2
+                                  prior_training.max_steps=10 prior_training.batch_size=4 prior_training.mixed_precision=no
+                                  sampling.eval_samples_per_class=2 sampling.grid_samples_per_class=1 audio.completions=2)
 else whole+=(tokenizer_training.max_steps=${WHOLE_CODEC_STEPS:-5000} tokenizer_training.warmup_steps=300
              tokenizer_training.max_minutes=${WHOLE_CODEC_MINUTES:-5.5}
              prior_training.max_steps=${WHOLE_PRIOR_STEPS:-3000} prior_training.warmup_steps=200
