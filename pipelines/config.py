@@ -102,6 +102,11 @@ class AudioConfig:
     prefix_seconds: float = 0.2  # prefix continuation: real test clips give this much, the prior continues
     completions: int = 10  # test clips continued from their prefix (WAVs + spectrogram PNG)
     spectrogram_clips: int = 3  # per class: generated clips shown beside as many real clips
+    # Token augmentation for the prior: the train token set also holds this many copies of each clip
+    # delayed by up to max_shift_seconds (a codec is not shift-invariant below its hop, so they
+    # give new token sequences of the same speech). 0 = the clips once, as they are.
+    train_shifted_copies: int = 0
+    max_shift_seconds: float = 0.05
     classifier: SpokenDigitClassifierConfig = field(default_factory=SpokenDigitClassifierConfig)
 
     def __post_init__(self):
@@ -109,6 +114,9 @@ class AudioConfig:
             raise ValueError(f"audio.layout must be one of {list(LAYOUTS)}, got {self.layout!r}")
         if self.prefix_seconds < 0 or self.completions < 0 or self.spectrogram_clips < 1:
             raise ValueError("audio.prefix_seconds and audio.completions must be >= 0, audio.spectrogram_clips >= 1")
+        if self.train_shifted_copies < 0 or self.max_shift_seconds <= 0:
+            raise ValueError("audio.train_shifted_copies must be >= 0 and audio.max_shift_seconds > 0, got "
+                             f"{self.train_shifted_copies} and {self.max_shift_seconds}")
 
 
 @dataclass(frozen=True)

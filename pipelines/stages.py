@@ -139,8 +139,12 @@ class Run:
         return fingerprint("tokenizer", data, c.tokenizer, c.tokenizer_training.identity())
 
     def tokens_fingerprint(self) -> str:
-        if self.config.is_audio:  # the layout decides the token sequences
-            return fingerprint("tokens", self.tokenizer_fingerprint(), self.config.audio.layout)
+        if self.config.is_audio:  # the layout decides the token sequences, and so do shifted copies
+            audio = self.config.audio
+            augmentation = (audio.train_shifted_copies, audio.max_shift_seconds, self.config.seed)
+            if not audio.train_shifted_copies:  # runs made before the option keep their fingerprint
+                return fingerprint("tokens", self.tokenizer_fingerprint(), audio.layout)
+            return fingerprint("tokens", self.tokenizer_fingerprint(), audio.layout, augmentation)
         return fingerprint("tokens", self.tokenizer_fingerprint())
 
     def prior_fingerprint(self) -> str:
@@ -222,8 +226,11 @@ def export_tokens_stage(run: Run, force: bool = False) -> Path:
         if out_dir.exists():
             shutil.rmtree(out_dir)
         if run.config.is_audio:
-            export_audio_tokens(tokenizer, tokenizer_dir, run.dataset, out_dir, layout=run.config.audio.layout,
-                                device=run.state.device)
+            audio = run.config.audio
+            export_audio_tokens(tokenizer, tokenizer_dir, run.dataset, out_dir, layout=audio.layout,
+                                device=run.state.device, train_shifted_copies=audio.train_shifted_copies,
+                                max_shift_samples=max(1, round(audio.max_shift_seconds * run.dataset.sample_rate)),
+                                seed=run.config.seed)
         else:
             export_tokens(tokenizer, tokenizer_dir, run.dataset, out_dir, device=run.state.device)
         mark_stage_done(out_dir, stage_fingerprint)

@@ -41,7 +41,8 @@ SPLITS = ("train", "val", "test")
 ORDER = "row-major"
 MODALITIES = ("image", "audio")
 # Manifest keys added after format 1 was first written; older manifests lack them and get the defaults.
-OPTIONAL_MANIFEST_FIELDS = ("modality", "codebook_size", "pad_token", "sample_rate", "hop_length")
+OPTIONAL_MANIFEST_FIELDS = ("modality", "codebook_size", "pad_token", "sample_rate", "hop_length",
+                            "train_shifted_copies", "max_shift_samples")
 LENGTH_COLUMNS = ("num_frames", "num_samples")  # audio: real frames and samples of each clip
 
 
@@ -90,6 +91,10 @@ class Manifest:
     pad_token: int = -1  # the layout's pad id, -1 = none
     sample_rate: int = 0  # audio only: Hz of the clips
     hop_length: int = 0  # audio only: samples per frame
+    # Audio only: the train split also holds this many delayed copies of each clip (`shifted_copies`),
+    # after the originals; val and test never do.
+    train_shifted_copies: int = 0
+    max_shift_samples: int = 0
 
     def __post_init__(self):
         if self.codebook_size == -1:
@@ -121,7 +126,8 @@ class Manifest:
                           "token_grid": list, "sequence_length": int, "order": str, "num_codebooks": int,
                           "num_classes": int, "class_names": list, "data_source": dict, "split_sizes": dict,
                           "image_shape": list, "modality": str, "codebook_size": int, "pad_token": int,
-                          "sample_rate": int, "hop_length": int}
+                          "sample_rate": int, "hop_length": int, "train_shifted_copies": int,
+                          "max_shift_samples": int}
         wrong = [name for name, kind in expected_types.items() if name in data
                  and (not isinstance(data[name], kind) or (kind is int and isinstance(data[name], bool)))]
         if wrong:
@@ -178,6 +184,9 @@ class Manifest:
         if len(self.image_shape) != 2 or self.sample_rate < 1 or self.hop_length < 1:
             problems.append(f"audio needs (c, t) image_shape, sample_rate and hop_length: {self.image_shape}, "
                             f"{self.sample_rate}, {self.hop_length}")
+        if self.train_shifted_copies < 0 or (self.train_shifted_copies > 0) != (self.max_shift_samples > 0):
+            problems.append(f"train_shifted_copies {self.train_shifted_copies} and max_shift_samples "
+                            f"{self.max_shift_samples} must both be positive or both 0")
         return problems
 
     def valid_token_mask(self, num_frames: torch.Tensor) -> torch.Tensor:
@@ -267,6 +276,27 @@ def encode_clips(tokenizer, waveforms: np.ndarray, layout: str, batch_size: int,
         codes = tokenizer.encode(clips)
         chunks.append(layouts.apply_layout(codes, layout, tokenizer.vocab_size).long().cpu().numpy())
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.int64)
+
+
+def shifted_copies(waveforms: np.ndarray, lengths: np.ndarray, copies: int, max_shift: int,
+                   seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`copies` delayed versions of each (c t) clip: 1..max_shift zeros in front, the end cut at t.
+
+    Token augmentation for a prior: a strided codec is not shift-invariant below its hop, so the
+    same speech delayed by a few samples gives other, equally valid token sequences. Returns the
+    copies, (copies * n, c, t), clip after clip within each copy, and their real lengths in samples.
+    """
+    if copies < 1 or max_shift < 1:
+        raise ValueError(f"copies and max_shift must be positive, got {copies} and {max_shift}")
+    generator = np.random.default_rng(seed)
+    total = waveforms.shape[-1]
+    out = np.zeros((copies * len(waveforms), *waveforms.shape[1:]), dtype=waveforms.dtype)
+    shifts = generator.integers(1, max_shift + 1, size=len(out))
+    for row, shift in enumerate(shifts):
+        shift = min(int(shift), total)
+        out[row, ..., shift:] = waveforms[row % len(waveforms), ..., : total - shift]
+    new_lengths = np.minimum(np.tile(np.asarray(lengths, dtype=np.int64), copies) + shifts, total)
+    return out, new_lengths
 
 
 def _token_dataset(tokens: np.ndarray, labels: np.ndarray | None, sequence_length: int,
@@ -375,11 +405,14 @@ def export_tokens(tokenizer, tokenizer_dir: str | Path, dataset: ImageDataset, o
 
 def export_audio_tokens(tokenizer, tokenizer_dir: str | Path, dataset, out_dir: str | Path, *,
                         layout: str = "flattened", batch_size: int = 64, device="cpu",
-                        progress: bool = True) -> Manifest:
+                        progress: bool = True, train_shifted_copies: int = 0, max_shift_samples: int = 0,
+                        seed: int = 0) -> Manifest:
     """Encode the clips of an `AudioDataset` into a token set in `layout` (see `pipelines.layouts`).
 
     Each row keeps its clip's real length, `num_samples`, and the frames that hold any of it,
     `num_frames = ceil(num_samples / hop)`; `TokenSet.tensors` turns them into the prior's loss mask.
+    With `train_shifted_copies`, the train split also gets that many copies of every clip delayed
+    by 1..`max_shift_samples` samples (`shifted_copies`), more token sequences for the prior to learn from.
     """
     layouts.check_layout(layout)
     tokenizer_dir, out_dir = Path(tokenizer_dir), Path(out_dir)
@@ -395,11 +428,17 @@ def export_audio_tokens(tokenizer, tokenizer_dir: str | Path, dataset, out_dir: 
     split_sizes = {}
     with _eval_mode(tokenizer):
         for name, split in dataset.splits().items():
-            tokens = encode_clips(tokenizer, split.waveforms, layout, batch_size, device, progress, name)
+            waveforms, samples = split.waveforms, np.asarray(split.lengths, dtype=np.int64)
+            labels = split.labels
+            if name == "train" and train_shifted_copies:
+                delayed, delayed_samples = shifted_copies(waveforms, samples, train_shifted_copies,
+                                                          max_shift_samples, seed)
+                waveforms, samples = np.concatenate([waveforms, delayed]), np.concatenate([samples, delayed_samples])
+                labels = None if labels is None else np.tile(labels, train_shifted_copies + 1)
+            tokens = encode_clips(tokenizer, waveforms, layout, batch_size, device, progress, name)
             _check_tokens(tokens, sequence_length, vocab_size)
-            lengths = {"num_frames": -(-np.asarray(split.lengths, dtype=np.int64) // hop_length),
-                       "num_samples": np.asarray(split.lengths, dtype=np.int64)}
-            token_dataset = _token_dataset(tokens, split.labels, sequence_length, lengths)
+            lengths = {"num_frames": -(-samples // hop_length), "num_samples": samples}
+            token_dataset = _token_dataset(tokens, labels, sequence_length, lengths)
             split_sizes[name] = _write_split(token_dataset, out_dir, name)
     kind, config = _tokenizer_record(tokenizer)
     return _write_manifest(Manifest(
@@ -409,7 +448,8 @@ def export_audio_tokens(tokenizer, tokenizer_dir: str | Path, dataset, out_dir: 
         class_names=list(dataset.class_names), data_source=_jsonable(dataset.source), split_sizes=split_sizes,
         image_shape=list(clip_shape), modality="audio", codebook_size=codebook_size,
         pad_token=layouts.pad_token(layout, codebook_size), sample_rate=int(dataset.sample_rate),
-        hop_length=hop_length,
+        hop_length=hop_length, train_shifted_copies=int(train_shifted_copies),
+        max_shift_samples=int(max_shift_samples) if train_shifted_copies else 0,
     ), out_dir)
 
 
