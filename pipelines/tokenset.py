@@ -324,6 +324,9 @@ def _token_dataset(tokens: np.ndarray, labels: np.ndarray | None, sequence_lengt
     return datasets.Dataset(pa.table(columns).cast(features.arrow_schema), info=datasets.DatasetInfo(features=features))
 
 
+LIST_CHUNK_TOKENS = 2**30  # tokens per Arrow chunk in `_list_column`, below the int32 offsets' limit
+
+
 def _list_column(rows: np.ndarray) -> pa.ChunkedArray:
     """(n L) int32 -> an Arrow list column straight from the buffer.
 
@@ -331,7 +334,7 @@ def _list_column(rows: np.ndarray) -> pa.ChunkedArray:
     Chunks keep each one's int32 offsets below 2**31.
     """
     width = rows.shape[1]
-    step = 2**30 // max(width, 1)
+    step = max(1, LIST_CHUNK_TOKENS // max(width, 1))
     chunks = [pa.ListArray.from_arrays(pa.array(np.arange(len(part) + 1, dtype=np.int32) * width),
                                        pa.array(part.reshape(-1)))
               for part in (rows[start : start + step] for start in range(0, len(rows), step))]

@@ -15,6 +15,7 @@ from einops import rearrange
 from safetensors.torch import save_file
 from torch import nn
 
+from pipelines import tokenset as tokenset_module
 from pipelines.data import ImageDataset, ImageSplit, to_tensor_images
 from pipelines.tokenset import (
     Manifest,
@@ -119,6 +120,22 @@ def test_export_round_trip_keeps_tokens_labels_and_manifest(exported):
     grid = tokenizer.encode(to_tensor_images(dataset.test.images[:1]))[0]
     assert tokenset.tensors("test")["input_ids"][0, 1 * 2 + 1] == grid[1, 1]
     assert json.loads((root / "tokens" / "manifest.json").read_text()) == manifest.to_json()
+
+
+def test_token_column_split_into_arrow_chunks_keeps_every_row(exported, monkeypatch):
+    # Large exports build the token column in chunks (int32 offsets); 7 tokens a chunk forces one row each.
+    tokenizer, dataset, _, root = exported
+    monkeypatch.setattr(tokenset_module, "LIST_CHUNK_TOKENS", 7)
+    export_tokens(tokenizer, root / "tokenizer", dataset, root / "chunked", batch_size=4, progress=False)
+    chunked = load_tokenset(root / "chunked")
+    rows = np.arange(30).reshape(10, 3)
+    in_memory = tokenset_module._token_dataset(rows, None, sequence_length=3)
+    assert in_memory.data.table.column("input_ids").num_chunks == 5  # 2 rows of 3 per 7-token chunk
+    assert in_memory["input_ids"] == rows.tolist()
+    for name, split in dataset.splits().items():
+        assert torch.equal(chunked.tensors(name)["input_ids"], expected_tokens(tokenizer, split.images))
+        assert (pq.read_table(root / "chunked" / f"{name}.parquet")
+                == pq.read_table(root / "tokens" / f"{name}.parquet"))
 
 
 def test_token_dataset_batches_for_the_prior(exported):
