@@ -93,7 +93,7 @@ class Manifest:
     pad_token: int = -1  # the layout's pad id, -1 = none
     sample_rate: int = 0  # audio only: Hz of the clips
     hop_length: int = 0  # audio only: samples per frame
-    # Audio only: the train split also holds this many delayed copies of each clip (`shifted_copies`),
+    # Audio only: the train split also holds this many delayed copies of each clip (`iter_shifted_copies`),
     # after the originals; val and test never do.
     train_shifted_copies: int = 0
     max_shift_samples: int = 0
@@ -302,13 +302,6 @@ def iter_shifted_copies(waveforms: np.ndarray, lengths: np.ndarray, copies: int,
         yield delayed, np.minimum(lengths + copy_shifts, total)
 
 
-def shifted_copies(waveforms: np.ndarray, lengths: np.ndarray, copies: int, max_shift: int,
-                   seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """All of `iter_shifted_copies` at once: (copies * n, c, t), clip after clip within each copy."""
-    parts = list(iter_shifted_copies(waveforms, lengths, copies, max_shift, seed))
-    return np.concatenate([part[0] for part in parts]), np.concatenate([part[1] for part in parts])
-
-
 def _token_dataset(tokens: np.ndarray, labels: np.ndarray | None, sequence_length: int,
                    lengths: dict[str, np.ndarray] | None = None) -> datasets.Dataset:
     # int32 halves the files; every vocabulary tokgen builds is far below 2**31.
@@ -440,7 +433,7 @@ def export_audio_tokens(tokenizer, tokenizer_dir: str | Path, dataset, out_dir: 
     Each row keeps its clip's real length, `num_samples`, and the frames that hold any of it,
     `num_frames = ceil(num_samples / hop)`; `TokenSet.tensors` turns them into the prior's loss mask.
     With `train_shifted_copies`, the train split also gets that many copies of every clip delayed
-    by 1..`max_shift_samples` samples (`shifted_copies`), more token sequences for the prior to learn from.
+    by 1..`max_shift_samples` samples (`iter_shifted_copies`), more token sequences for the prior to learn from.
     """
     layouts.check_layout(layout)
     tokenizer_dir, out_dir = Path(tokenizer_dir), Path(out_dir)

@@ -9,7 +9,7 @@ from einops import rearrange
 
 from pipelines.audio_data import AudioDataset, AudioSplit
 from pipelines.config import AudioConfig
-from pipelines.tokenset import TokenSetError, export_audio_tokens, load_tokenset, shifted_copies
+from pipelines.tokenset import TokenSetError, export_audio_tokens, iter_shifted_copies, load_tokenset
 from tokenizers_vq.audio import AudioVQVAE, AudioVQVAEConfig
 from tokenizers_vq.quantizers import ResidualVQConfig, VQConfig
 
@@ -22,6 +22,12 @@ def clips(n: int, length: int = 160, seed: int = 0) -> tuple[np.ndarray, np.ndar
     for row, real in enumerate(lengths):
         waveforms[row, :, real:] = 0.0
     return waveforms, lengths.astype(np.int64)
+
+
+def shifted_copies(waveforms, lengths, copies, max_shift, seed) -> tuple[np.ndarray, np.ndarray]:
+    """Every copy of `iter_shifted_copies` at once: (copies * n, c, t), clip after clip within each copy."""
+    parts = list(iter_shifted_copies(waveforms, lengths, copies, max_shift, seed))
+    return np.concatenate([part[0] for part in parts]), np.concatenate([part[1] for part in parts])
 
 
 def test_each_copy_is_its_clip_delayed_and_cut_at_the_window():
