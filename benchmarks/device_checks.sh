@@ -139,6 +139,11 @@ step tokenizer 60 python benchmarks/bench_tokenizer.py "${quick[@]}" --out "$OUT
 # last and short (seconds on a GPU): whether NADE's blocked pre-activations also beat the cumulative sum there
 step nade_training 30 python benchmarks/bench_baseline_training.py "${quick[@]}" --out "$OUT/bench_nade_training.json"
 # the runs' metrics, tables, logs and small models in one file, without checkpoints or the codec's weights
-tar czf "$OUT/runs.tar.gz" --exclude=checkpoints --exclude=tokens --exclude='fsdd_transformer/tokenizer/*.safetensors' --exclude='fsdd_whole/*/*.safetensors' --exclude='made/prior/*.safetensors' -C "$OUT" runs 2>>"$log" && rm -rf "$runs"
+# The whole run's codec comes back in parts under 16 MB (cat them together), so priors can be trained on
+# its tokens (in the archive) on a CPU: `cat model.safetensors.part_* > model.safetensors`.
+for weights in "$runs"/fsdd_whole/tokenizer/*.safetensors; do
+    [[ -f "$weights" ]] && split -b 15M "$weights" "$OUT/$(basename "$weights").part_"
+done
+tar czf "$OUT/runs.tar.gz" --exclude=checkpoints --exclude='fsdd_transformer/tokens' --exclude='fsdd_transformer/tokenizer/*.safetensors' --exclude='fsdd_whole/*/*.safetensors' --exclude='made/prior/*.safetensors' -C "$OUT" runs 2>>"$log" && rm -rf "$runs"
 head -3 "$log"
 exit $status
