@@ -9,18 +9,17 @@
 # No pip install there: the checkout runs with PYTHONPATH=. (the machine has torch, transformers,
 # accelerate, einops, safetensors; datasets and soundfile travel as wheels). Each step has its own
 # time limit and trainings stop on `max_minutes`, so one slow step cannot eat the others' time; a
-# failed step is reported and the rest run. The order is the one of the first GPU call (2026-11-30,
-# 545 s on an H200; the audio step needed 110 s and was rerun alone; BENCHMARKS.md): quantizer bf16 throughput (issue 3), audio
-# encode/decode speed (issue 4), the two-stage binarized-MNIST bound with the code search over the
-# whole test split (issue 5), a GPU-trained audio codec's SI-SNR (issue 4), then prior, tokenizer and
-# NADE speed. Still open: issue 4's two quality targets, which need the codec trained for longer than
-# the 2.2 minutes it has had (the step `fsdd_whole` runs the whole audio pipeline in one go), the batched
-# chunked audio speed, the chunked nearest-code search's GPU speed (and the VQ rows of the quantizer
-# benchmark after it), the transformer's two-stage bound with the search, and where the prior's training
-# and sampling time goes (bench_prior.py --profile; both miss issue 2's targets). Device time is about
-# 15 minutes a session, machine start included, so a next call would put the audio first:
-#   CHECKS="fsdd_whole" WHOLE_CODEC_MINUTES=5.5 WHOLE_PRIOR_MINUTES=1.5 CHECKS_BUDGET_S=570 \
-#       OUT=... DATA=.data bash benchmarks/device_checks.sh
+# failed step is reported and the rest run. The first GPU call (2026-11-30, 545 s on an H200) ran every
+# step but the audio training one; the second (2026-12-04) ran `fsdd_whole` alone (457 s: the 64-channel
+# Snake codec at 10.3 steps/s reached step 3400, SI-SNR 5.9 dB; 87.9% of 1000 generated digits recognised;
+# BENCHMARKS.md), then bench_audio.py (Snake and ELU) and the nearest-code search by hand. Still open:
+# issue 4's two quality targets (a codec trained for longer; a prior that does not memorise its 10k
+# token sequences), the compiled Snake's training speed (`audio_training`, added after that call:
+# eager Snake made the codec's steps 1.6x slower than ELU's), the transformer's two-stage bound with the
+# search, and where the prior's training and sampling time goes (bench_prior.py --profile). Device time
+# is about 15 minutes a session, machine start included, so a next call would run:
+#   CHECKS="audio_training fsdd_whole" WHOLE_CODEC_MINUTES=5.5 WHOLE_CODEC_STEPS=4500 WHOLE_PRIOR_MINUTES=1.5 \
+#       CHECKS_BUDGET_S=570 OUT=... DATA=.data bash benchmarks/device_checks.sh
 set -u
 : "${OUT:?set OUT to the folder the results go to}"
 mkdir -p "$OUT"
@@ -71,6 +70,8 @@ step nearest_codes 30 python benchmarks/bench_nearest_codes.py "${nearest[@]}" -
 step nearest_codes_whole 30 python benchmarks/bench_nearest_codes.py "${nearest[@]}" --chunk-entries 0 \
     --out "$runs/nearest_codes_whole.json"
 step audio 120 python benchmarks/bench_audio.py "${quick[@]}" --out "$OUT/bench_audio.json"
+# the codec's training step with eager and with compiled Snake (tokenizers_vq/nets/conv1d.py), and their differences
+step audio_training 120 python benchmarks/bench_audio_training.py "${quick[@]}" --out "$runs/bench_audio_training.json"
 
 # Issue 5: the CPU recipe of the 90.35-nat two-stage rows (32-channel tokenizer, 4000 steps; LSTM or
 # transformer prior, 3000 steps), scored on the whole test split with 2 sweeps of code search. Both

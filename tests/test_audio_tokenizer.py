@@ -3,6 +3,7 @@
 import copy
 import dataclasses
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from tokenizers_vq.audio_losses import (
     si_snr,
 )
 from tokenizers_vq.nets.audio_discriminators import AudioDiscriminatorConfig, feature_matching_loss
+from tokenizers_vq.nets import conv1d
 from tokenizers_vq.nets.conv1d import Encoder1d, Snake1d
 from tokenizers_vq.quantizers import ResidualVQConfig, VQConfig
 from helpers.optimize import adam_steps
@@ -186,6 +188,36 @@ def test_snake_is_x_plus_sin_squared_over_alpha_and_bad_activations_are_refused(
     torch.testing.assert_close(snake(x), expected)
     with pytest.raises(ValueError, match="activation"):
         AudioVQVAEConfig(activation="relu")
+
+
+def test_compiled_snake_matches_eager_values_and_gradients():
+    # the GPU path, compiled here on the CPU (~20 s): one dynamic-shape graph for every (b, c, t)
+    for shape in [(3, 4, 50), (2, 8, 13)]:
+        x = torch.randn(*shape, requires_grad=True)
+        alpha = (torch.rand(1, shape[1], 1) + 0.5).requires_grad_()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fused = conv1d.fused_snake(x, alpha)
+        assert not [w for w in caught if "compiled Snake unavailable" in str(w.message)]  # it really compiled
+        fused_grads = torch.autograd.grad(fused.square().sum(), (x, alpha))
+        eager = conv1d.snake(x, alpha)
+        eager_grads = torch.autograd.grad(eager.square().sum(), (x, alpha))
+        torch.testing.assert_close(fused, eager)
+        for got, expected in zip(fused_grads, eager_grads):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_snake_falls_back_to_eager_when_compiling_fails(monkeypatch):
+    def broken():
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(conv1d, "_compiled_snake", broken)
+    monkeypatch.setattr(conv1d, "_fused_snake_failed", False)
+    x, alpha = torch.randn(2, 3, 10), torch.full((1, 3, 1), 2.0)
+    with pytest.warns(UserWarning, match="no compiler here"):
+        out = conv1d.fused_snake(x, alpha)
+    torch.testing.assert_close(out, conv1d.snake(x, alpha))
+    assert not conv1d.use_fused_snake(x)  # CPU tensors never take the compiled path
 
 
 def test_loading_refuses_a_mismatched_folder(tmp_path):

@@ -19,7 +19,10 @@ bias suits the periodic waveforms of voiced speech.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -31,6 +34,43 @@ KERNEL_SIZE = 7  # input, output and residual-unit convolutions
 ACTIVATIONS = ("elu", "snake")
 
 
+def snake(x: Tensor, alpha: Tensor) -> Tensor:
+    """x + sin^2(alpha x) / alpha, with alpha broadcast over (b c t); the eager reference."""
+    # as in DAC: the 1e-9 keeps 1 / alpha finite at alpha = 0, where sin^2(alpha x) is 0 too
+    return x + torch.sin(alpha * x).square() / (alpha + 1e-9)
+
+
+# Eager, Snake is five elementwise kernels forward and more backward, each a pass over the largest
+# activations: on an H200 the 64-channel codec encoded 2.6x slower with Snake than with ELU
+# (BENCHMARKS.md). Compiled, forward and backward are one kernel each. Only CUDA tensors take the
+# compiled path (Triton); the CPU keeps eager, where compiling costs ~20 s and the gain is small.
+FUSED_SNAKE_ENV = "TOKGEN_FUSED_SNAKE"  # "0" turns the compiled path off
+
+
+@functools.cache
+def _compiled_snake():
+    return torch.compile(snake, dynamic=True)  # one graph for every (b, c, t)
+
+
+_fused_snake_failed = False
+
+
+def fused_snake(x: Tensor, alpha: Tensor) -> Tensor:
+    """`snake` through torch.compile; falls back to eager (warning once) if compiling fails."""
+    global _fused_snake_failed
+    if not _fused_snake_failed:
+        try:
+            return _compiled_snake()(x, alpha)
+        except Exception as error:  # a missing Triton or compiler: slower, not wrong
+            _fused_snake_failed = True
+            warnings.warn(f"compiled Snake unavailable ({type(error).__name__}: {error}); using eager", stacklevel=2)
+    return snake(x, alpha)
+
+
+def use_fused_snake(x: Tensor) -> bool:
+    return x.is_cuda and os.environ.get(FUSED_SNAKE_ENV, "1") != "0" and not torch.jit.is_scripting()
+
+
 class Snake1d(nn.Module):
     """x + sin^2(alpha x) / alpha per channel of (b c t), alpha learned and initialised to 1."""
 
@@ -39,8 +79,7 @@ class Snake1d(nn.Module):
         self.alpha = nn.Parameter(torch.ones(1, channels, 1))
 
     def forward(self, x: Tensor) -> Tensor:
-        # as in DAC: the 1e-9 keeps 1 / alpha finite at alpha = 0, where sin^2(alpha x) is 0 too
-        return x + torch.sin(self.alpha * x).square() / (self.alpha + 1e-9)
+        return fused_snake(x, self.alpha) if use_fused_snake(x) else snake(x, self.alpha)
 
 
 def make_activation(kind: str, channels: int) -> nn.Module:

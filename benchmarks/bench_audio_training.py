@@ -1,0 +1,126 @@
+"""Audio codec training steps per second, eager Snake against compiled (fused) Snake, CUDA bf16 when available.
+
+    python benchmarks/bench_audio_training.py [--config configs/pipeline/fsdd_transformer.toml] [--out PATH] [--quick]
+
+One step is what the tokenizer stage runs: the config's codec loss (waveform L1, multi-resolution
+STFT, mel, quantizer) on a batch of 1 s clips under bf16 autocast, backward, gradient clipping and
+an AdamW step. Timed twice from the same initial weights, once with `TOKGEN_FUSED_SNAKE=0` (eager
+Snake) and once with the compiled Snake (tokenizers_vq/nets/conv1d.py), median of repeats after a
+warm-up that includes the compile. Also reports the largest difference between the two paths' loss
+on the first step, and Snake's own output and gradient differences on one activation (same
+inputs), so a speed-up that changed the numbers would show. Without CUDA it runs a small batch on
+the CPU and says so (the CPU always takes the eager path; the fused row is then the same code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from pipelines.config import load_run_config
+from tokenizers_vq.audio import AudioVQVAE
+from tokenizers_vq.nets import conv1d
+
+try:
+    from benchmarks.timing import timed
+except ImportError:  # run as a script, `python benchmarks/bench_audio_training.py`
+    from timing import timed
+
+
+def training_step(model, optimizer, clips, autocast):
+    with autocast():
+        loss, _ = model.loss({"waveform": clips}, "main", step=1000)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def snake_differences(device: torch.device, batch_size: int) -> dict:
+    """Fused against eager Snake on an activation the size of the GPU codec's first block (64 channels)."""
+    generator = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(batch_size, 64, 8000, device=device, generator=generator).requires_grad_()
+    alpha = (0.5 + torch.rand(1, 64, 1, device=device, generator=generator)).requires_grad_()
+    results = {}
+    for name, function in (("eager", conv1d.snake), ("fused", conv1d.fused_snake)):
+        out = function(x, alpha)
+        grads = torch.autograd.grad(out.square().mean(), (x, alpha))
+        results[name] = (out.detach(), *grads)
+    return {f"snake_max_abs_diff_{part}": (results["eager"][i] - results["fused"][i]).abs().max().item()
+            for i, part in enumerate(("output", "grad_x", "grad_alpha"))}
+
+
+def bench(config_path: str, device: torch.device, batch_size: int, repeats: int) -> dict:
+    run = load_run_config(config_path)
+    tokenizer_config = run.tokenizer_config()
+    torch.manual_seed(0)
+    initial = AudioVQVAE(tokenizer_config)
+    cuda = device.type == "cuda"
+    clips = 0.3 * torch.randn(batch_size, 1, tokenizer_config.sample_rate, device=device,
+                              generator=torch.Generator(device=device).manual_seed(0))
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
+
+    rows = {}
+    for mode in ("eager", "fused"):
+        os.environ[conv1d.FUSED_SNAKE_ENV] = "0" if mode == "eager" else "1"
+        model = copy.deepcopy(initial).to(device).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        torch.manual_seed(0)  # the k-means initialisation draws: the same for both modes
+        first_loss = training_step(model, optimizer, clips, autocast).item()  # k-means init, compile
+        seconds = timed(lambda: training_step(model, optimizer, clips, autocast), device, repeats, warmup=3)
+        rows[mode] = {"steps_per_second": 1.0 / seconds, "seconds_per_step": seconds, "first_step_loss": first_loss,
+                      "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+    os.environ.pop(conv1d.FUSED_SNAKE_ENV, None)
+    return {
+        "config": config_path, "hidden_channels": tokenizer_config.hidden_channels,
+        "activation": tokenizer_config.activation, "batch_size": batch_size, "clip_seconds": 1.0,
+        "dtype": "bfloat16 autocast" if cuda else "float32", "repeats": repeats,
+        "eager": rows["eager"], "fused": rows["fused"],
+        "speedup": rows["eager"]["seconds_per_step"] / rows["fused"]["seconds_per_step"],
+        "first_step_loss_diff": abs(rows["eager"]["first_step_loss"] - rows["fused"]["first_step_loss"]),
+        **snake_differences(device, batch_size),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/pipeline/fsdd_transformer.toml")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON path (default benchmarks/results/bench_audio_training_<device>.json)")
+    parser.add_argument("--quick", action="store_true", help="force the small CPU sizes")
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available() and not args.quick
+    device = torch.device("cuda" if cuda else "cpu")
+    result = bench(args.config, device, batch_size=64 if cuda else 2, repeats=20 if cuda else 2)
+    report = {
+        "device": torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
+        "note": "" if cuda else "no CUDA device: batch 2 on the CPU, eager both times; not a GPU figure",
+        "torch": torch.__version__, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
+        **result,
+    }
+    out = args.out or Path("benchmarks/results") / f"bench_audio_training_{'cuda' if cuda else 'cpu'}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"{report['device']}  {report['note']}")
+    for mode in ("eager", "fused"):
+        row = report[mode]
+        print(f"{mode:<6} Snake: {row['steps_per_second']:.2f} steps/s, first-step loss {row['first_step_loss']:.5f}")
+    print(f"speed-up {report['speedup']:.2f}x; Snake max |diff| output {report['snake_max_abs_diff_output']:.2e}, "
+          f"grad x {report['snake_max_abs_diff_grad_x']:.2e}, grad alpha {report['snake_max_abs_diff_grad_alpha']:.2e}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
