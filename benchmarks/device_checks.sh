@@ -18,7 +18,7 @@
 # eager Snake made the codec's steps 1.6x slower than ELU's), the transformer's two-stage bound with the
 # search, and where the prior's training and sampling time goes (bench_prior.py --profile). Device time
 # is about 15 minutes a session, machine start included, so a next call would run:
-#   CHECKS="audio_training fsdd_whole" WHOLE_CODEC_MINUTES=5.5 WHOLE_CODEC_STEPS=4500 WHOLE_PRIOR_MINUTES=1.5 \
+#   CHECKS="audio_training fsdd_whole" WHOLE_CODEC_MINUTES=5.5 WHOLE_PRIOR_MINUTES=1.5 \
 #       CHECKS_BUDGET_S=570 OUT=... DATA=.data bash benchmarks/device_checks.sh
 set -u
 : "${OUT:?set OUT to the folder the results go to}"
@@ -109,6 +109,19 @@ step audio_codec_eval 60 python benchmarks/audio_codec_eval.py configs/pipeline/
 # WAVs, spectrograms, the spoken-digit evaluation), each training bounded by minutes, so both of the
 # issue's quality targets (SI-SNR, generated-digit accuracy) come from one run. Its metrics.json, WAVs
 # and PNGs come back in the archive; the weights do not (the codec alone is 32 MB in float32).
+# Without WHOLE_CODEC_STEPS the codec's schedule is sized from the step rate `audio_training` measured
+# (85% of it, for data loading and logging), so that the cosine decay ends when max_minutes does.
+planned_steps() {
+    python3 - "$runs/bench_audio_training.json" "${WHOLE_CODEC_MINUTES:-5.5}" <<'PY' 2>/dev/null || echo 5000
+import json, sys
+rate = json.load(open(sys.argv[1]))["fused"]["steps_per_second"]
+print(max(1000, int(0.85 * rate * 60 * float(sys.argv[2])) // 100 * 100))
+PY
+}
+if [[ " ${CHECKS:-fsdd_whole} " == *" fsdd_whole "* && -z "${WHOLE_CODEC_STEPS:-}" ]]; then
+    WHOLE_CODEC_STEPS=$(planned_steps)
+    echo "fsdd_whole: codec schedule of $WHOLE_CODEC_STEPS steps" >> "$log"
+fi
 whole=(configs/pipeline/fsdd_transformer.toml name=fsdd_whole audio_data.path="$DATA/fsdd.npz" output_dir="$runs")
 if ((${#quick[@]})); then whole+=("${quick_codec[@]}" prior.hidden_size=32 prior.num_layers=1 prior.num_heads=2
                                   prior_training.max_steps=10 prior_training.batch_size=4 prior_training.mixed_precision=no
