@@ -229,7 +229,7 @@ def sample_quality(classifier: ImageClassifier, samples: torch.Tensor, sample_la
     held_out = real[permutation[: min(half, len(samples))]]
     reference = real[permutation[half:]]
     if len(samples) > half:
-        logger.warning("%d samples but only %d held-out real images: the Frechet floor uses fewer images "
+        logger.warning("%d samples but only %d held-out real examples: the Frechet floor uses fewer examples "
                        "and is biased upwards relative to the samples' distance", len(samples), half)
 
     reference_features = classifier_features(classifier, reference, batch_size)
