@@ -78,6 +78,14 @@ def silence_after(clips: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return clips * rearrange(lengths_to_mask(lengths, clips.shape[-1]), "n t -> n 1 t").to(clips.dtype)
 
 
+def spread_out(clips: torch.Tensor, count: int) -> torch.Tensor:
+    """`count` clips evenly spaced through `clips` (all of them if fewer): FSDD lists a speaker's takes of
+    a digit together, so the first few would show one voice."""
+    if len(clips) <= count:
+        return clips
+    return clips[torch.linspace(0, len(clips) - 1, count).round().long()]
+
+
 def write_wavs(clips: torch.Tensor, names: list[str], folder: Path, sample_rate: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for clip, name in zip(clips, names):
@@ -155,7 +163,7 @@ def generate_audio_samples(run: Run, out_dir: Path, device) -> dict:
     rows = []
     for index, name in enumerate(names):
         real = real_clips[test["label"] == index] if grid_labels is not None else real_clips
-        rows.append((f"{name} real", real[: audio.spectrogram_clips]))
+        rows.append((f"{name} real", spread_out(real, audio.spectrogram_clips)))
         rows.append((f"{name} generated", grid_clips[index * per_class : (index + 1) * per_class][: audio.spectrogram_clips]))
     plot_spectrograms(rows, out_dir / "spectrograms.png", manifest.sample_rate, audio.classifier)
 

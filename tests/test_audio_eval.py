@@ -3,6 +3,7 @@
 import torch
 
 from pipelines.audio_eval import SpokenDigitClassifierConfig, log_mel_features, reconstruction_classifier_metrics
+from pipelines.audio_stages import spread_out
 from pipelines.classifier import ClassifierConfig, ImageClassifier, classifier_accuracy
 
 RATE = 8000
@@ -28,3 +29,10 @@ def test_a_lossless_codec_keeps_accuracy_and_has_zero_frechet_and_noise_moves_bo
     silent = reconstruction_classifier_metrics(classifier, log_mel_features(torch.zeros_like(clips), config, RATE),
                                                features, labels)
     assert silent["reconstruction_frechet"] > 1e-2
+
+
+def test_spectrogram_rows_spread_real_clips_across_the_class():
+    clips = torch.arange(30.0).view(30, 1, 1)  # 6 speakers x 5 takes, listed speaker by speaker
+    picked = spread_out(clips, 3).flatten().tolist()
+    assert picked == [0.0, 14.0, 29.0]  # speakers 0, 2 and 5, not speaker 0's first three takes
+    assert torch.equal(spread_out(clips[:2], 3), clips[:2])
