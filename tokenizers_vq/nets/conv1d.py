@@ -42,7 +42,7 @@ def snake(x: Tensor, alpha: Tensor) -> Tensor:
 
 # Eager, Snake is five elementwise kernels forward and more backward, each a pass over the largest
 # activations: on an H200 the 64-channel codec encoded 2.6x slower with Snake than with ELU
-# (BENCHMARKS.md). Compiled, forward and backward are one kernel each. Only CUDA tensors take the
+# (BENCHMARKS.md). Compiled, inductor fuses each chain into one kernel. Only CUDA tensors take the
 # compiled path (Triton); the CPU keeps eager, where compiling costs ~20 s and the gain is small.
 FUSED_SNAKE_ENV = "TOKGEN_FUSED_SNAKE"  # "0" turns the compiled path off
 
@@ -61,6 +61,8 @@ def fused_snake(x: Tensor, alpha: Tensor) -> Tensor:
     if not _fused_snake_failed:
         try:
             return _compiled_snake()(x, alpha)
+        except torch.cuda.OutOfMemoryError:
+            raise  # eager would need more memory, not less
         except Exception as error:  # a missing Triton or compiler: slower, not wrong
             _fused_snake_failed = True
             warnings.warn(f"compiled Snake unavailable ({type(error).__name__}: {error}); using eager", stacklevel=2)
