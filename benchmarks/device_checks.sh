@@ -109,7 +109,7 @@ step audio_codec_eval 60 python benchmarks/audio_codec_eval.py configs/pipeline/
 # Issue 4 end to end in one call: the whole fsdd_transformer run (codec, tokens, class-conditional prior,
 # WAVs, spectrograms, the spoken-digit evaluation), each training bounded by minutes, so both of the
 # issue's quality targets (SI-SNR, generated-digit accuracy) come from one run. Its metrics.json, WAVs
-# and PNGs come back in the archive; the weights do not (the codec alone is 32 MB in float32).
+# and PNGs come back in the archive, its tokens and codec beside it (see the end); the prior's weights do not.
 # Without WHOLE_CODEC_STEPS the codec's schedule is sized from the step rate `audio_training` measured
 # (85% of it, for data loading and logging), so that the cosine decay ends when max_minutes does.
 planned_steps() {
@@ -153,12 +153,15 @@ step prior 150 python benchmarks/bench_prior.py "${quick[@]}" --out "$OUT/bench_
 step tokenizer 60 python benchmarks/bench_tokenizer.py "${quick[@]}" --out "$OUT/bench_tokenizer.json"
 # last and short (seconds on a GPU): whether NADE's blocked pre-activations also beat the cumulative sum there
 step nade_training 30 python benchmarks/bench_baseline_training.py "${quick[@]}" --out "$OUT/bench_nade_training.json"
-# the runs' metrics, tables, logs and small models in one file, without checkpoints or the codec's weights
-# The whole run's codec comes back in parts under 16 MB (cat them together), so priors can be trained on
-# its tokens (in the archive) on a CPU: `cat model.safetensors.part_* > model.safetensors`.
+# At most 8 files come back: the log, the runs' archive (metrics, tables, logs, small models, the steps'
+# JSONs; no checkpoints, token sets or codec weights), the whole FSDD run's token set as an archive of
+# its own, and its codec in parts under 16 MB (`cat model.safetensors.part_* > model.safetensors`), so
+# priors can be trained on its tokens on a CPU.
+mv "$OUT"/*.json "$runs"/ 2>/dev/null
 for weights in "$runs"/fsdd_whole/tokenizer/*.safetensors; do
     [[ -f "$weights" ]] && split -b 15M "$weights" "$OUT/$(basename "$weights").part_"
 done
-tar czf "$OUT/runs.tar.gz" --exclude=checkpoints --exclude='fsdd_transformer/tokens' --exclude='fsdd_transformer/tokenizer/*.safetensors' --exclude='fsdd_whole/*/*.safetensors' --exclude='made/prior/*.safetensors' -C "$OUT" runs 2>>"$log" && rm -rf "$runs"
+[[ -d "$runs/fsdd_whole/tokens" ]] && tar czf "$OUT/fsdd_whole_tokens.tar.gz" -C "$OUT" runs/fsdd_whole/tokens 2>>"$log"
+tar czf "$OUT/runs.tar.gz" --exclude=checkpoints --exclude=tokens --exclude='fsdd_transformer/tokenizer/*.safetensors' --exclude='fsdd_whole/*/*.safetensors' --exclude='made/prior/*.safetensors' -C "$OUT" runs 2>>"$log" && rm -rf "$runs"
 head -3 "$log"
 exit $status

@@ -70,7 +70,7 @@ def fused_snake(x: Tensor, alpha: Tensor) -> Tensor:
 
 
 def use_fused_snake(x: Tensor) -> bool:
-    return x.is_cuda and os.environ.get(FUSED_SNAKE_ENV, "1") != "0" and not torch.jit.is_scripting()
+    return x.is_cuda and os.environ.get(FUSED_SNAKE_ENV, "1") != "0"
 
 
 class Snake1d(nn.Module):
