@@ -8,7 +8,9 @@ an AdamW step. Timed twice from the same initial weights, once with `TOKGEN_FUSE
 Snake) and once with the compiled Snake (tokenizers_vq/nets/conv1d.py), median of repeats after a
 warm-up that includes the compile. Also reports the largest difference between the two paths' loss
 on the first step, and Snake's own output and gradient differences on one activation (same
-inputs), so a speed-up that changed the numbers would show. Without CUDA it runs a small batch on
+inputs), so a speed-up that changed the numbers would show. Last, the compiled path at a batch of
+256: clips per second against the config's 64 say whether a larger batch would come nearly free
+(the GPU idle between small kernels) or cost its size in time. Without CUDA it runs a small batch on
 the CPU and says so (the CPU always takes the eager path; the fused row is then the same code).
 """
 
@@ -58,27 +60,30 @@ def snake_differences(device: torch.device, batch_size: int) -> dict:
             for i, part in enumerate(("output", "grad_x", "grad_alpha"))}
 
 
-def bench(config_path: str, device: torch.device, batch_size: int, repeats: int) -> dict:
+def bench(config_path: str, device: torch.device, batch_size: int, repeats: int, larger_batches=()) -> dict:
     run = load_run_config(config_path)
     tokenizer_config = run.tokenizer_config()
     torch.manual_seed(0)
     initial = AudioVQVAE(tokenizer_config)
     cuda = device.type == "cuda"
-    clips = 0.3 * torch.randn(batch_size, 1, tokenizer_config.sample_rate, device=device,
-                              generator=torch.Generator(device=device).manual_seed(0))
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
 
+    # eager and fused at the config's batch, then fused at larger batches: is the GPU busy at the first?
+    runs = [("eager", batch_size), ("fused", batch_size), *((f"fused_batch_{b}", b) for b in larger_batches)]
     rows = {}
-    for mode in ("eager", "fused"):
+    for mode, batch in runs:
         os.environ[conv1d.FUSED_SNAKE_ENV] = "0" if mode == "eager" else "1"
+        clips = 0.3 * torch.randn(batch, 1, tokenizer_config.sample_rate, device=device,
+                                  generator=torch.Generator(device=device).manual_seed(0))
         model = copy.deepcopy(initial).to(device).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         torch.manual_seed(0)  # the k-means initialisation draws: the same for both modes
         first_loss = training_step(model, optimizer, clips, autocast).item()  # k-means init, compile
         seconds = timed(lambda: training_step(model, optimizer, clips, autocast), device, repeats, warmup=3)
-        rows[mode] = {"steps_per_second": 1.0 / seconds, "seconds_per_step": seconds, "first_step_loss": first_loss,
+        rows[mode] = {"batch_size": batch, "steps_per_second": 1.0 / seconds, "clips_per_second": batch / seconds,
+                      "seconds_per_step": seconds, "first_step_loss": first_loss,
                       "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -87,7 +92,7 @@ def bench(config_path: str, device: torch.device, batch_size: int, repeats: int)
         "config": config_path, "hidden_channels": tokenizer_config.hidden_channels,
         "activation": tokenizer_config.activation, "batch_size": batch_size, "clip_seconds": 1.0,
         "dtype": "bfloat16 autocast" if cuda else "float32", "repeats": repeats,
-        "eager": rows["eager"], "fused": rows["fused"],
+        **rows,
         "speedup": rows["eager"]["seconds_per_step"] / rows["fused"]["seconds_per_step"],
         "first_step_loss_diff": abs(rows["eager"]["first_step_loss"] - rows["fused"]["first_step_loss"]),
         **snake_differences(device, batch_size),
@@ -103,7 +108,8 @@ def main() -> None:
     args = parser.parse_args()
     cuda = torch.cuda.is_available() and not args.quick
     device = torch.device("cuda" if cuda else "cpu")
-    result = bench(args.config, device, batch_size=64 if cuda else 2, repeats=20 if cuda else 2)
+    result = bench(args.config, device, batch_size=64 if cuda else 2, repeats=20 if cuda else 2,
+                   larger_batches=(256,) if cuda else (4,))
     report = {
         "device": torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
         "note": "" if cuda else "no CUDA device: batch 2 on the CPU, eager both times; not a GPU figure",
@@ -114,9 +120,10 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(f"{report['device']}  {report['note']}")
-    for mode in ("eager", "fused"):
+    for mode in ("eager", "fused", *(f"fused_batch_{b}" for b in ((256,) if cuda else (4,)))):
         row = report[mode]
-        print(f"{mode:<6} Snake: {row['steps_per_second']:.2f} steps/s, first-step loss {row['first_step_loss']:.5f}")
+        print(f"{mode:<15} Snake, batch {row['batch_size']}: {row['steps_per_second']:.2f} steps/s "
+              f"({row['clips_per_second']:.0f} clips/s), first-step loss {row['first_step_loss']:.5f}")
     print(f"speed-up {report['speedup']:.2f}x; Snake max |diff| output {report['snake_max_abs_diff_output']:.2e}, "
           f"grad x {report['snake_max_abs_diff_grad_x']:.2e}, grad alpha {report['snake_max_abs_diff_grad_alpha']:.2e}")
     print(f"wrote {out}")

@@ -124,6 +124,10 @@ if [[ " ${CHECKS:-fsdd_whole} " == *" fsdd_whole "* && -z "${WHOLE_CODEC_STEPS:-
     echo "fsdd_whole: codec schedule of $WHOLE_CODEC_STEPS steps" >> "$log"
 fi
 whole=(configs/pipeline/fsdd_transformer.toml name=fsdd_whole audio_data.path="$DATA/fsdd.npz" output_dir="$runs")
+# WHOLE_CODEC_INIT: a saved codec folder (carried in $DATA) whose weights the codec's training starts from, so
+# that its training goes on across calls (a fresh machine keeps nothing); the schedule starts afresh.
+# (The quick run's 8-channel codec cannot start from a 64-channel one: it ignores this.)
+[[ -n "${WHOLE_CODEC_INIT:-}" ]] && ((${#quick[@]} == 0)) && whole+=(tokenizer_init="$WHOLE_CODEC_INIT")
 if ((${#quick[@]})); then whole+=("${quick_codec[@]}" prior.hidden_size=32 prior.num_layers=1 prior.num_heads=2
                                   prior_training.max_steps=10 prior_training.batch_size=4 prior_training.mixed_precision=no
                                   sampling.eval_samples_per_class=2 sampling.grid_samples_per_class=1 audio.completions=2)

@@ -132,6 +132,10 @@ class RunConfig:
     name: str = "mnist_cpu"
     output_dir: str = "runs"
     seed: int = 0
+    # A saved tokenizer folder (config.json + model.safetensors) whose weights, codebooks included, start
+    # the tokenizer's training instead of random ones: a longer training split over calls, or fine-tuning
+    # on new data. Its tensors must fit the [tokenizer] built here; the schedule and optimizer start afresh.
+    tokenizer_init: str = ""
     data: DataConfig = field(default_factory=DataConfig)
     audio_data: AudioDataConfig | None = None  # set: an audio run (then [data] is unused and refused)
     audio: AudioConfig = field(default_factory=AudioConfig)
@@ -214,7 +218,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def run_config_from_dict(data: dict) -> RunConfig:
     data = dict(data)
     simple = {}
-    for key in ("name", "output_dir", "seed"):
+    for key in ("name", "output_dir", "seed", "tokenizer_init"):
         if key in data:
             simple[key] = data.pop(key)
     sections = {
@@ -237,7 +241,7 @@ def run_config_from_dict(data: dict) -> RunConfig:
     if "prior" in data:
         built["prior"] = _component_section(PRIORS, data.pop("prior"), "prior", PRIOR_FIELDS_FROM_MANIFEST)
     if data:
-        valid = ["name", "output_dir", "seed", "tokenizer", "prior", *sections]
+        valid = ["name", "output_dir", "seed", "tokenizer_init", "tokenizer", "prior", *sections]
         raise ConfigError(f"unknown top-level key(s) {sorted(data)}; valid: {sorted(valid)}")
     return RunConfig(**simple, **built)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
+from safetensors.torch import load_file
 from accelerate.utils import set_seed
 
 from pipelines.audio_data import AudioDataset, AudioTensorDataset, load_audio_dataset
@@ -30,6 +31,7 @@ from pipelines.loop import TrainResult, train
 from pipelines.tokenset import export_audio_tokens, export_tokens, load_tokenset, sha256_file
 from priors import PRIORS, load_prior
 from tokenizers_vq import TOKENIZERS, load_tokenizer
+from tokenizers_vq.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_state_strictly
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +138,9 @@ class Run:
     def tokenizer_fingerprint(self) -> str:
         c = self.config
         data = c.audio_data if c.is_audio else c.data
+        if c.tokenizer_init:  # the starting weights decide the result as much as the config does
+            start = sha256_file(tokenizer_init_files(c.tokenizer_init)[1])
+            return fingerprint("tokenizer", data, c.tokenizer, c.tokenizer_training.identity(), start)
         return fingerprint("tokenizer", data, c.tokenizer, c.tokenizer_training.identity())
 
     def tokens_fingerprint(self) -> str:
@@ -177,6 +182,35 @@ def check_audio_tokenizer(tokenizer_config, dataset: AudioDataset) -> None:
         )
 
 
+def tokenizer_init_files(folder: str | Path) -> tuple[Path, Path]:
+    """The config.json and model.safetensors of a `tokenizer_init` folder, or a clear error."""
+    folder = Path(folder)
+    files = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    missing = [path.name for path in files if not path.is_file()]
+    if missing:
+        raise RunError(f"tokenizer_init={str(folder)!r} lacks {' and '.join(missing)}; "
+                       f"give a saved tokenizer folder (a run's tokenizer/)")
+    return files
+
+
+def load_initial_tokenizer_weights(tokenizer, kind: str, folder: str | Path) -> None:
+    """Start `tokenizer` from a saved one's tensors (codebooks and their k-means flags included)."""
+    config_path, weights_path = tokenizer_init_files(folder)
+    saved_kind = json.loads(config_path.read_text()).get("kind")
+    if saved_kind != kind:
+        raise RunError(f"tokenizer_init: {config_path} is a {saved_kind!r} tokenizer, but [tokenizer] kind is {kind!r}")
+    tensors, expected = load_file(weights_path), tokenizer.state_dict()
+    differ = sorted(name for name in expected.keys() | tensors.keys()
+                    if name not in tensors or name not in expected or tensors[name].shape != expected[name].shape)
+    if differ:  # a whole architecture's worth of names would bury the point: count them, show a few
+        shown = ", ".join(f"{name} (saved {tuple(tensors[name].shape) if name in tensors else 'none'}, "
+                          f"here {tuple(expected[name].shape) if name in expected else 'none'})" for name in differ[:3])
+        raise RunError(f"tokenizer_init: {weights_path} does not fit this run's [tokenizer]: {len(differ)} tensors "
+                       f"missing or of wrong shapes, e.g. {shown}; compare [tokenizer] with {config_path}")
+    load_state_strictly(tokenizer, tensors, weights_path)
+    logger.info("tokenizer: training starts from the weights of %s", weights_path)
+
+
 def train_tokenizer_stage(run: Run, resume: bool = False, force: bool = False) -> Path:
     out_dir = run.path("tokenizer")
     stage_fingerprint = run.tokenizer_fingerprint()
@@ -188,6 +222,8 @@ def train_tokenizer_stage(run: Run, resume: bool = False, force: bool = False) -
     _, tokenizer_cls = TOKENIZERS[run.config.tokenizer.kind]
     set_seed(run.config.tokenizer_training.seed)  # initial weights come from the global RNGs: same config, same run
     tokenizer = tokenizer_cls(tokenizer_config)
+    if run.config.tokenizer_init:
+        load_initial_tokenizer_weights(tokenizer, run.config.tokenizer.kind, run.config.tokenizer_init)
     if run.config.is_audio:
         check_audio_tokenizer(tokenizer_config, dataset)
     expected_channels = getattr(tokenizer_config, "in_channels", dataset.channels)

@@ -176,3 +176,26 @@ def test_tokenizer_that_disagrees_with_the_data_is_refused(tmp_path, capsys, ove
     assert code == 2 and message in error and "8000 Hz with 1 channel" in error
     assert not (tmp_path / "runs" / "smoke_audio" / "tokenizer").exists()
 
+
+
+def test_tokenizer_training_can_start_from_a_saved_tokenizer(audio_run, tmp_path):
+    run_dir, args = audio_run
+    start = run_dir / "tokenizer"
+    out = tmp_path / "runs"
+    # no steps: the trained tokenizer is the saved one, tensor for tensor (codebooks and k-means flags too)
+    assert main(["train-tokenizer", *args, f"output_dir={out}", f"tokenizer_init={start}",
+                 "tokenizer_training.max_steps=0"]) == 0
+    saved, started = load_file(start / "model.safetensors"), load_file(out / "smoke" / "tokenizer" / "model.safetensors")
+    assert saved.keys() == started.keys()
+    assert all(torch.equal(saved[name], started[name]) for name in saved)
+
+
+def test_tokenizer_init_that_does_not_fit_is_refused(audio_run, tmp_path, capsys):
+    run_dir, args = audio_run
+    out = [f"output_dir={tmp_path / 'runs'}", "tokenizer_training.max_steps=0"]
+    assert main(["train-tokenizer", *args, *out, f"tokenizer_init={run_dir / 'tokenizer'}",
+                 "tokenizer.hidden_channels=6"]) == 2
+    error = capsys.readouterr().err
+    assert "does not fit this run's [tokenizer]" in error and "(saved (32,), here (48,))" in error
+    assert main(["train-tokenizer", *args, *out, f"tokenizer_init={tmp_path}"]) == 2
+    assert "lacks config.json and model.safetensors" in capsys.readouterr().err
