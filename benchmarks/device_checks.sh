@@ -100,7 +100,9 @@ quick_codec=(tokenizer.hidden_channels=8 tokenizer_training.max_steps=10 tokeniz
              tokenizer_training.mixed_precision=no audio.classifier.network.epochs=1)
 if ((${#quick[@]})); then codec+=("${quick_codec[@]}")
 else codec+=(tokenizer_training.max_steps=${CODEC_STEPS:-8000} tokenizer_training.warmup_steps=300
-             tokenizer_training.max_minutes=${CODEC_MINUTES:-2.2}); fi
+             tokenizer_training.max_minutes=${CODEC_MINUTES:-2.2} ${CODEC_OVERRIDES:-}); fi
+# CODEC_INIT: a saved codec folder to start from (as WHOLE_CODEC_INIT below); its weights then come back in parts
+[[ -n "${CODEC_INIT:-}" ]] && ((${#quick[@]} == 0)) && codec+=(tokenizer_init="$CODEC_INIT")
 codec_limit=$(python3 -c "print(int(60 * ${CODEC_MINUTES:-2.2}) + 40)")
 step audio_codec "$codec_limit" python -m pipelines.cli train-tokenizer configs/pipeline/fsdd_transformer.toml "${codec[@]}"
 step audio_codec_eval 60 python benchmarks/audio_codec_eval.py configs/pipeline/fsdd_transformer.toml \
@@ -162,7 +164,7 @@ step nade_training 30 python benchmarks/bench_baseline_training.py "${quick[@]}"
 # its own, and its codec in parts under 16 MB (`cat model.safetensors.part_* > model.safetensors`), so
 # priors can be trained on its tokens on a CPU.
 mv "$OUT"/*.json "$runs"/ 2>/dev/null
-for weights in "$runs"/fsdd_whole/tokenizer/*.safetensors; do
+for weights in "$runs"/fsdd_whole/tokenizer/*.safetensors "$runs"/fsdd_transformer/tokenizer/*.safetensors; do
     [[ -f "$weights" ]] && split -b 15M "$weights" "$OUT/$(basename "$weights").part_"
 done
 [[ -d "$runs/fsdd_whole/tokens" ]] && tar czf "$OUT/fsdd_whole_tokens.tar.gz" -C "$OUT" runs/fsdd_whole/tokens 2>>"$log"

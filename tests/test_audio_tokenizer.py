@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from tokenizers_vq.audio import AudioVQVAE, AudioVQVAEConfig, chunk_spans
 from tokenizers_vq.audio_losses import (
@@ -205,6 +206,25 @@ def test_compiled_snake_matches_eager_values_and_gradients():
         torch.testing.assert_close(fused, eager)
         for got, expected in zip(fused_grads, eager_grads):
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_snake_stays_compiled_across_the_codecs_widths_dtypes_and_modes():
+    # What a codec's training and evaluation call: Parameter alphas of several widths, fp32 and bf16
+    # inputs under autocast, trimmed (non-contiguous) inputs, gradients on and off. Dynamo runs eager
+    # past its graph limit (it did so on the GPU: 1.01x); made to raise there instead, a graph limit
+    # hit shows as the eager fallback's warning.
+    cases = [(width, dtype, grad, trimmed) for width in (4, 8, 16) for dtype in (torch.float32, torch.bfloat16)
+             for grad in (True, False) for trimmed in (False, True)]
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for width, dtype, grad, trimmed in cases:
+            alpha = nn.Parameter(torch.rand(1, width, 1) + 0.5)
+            x = torch.randn(2, width, 40 if trimmed else 36).to(dtype)
+            x = x[..., 2:-2] if trimmed else x
+            with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != torch.float32):
+                torch.testing.assert_close(conv1d.fused_snake(x, alpha), conv1d.snake(x, alpha))
+    assert not [str(w.message) for w in caught if "compiled Snake unavailable" in str(w.message)]
+    assert not conv1d._fused_snake_failed
 
 
 def test_snake_falls_back_to_eager_when_compiling_fails(monkeypatch):

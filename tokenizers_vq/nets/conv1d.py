@@ -49,10 +49,17 @@ FUSED_SNAKE_ENV = "TOKGEN_FUSED_SNAKE"  # "0" turns the compiled path off
 
 @functools.cache
 def _compiled_snake():
-    return torch.compile(snake, dynamic=True)  # one graph for every (b, c, t)
+    return torch.compile(snake, dynamic=True)  # one graph for every (b, c, t): see fused_snake
 
 
 _fused_snake_failed = False
+
+
+def _more_graphs_allowed():
+    """Dynamo's per-function graph limit raised to 32 while Snake is called (named cache_size_limit before torch 2.6)."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    return config.patch(**{name: max(32, getattr(config, name))})
 
 
 def fused_snake(x: Tensor, alpha: Tensor) -> Tensor:
@@ -60,7 +67,16 @@ def fused_snake(x: Tensor, alpha: Tensor) -> Tensor:
     global _fused_snake_failed
     if not _fused_snake_failed:
         try:
-            return _compiled_snake()(x, alpha)
+            # Dynamo keeps a Parameter's shape static and guards on the autocast state: called with the
+            # Parameter itself, under and outside autocast, each width of the codec (64 to 512 channels,
+            # encoder and decoder) was a graph of its own, and past Dynamo's 8 graphs the rest ran eager
+            # (H200, 2026-12-04: 1.01x). A view is a plain tensor, so the width is dynamic too; and Snake
+            # has no autocast op (bf16 x times fp32 alpha promotes to fp32 either way), so autocast off
+            # inside changes no value. What is left to guard on multiplies to up to 16 graphs: x's
+            # dtype (fp32, bf16), contiguity (trimmed transposed-convolution outputs are not), gradients
+            # on or off, and a size threshold of AOT autograd's; hence the higher limit for this function.
+            with torch.autocast(x.device.type, enabled=False), _more_graphs_allowed():
+                return _compiled_snake()(x, alpha.view(alpha.shape))
         except torch.cuda.OutOfMemoryError:
             raise  # eager would need more memory, not less
         except Exception as error:  # a missing Triton or compiler: slower, not wrong
