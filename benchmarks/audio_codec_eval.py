@@ -27,14 +27,20 @@ from pipelines.config import load_run_config
 from tokenizers_vq import load_tokenizer
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def codec_arguments(description: str) -> argparse.ArgumentParser:
+    """The arguments of the scripts that score a trained audio codec on its run's test split."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("config", help="the run config the tokenizer was trained with")
     parser.add_argument("tokenizer", help="the tokenizer folder (config.json + model.safetensors)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, as for tokgen")
-    parser.add_argument("--out", default="", help="JSON file for the metrics (printed either way)")
-    parser.add_argument("--classifier-cache", default="", help="folder to keep the classifier in between runs")
+    parser.add_argument("--out", default="", help="JSON file for the figures (printed either way)")
     parser.add_argument("--threads", type=int, default=1)
+    return parser
+
+
+def main() -> None:
+    parser = codec_arguments(__doc__.splitlines()[0])
+    parser.add_argument("--classifier-cache", default="", help="folder to keep the classifier in between runs")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the codec and the classifier run (default: CUDA when there is one)")
     args = parser.parse_args()

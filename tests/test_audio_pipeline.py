@@ -199,3 +199,21 @@ def test_tokenizer_init_that_does_not_fit_is_refused(audio_run, tmp_path, capsys
     assert "does not fit this run's [tokenizer]" in error and "(saved (32,), here (48,))" in error
     assert main(["train-tokenizer", *args, *out, f"tokenizer_init={tmp_path}"]) == 2
     assert "lacks config.json and model.safetensors" in capsys.readouterr().err
+
+
+def test_codec_bottleneck_scores_every_level_as_the_codec_decodes(audio_run):
+    from benchmarks.audio_codec_bottleneck import si_snr_per_clip
+    from pipelines.audio_eval import reconstruction_metrics
+    from tokenizers_vq import load_tokenizer
+
+    tokenizer = load_tokenizer(audio_run[0] / "tokenizer")
+    waveforms = 0.3 * torch.randn(5, 1, 2000, generator=torch.Generator().manual_seed(0))
+    lengths = torch.tensor([2000, 1500, 1999, 800, 2000])
+    waveforms[1, :, 1500:] = 0  # as the data are: silent after each clip's length
+    waveforms[3, :, 800:] = 0
+    per_clip = si_snr_per_clip(tokenizer, waveforms, lengths, batch_size=2)
+    assert set(per_clip) == {"unquantized", "levels_1", "levels_2"}
+    assert all(len(values) == 5 and torch.isfinite(values).all() for values in per_clip.values())
+    codec, _, _ = reconstruction_metrics(tokenizer, waveforms, lengths)
+    assert per_clip["levels_2"].mean().item() == pytest.approx(codec["si_snr_db"], abs=1e-4)
+    assert not torch.allclose(per_clip["levels_1"], per_clip["levels_2"])
