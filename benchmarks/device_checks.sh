@@ -9,18 +9,20 @@
 # No pip install there: the checkout runs with PYTHONPATH=. (the machine has torch, transformers,
 # accelerate, einops, safetensors; datasets and soundfile travel as wheels). Each step has its own
 # time limit and trainings stop on `max_minutes`, so one slow step cannot eat the others' time; a
-# failed step is reported and the rest run. The first GPU call (2026-11-30, 545 s on an H200) ran every
-# step but the audio training one; the second (2026-12-04) ran `fsdd_whole` alone (457 s: the 64-channel
-# Snake codec at 10.3 steps/s reached step 3400, SI-SNR 5.9 dB; 87.9% of 1000 generated digits recognised;
-# BENCHMARKS.md), then bench_audio.py (Snake and ELU) and the nearest-code search by hand. Still open:
-# issue 4's SI-SNR target (a codec trained for longer), the GPU configs' new prior (128 x 3, 7 shifted
-# copies: 90.4% of generated digits recognised when trained on a CPU from that call's tokens), the
-# compiled Snake's training speed (`audio_training`, added after that call:
-# eager Snake made the codec's steps 1.6x slower than ELU's), the transformer's two-stage bound with the
-# search, and where the prior's training and sampling time goes (bench_prior.py --profile). Device time
-# is about 15 minutes a session, machine start included, so a next call would run:
-#   CHECKS="audio_training fsdd_whole" WHOLE_CODEC_MINUTES=5.5 WHOLE_PRIOR_MINUTES=1.5 \
-#       CHECKS_BUDGET_S=570 OUT=... DATA=.data bash benchmarks/device_checks.sh
+# failed step is reported and the rest run. Calls so far (H200; BENCHMARKS.md has every figure):
+# 2026-11-30, every step but audio_training (545 s); 2026-12-04, fsdd_whole alone (457 s: the 64-channel
+# codec to step 3400, SI-SNR 5.9 dB; 87.9% of generated digits recognised); later that day, audio_training
+# and fsdd_whole with WHOLE_CODEC_INIT (that codec trained on: 6.1 dB; 90.0% recognised), then
+# audio_codec at batch 256 with CODEC_INIT (7800 steps in all: 6.1 dB, flat). The compiled Snake ran
+# eager there (Dynamo's graph limit; fixed since, not yet measured). Still open: issue 4's SI-SNR (the
+# encoder and decoder limit it, not the bits: benchmarks/audio_codec_bottleneck.py), the transformer's
+# two-stage bound with the search, and where the prior's time goes (bench_prior.py --profile). Device
+# time is about 15 minutes a session, machine start included (about 30 s). A codec carried in $DATA
+# (e.g. .data/fsdd_codec_h200_7800, 31 MB; the 64 MiB carry holds it beside fsdd.npz and the wheels)
+# trains on with, for instance:
+#   CHECKS="audio_training audio_codec audio_codec_eval" CODEC_INIT=.data/fsdd_codec_h200_7800 \
+#       CODEC_STEPS=1600 CODEC_MINUTES=4.8 CODEC_OVERRIDES="tokenizer.waveform_weight=100" \
+#       CHECKS_BUDGET_S=420 OUT=... DATA=.data bash benchmarks/device_checks.sh
 set -u
 : "${OUT:?set OUT to the folder the results go to}"
 mkdir -p "$OUT"
