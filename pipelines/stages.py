@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from safetensors.torch import load_file
 from accelerate.utils import set_seed
+from safetensors.torch import load_file
 
 from pipelines.audio_data import AudioDataset, AudioTensorDataset, load_audio_dataset
 from pipelines.config import RunConfig, fingerprint
