@@ -177,7 +177,6 @@ def test_tokenizer_that_disagrees_with_the_data_is_refused(tmp_path, capsys, ove
     assert not (tmp_path / "runs" / "smoke_audio" / "tokenizer").exists()
 
 
-
 def test_tokenizer_training_can_start_from_a_saved_tokenizer(audio_run, tmp_path):
     run_dir, args = audio_run
     start = run_dir / "tokenizer"
