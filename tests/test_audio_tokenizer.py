@@ -210,16 +210,18 @@ def test_compiled_snake_matches_eager_values_and_gradients():
 
 def test_compiled_snake_stays_compiled_across_the_codecs_widths_dtypes_and_modes():
     # What a codec's training and evaluation call: Parameter alphas of several widths, fp32 and bf16
-    # inputs under autocast, trimmed (non-contiguous) inputs, gradients on and off. Dynamo runs eager
-    # past its graph limit (it did so on the GPU: 1.01x); made to raise there instead, a graph limit
-    # hit shows as the eager fallback's warning.
-    cases = [(width, dtype, grad, trimmed) for width in (4, 8, 16) for dtype in (torch.float32, torch.bfloat16)
-             for grad in (True, False) for trimmed in (False, True)]
+    # inputs under autocast, trimmed (non-contiguous) inputs, gradients on and off, short and long
+    # clips (AOT autograd guards on b * t > 4096): more than Dynamo's default of 8 graphs. Past its
+    # limit Dynamo runs eager (it did so on the GPU: 1.01x); made to raise there instead, a limit hit
+    # shows as the eager fallback's warning. (About 40 s cold on the CPU.)
+    modes = [(dtype, grad, trimmed) for dtype in (torch.float32, torch.bfloat16) for grad in (True, False)
+             for trimmed in (False, True)]
+    cases = [(width, *mode, 36) for width in (4, 8, 16) for mode in modes] + [(8, *mode, 2100) for mode in modes[:2]]
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for width, dtype, grad, trimmed in cases:
+        for width, dtype, grad, trimmed, length in cases:
             alpha = nn.Parameter(torch.rand(1, width, 1) + 0.5)
-            x = torch.randn(2, width, 40 if trimmed else 36).to(dtype)
+            x = torch.randn(2, width, length + 4 if trimmed else length).to(dtype)
             x = x[..., 2:-2] if trimmed else x
             with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != torch.float32):
                 torch.testing.assert_close(conv1d.fused_snake(x, alpha), conv1d.snake(x, alpha))
