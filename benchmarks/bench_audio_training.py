@@ -108,8 +108,9 @@ def main() -> None:
     args = parser.parse_args()
     cuda = torch.cuda.is_available() and not args.quick
     device = torch.device("cuda" if cuda else "cpu")
+    larger_batches = (256,) if cuda else (4,)
     result = bench(args.config, device, batch_size=64 if cuda else 2, repeats=20 if cuda else 2,
-                   larger_batches=(256,) if cuda else (4,))
+                   larger_batches=larger_batches)
     report = {
         "device": torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
         "note": "" if cuda else "no CUDA device: batch 2 on the CPU, eager both times; not a GPU figure",
@@ -120,7 +121,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(f"{report['device']}  {report['note']}")
-    for mode in ("eager", "fused", *(f"fused_batch_{b}" for b in ((256,) if cuda else (4,)))):
+    for mode in ("eager", "fused", *(f"fused_batch_{b}" for b in larger_batches)):
         row = report[mode]
         print(f"{mode:<15} Snake, batch {row['batch_size']}: {row['steps_per_second']:.2f} steps/s "
               f"({row['clips_per_second']:.0f} clips/s), first-step loss {row['first_step_loss']:.5f}")

@@ -11,6 +11,7 @@ evaluation run on the main process while the others wait.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -31,7 +32,7 @@ from pipelines.loop import TrainResult, train
 from pipelines.tokenset import export_audio_tokens, export_tokens, load_tokenset, sha256_file
 from priors import PRIORS, load_prior
 from tokenizers_vq import TOKENIZERS, load_tokenizer
-from tokenizers_vq.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_state_strictly
+from tokenizers_vq.checkpoint import CONFIG_NAME, WEIGHTS_NAME, state_mismatches
 
 logger = logging.getLogger(__name__)
 
@@ -139,9 +140,14 @@ class Run:
         c = self.config
         data = c.audio_data if c.is_audio else c.data
         if c.tokenizer_init:  # the starting weights decide the result as much as the config does
-            start = sha256_file(tokenizer_init_files(c.tokenizer_init)[1])
+            start = self._tokenizer_init_hash
             return fingerprint("tokenizer", data, c.tokenizer, c.tokenizer_training.identity(), start)
         return fingerprint("tokenizer", data, c.tokenizer, c.tokenizer_training.identity())
+
+    @functools.cached_property
+    def _tokenizer_init_hash(self) -> str:
+        """Every later stage's fingerprint chains through the tokenizer's: hash the starting weights once."""
+        return sha256_file(tokenizer_init_files(self.config.tokenizer_init)[1])
 
     def tokens_fingerprint(self) -> str:
         if self.config.is_audio:  # the layout decides the token sequences, and so do shifted copies
@@ -200,14 +206,13 @@ def load_initial_tokenizer_weights(tokenizer, kind: str, folder: str | Path) -> 
     if saved_kind != kind:
         raise RunError(f"tokenizer_init: {config_path} is a {saved_kind!r} tokenizer, but [tokenizer] kind is {kind!r}")
     tensors, expected = load_file(weights_path), tokenizer.state_dict()
-    differ = sorted(name for name in expected.keys() | tensors.keys()
-                    if name not in tensors or name not in expected or tensors[name].shape != expected[name].shape)
+    differ = sorted(name for names in state_mismatches(tokenizer, tensors) for name in names)
     if differ:  # a whole architecture's worth of names would bury the point: count them, show a few
         shown = ", ".join(f"{name} (saved {tuple(tensors[name].shape) if name in tensors else 'none'}, "
                           f"here {tuple(expected[name].shape) if name in expected else 'none'})" for name in differ[:3])
         raise RunError(f"tokenizer_init: {weights_path} does not fit this run's [tokenizer]: {len(differ)} tensors "
                        f"missing or of wrong shapes, e.g. {shown}; compare [tokenizer] with {config_path}")
-    load_state_strictly(tokenizer, tensors, weights_path)
+    tokenizer.load_state_dict(tensors, strict=True)  # names and shapes checked above
     logger.info("tokenizer: training starts from the weights of %s", weights_path)
 
 

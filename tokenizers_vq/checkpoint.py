@@ -22,16 +22,21 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
-def load_state_strictly(module: nn.Module, tensors: dict[str, Tensor], source: str | Path) -> None:
-    """`module.load_state_dict(tensors, strict=True)`, with an error that names every mismatch."""
+def state_mismatches(module: nn.Module, tensors: dict[str, Tensor]) -> tuple[list[str], list[str], list[str]]:
+    """The names `module` has and `tensors` lacks, the reverse, and the shared names of other shapes."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    misshaped = sorted(
-        f"{name}: file {tuple(tensors[name].shape)} vs model {tuple(expected[name].shape)}"
-        for name in set(expected) & set(tensors)
-        if tensors[name].shape != expected[name].shape
-    )
+    misshaped = sorted(name for name in set(expected) & set(tensors) if tensors[name].shape != expected[name].shape)
+    return missing, unexpected, misshaped
+
+
+def load_state_strictly(module: nn.Module, tensors: dict[str, Tensor], source: str | Path) -> None:
+    """`module.load_state_dict(tensors, strict=True)`, with an error that names every mismatch."""
+    missing, unexpected, misshaped_names = state_mismatches(module, tensors)
+    expected = module.state_dict()
+    misshaped = [f"{name}: file {tuple(tensors[name].shape)} vs model {tuple(expected[name].shape)}"
+                 for name in misshaped_names]
     if missing or unexpected or misshaped:
         raise ValueError(
             f"{source} does not match the model built from its config.json: "
