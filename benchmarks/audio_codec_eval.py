@@ -19,6 +19,7 @@ import platform
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipelines import audio_eval
@@ -40,6 +41,9 @@ def codec_arguments(description: str) -> argparse.ArgumentParser:
 
 def main() -> None:
     parser = codec_arguments(__doc__.splitlines()[0])
+    parser.add_argument("--train-clips", type=int, default=300,
+                        help="also the SI-SNR of this many train clips, spread over the split (0: skip): "
+                             "far above the test figure, the codec has learnt its clips")
     parser.add_argument("--classifier-cache", default="", help="folder to keep the classifier in between runs")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the codec and the classifier run (default: CUDA when there is one)")
@@ -54,6 +58,13 @@ def main() -> None:
     waveforms = torch.from_numpy(data.test.waveforms)
     metrics, _, reconstructions = audio_eval.reconstruction_metrics(
         tokenizer, waveforms, torch.as_tensor(data.test.lengths))
+    if args.train_clips:
+        spread = np.unique(np.linspace(0, len(data.train) - 1, min(args.train_clips, len(data.train))).round()
+                           .astype(np.int64))  # every part of the split: FSDD's train clips come grouped by speaker
+        train_metrics, _, _ = audio_eval.reconstruction_metrics(
+            tokenizer, torch.from_numpy(data.train.waveforms[spread]), torch.as_tensor(data.train.lengths[spread]))
+        metrics.update(train_si_snr_db=train_metrics["si_snr_db"],
+                       train_si_snr_db_median=train_metrics["si_snr_db_median"], train_clips=len(spread))
     if data.num_classes:
         cache = Path(args.classifier_cache or Path(args.tokenizer).parent / "codec_eval_classifier")
         classifier, _ = audio_eval.load_or_train_audio_classifier(

@@ -267,7 +267,7 @@ def test_config_round_trips_through_dicts_and_rejects_unknown_keys():
 
 
 def test_padding_does_not_change_the_loss():
-    model = AudioVQVAE(tiny_config()).train()
+    model = AudioVQVAE(tiny_config(si_snr_weight=1.0)).train()
     x = audio(length=800)
     mask = torch.ones(2, 800, dtype=torch.bool)
     mask[0, 500:] = False
@@ -281,6 +281,25 @@ def test_padding_does_not_change_the_loss():
     assert not torch.equal(loss_a, loss_c)
     for name in ("waveform_loss", "stft_loss", "mel_loss"):
         assert metrics_a[name] > 0
+    assert metrics_a["si_snr_loss"] != 0
+
+
+def test_si_snr_loss_is_the_negative_metric_and_adds_to_the_total_by_its_weight():
+    x, mask = audio(length=800), torch.ones(2, 800, dtype=torch.bool)
+    mask[1, 600:] = False
+    batch = {"waveform": x, "mask": mask}
+    plain = AudioVQVAE(tiny_config(), generator=torch.Generator().manual_seed(0)).train()
+    weighted = AudioVQVAE(tiny_config(si_snr_weight=0.5), generator=torch.Generator().manual_seed(0)).train()
+    weighted.load_state_dict(plain.state_dict())
+    loss_plain, metrics_plain = copy.deepcopy(plain).loss(batch, "main", 0)
+    loss_weighted, metrics_weighted = copy.deepcopy(weighted).loss(batch, "main", 0)
+    assert metrics_plain["si_snr_loss"] == 0  # off at weight 0: not even computed
+    reconstruction = copy.deepcopy(weighted)(x, mask)[0]
+    expected = -si_snr(reconstruction, x, mask).mean()
+    assert metrics_weighted["si_snr_loss"] == pytest.approx(expected.item(), abs=1e-4)
+    assert loss_weighted.item() == pytest.approx(loss_plain.item() + 0.5 * expected.item(), abs=1e-4)
+    with pytest.raises(ValueError, match="si_snr_weight"):
+        tiny_config(si_snr_weight=-1.0)
 
 
 def test_spectral_losses_are_zero_for_identical_signals_and_positive_otherwise():

@@ -5,8 +5,8 @@ in EnCodec's training recipe (Defossez et al. 2022, "High Fidelity Neural Audio 
 waveform `(b c t)` in [-1, 1] becomes `t / hop` latent frames, each quantised by any `QUANTIZERS`
 kind (by default a residual VQ of 2 levels x 256 codes: 16 bits per frame, 1.6 kbps at 100
 frames/s for 8 kHz audio), and is decoded back. The loss is a weighted sum of the waveform L1,
-the multi-resolution STFT loss and the log-mel L1 (`audio_losses`), plus the quantizer's loss and,
-when `gan_weight > 0`, an adversarial term and feature matching against an audio discriminator
+an optional negative SI-SNR, the multi-resolution STFT loss and the log-mel L1 (`audio_losses`),
+plus the quantizer's loss and, when `gan_weight > 0`, an adversarial term and feature matching against an audio discriminator
 trained in its own phase. Batches carry a sample mask: padding is zeroed before the encoder and
 left out of every loss, and only frames that hold real audio train the quantizer. Clips longer
 than a training window can be tokenized in hop-aligned chunks (`encode_chunked`,
@@ -26,7 +26,8 @@ from einops import rearrange, reduce
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from tokenizers_vq.audio_losses import mel_filterbank, mel_loss, masked_l1, multi_resolution_stft_loss
+from tokenizers_vq.audio_losses import mel_filterbank, mel_loss, masked_l1, multi_resolution_stft_loss, si_snr
+from tokenizers_vq.audio_augment import augment_waveforms
 from tokenizers_vq.checkpoint import PretrainedTokenizer
 from tokenizers_vq.losses import GAN_LOSSES, discriminator_loss, generator_loss
 from tokenizers_vq.nets.audio_discriminators import (
@@ -96,6 +97,9 @@ class AudioVQVAEConfig:
     quantizer: QuantizerConfig = field(default_factory=default_quantizer)  # any QUANTIZERS kind
     # Loss weights: EnCodec's lambda_t = 0.1 (waveform) and lambda_f = 1 (spectral).
     waveform_weight: float = 0.1
+    # Negative SI-SNR (dB, per clip): the reconstruction metric itself as a loss, off at 0. Unlike the
+    # L1 it weighs every clip alike whatever its level, and unlike the spectral losses it needs the phase.
+    si_snr_weight: float = 0.0
     stft_weight: float = 1.0
     stft_fft_sizes: tuple[int, ...] = (64, 128, 256, 512)  # window n, hop n / 4
     mel_weight: float = 1.0
@@ -108,6 +112,11 @@ class AudioVQVAEConfig:
     gan_loss: str = "hinge"
     discriminator: AudioDiscriminatorConfig = field(default_factory=AudioDiscriminatorConfig)
     discriminator_start: int = 0  # optimizer step from which the GAN terms train
+    # Training-time augmentation (`audio_augment`), all off by default: each clip's sign flipped at
+    # random, a random delay of up to this many samples, one random speed per batch within +-this.
+    augment_polarity: bool = False
+    augment_max_delay: int = 0
+    augment_max_speed_change: float = 0.0
 
     def __post_init__(self):
         for name in ("strides", "stft_fft_sizes"):
@@ -118,10 +127,12 @@ class AudioVQVAEConfig:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if min(self.channels, self.sample_rate, self.hidden_channels, self.embedding_dim) < 1:
             raise ValueError("channels, sample_rate, hidden_channels and embedding_dim must be positive")
-        for name in ("waveform_weight", "stft_weight", "mel_weight", "gan_weight", "feature_matching_weight",
-                     "discriminator_start"):
+        for name in ("waveform_weight", "si_snr_weight", "stft_weight", "mel_weight", "gan_weight",
+                     "feature_matching_weight", "discriminator_start", "augment_max_delay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if not 0.0 <= self.augment_max_speed_change < 0.5:
+            raise ValueError(f"augment_max_speed_change must lie in [0, 0.5), got {self.augment_max_speed_change}")
         if self.feature_matching_weight > 0 and self.gan_weight == 0:
             raise ValueError("feature_matching_weight > 0 needs the discriminator: set gan_weight > 0")
         if self.gan_loss not in GAN_LOSSES:
@@ -341,6 +352,10 @@ class AudioVQVAE(PretrainedTokenizer, nn.Module):
         if mask is None:
             mask = torch.ones(waveform.shape[0], waveform.shape[-1], dtype=torch.bool, device=waveform.device)
         mask = mask.bool()
+        if self.training:  # both phases see the same kind of clips: the discriminator's reals are augmented too
+            config = self.config
+            waveform, mask = augment_waveforms(waveform, mask, config.augment_polarity, config.augment_max_delay,
+                                               config.augment_max_speed_change)
         valid_phases = ("generator", "discriminator") if self.use_gan else ("main",)
         if phase not in valid_phases:
             raise ValueError(f"AudioVQVAE phases are {valid_phases} (gan_weight={self.config.gan_weight}); "
@@ -352,7 +367,10 @@ class AudioVQVAE(PretrainedTokenizer, nn.Module):
     def _spectral_losses(self, reconstruction: Tensor, target: Tensor, mask: Tensor) -> dict[str, Tensor]:
         config = self.config
         zero = reconstruction.new_zeros((), dtype=torch.float32)
-        losses = {"waveform_loss": masked_l1(reconstruction, target, mask), "stft_loss": zero, "mel_loss": zero}
+        losses = {"waveform_loss": masked_l1(reconstruction, target, mask), "si_snr_loss": zero, "stft_loss": zero,
+                  "mel_loss": zero}
+        if config.si_snr_weight > 0:
+            losses["si_snr_loss"] = -si_snr(reconstruction, target, mask).mean()
         if config.stft_weight > 0:
             losses["stft_loss"] = multi_resolution_stft_loss(reconstruction, target, config.stft_fft_sizes, mask)
         if config.mel_weight > 0:
@@ -364,8 +382,8 @@ class AudioVQVAE(PretrainedTokenizer, nn.Module):
         config = self.config
         reconstruction, _, aux_loss, quantizer_metrics = self(waveform, mask)
         losses = self._spectral_losses(reconstruction, waveform, mask)
-        total = (config.waveform_weight * losses["waveform_loss"] + config.stft_weight * losses["stft_loss"]
-                 + config.mel_weight * losses["mel_loss"] + aux_loss)
+        total = (config.waveform_weight * losses["waveform_loss"] + config.si_snr_weight * losses["si_snr_loss"]
+                 + config.stft_weight * losses["stft_loss"] + config.mel_weight * losses["mel_loss"] + aux_loss)
         metrics = {name: value.detach() for name, value in losses.items()}
         if self.use_gan:
             # Before the start the GAN terms are absent, but logged as 0 so every step has the same keys.

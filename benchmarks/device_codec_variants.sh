@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Issue 4 on a lent GPU: several fine-tunes of one saved FSDD codec side by side, each its own process
+# (at batch 64 one codec process leaves an H200 mostly idle), each then scored on test and on train
+# clips (a codec far better on train has learnt its clips); optionally whole runs beside them that take
+# the codec as it is and train class-conditional priors with other seeds. Run from the repo root:
+#
+#   INIT=.data/fsdd_codec_h200_7800 OUT=/tmp/out DATA=.data bash benchmarks/device_codec_variants.sh
+#   INIT=... OUT=/tmp/out DATA=.data bash benchmarks/device_codec_variants.sh --quick   # CPU smoke run
+#
+# VARIANTS: one "name override..." per line (default below: a control and three augmentations).
+# PRIOR_SEEDS: seeds of whole runs on the unchanged codec (default none), with PRIOR_OVERRIDES.
+# What comes back (at most 8 files): the log, an archive of every JSON, log and run folder (no weights),
+# and the weights of the variant with the best test SI-SNR in parts under 16 MB.
+set -u
+: "${OUT:?set OUT to the folder the results go to}"
+: "${INIT:?set INIT to a saved codec folder (config.json + model.safetensors)}"
+: "${DATA:=.data}"
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+quick=0
+[[ "${1:-}" == "--quick" ]] && quick=1
+runs="$OUT/runs" log="$OUT/variants.log"
+mkdir -p "$runs"
+: "${VARIANTS:=control
+polarity_delay tokenizer.augment_polarity=true tokenizer.augment_max_delay=80
+polarity_delay_speed tokenizer.augment_polarity=true tokenizer.augment_max_delay=80 tokenizer.augment_max_speed_change=0.1
+polarity_delay_si_snr tokenizer.augment_polarity=true tokenizer.augment_max_delay=80 tokenizer.si_snr_weight=1.0}"
+minutes=${MINUTES:-5} steps=${STEPS:-3000}
+config=configs/pipeline/fsdd_transformer.toml
+common=(audio_data.path="$DATA/fsdd.npz" output_dir="$runs")
+if ((quick)); then  # a tiny codec from scratch: the 8-channel quick codec cannot start from a 64-channel one
+    common+=(tokenizer.hidden_channels=8 tokenizer_training.max_steps=6 tokenizer_training.batch_size=4
+             tokenizer_training.mixed_precision=no audio.classifier.network.epochs=1)
+else
+    common+=(tokenizer_init="$INIT" tokenizer_training.max_steps=$steps tokenizer_training.warmup_steps=200
+             tokenizer_training.max_minutes=$minutes)
+fi
+{ nvidia-smi --query-gpu=name,memory.total --format=csv 2>&1 || true; date; } > "$log"
+
+pids=()
+while read -r name overrides; do
+    [[ -z "$name" ]] && continue
+    # shellcheck disable=SC2086  # the overrides are words
+    python -m pipelines.cli train-tokenizer "$config" "${common[@]}" name="$name" $overrides > "$runs/$name.train.log" 2>&1 &
+    pids+=($!)
+done <<< "$VARIANTS"
+for seed in ${PRIOR_SEEDS:-}; do
+    prior=("${common[@]}" name="prior_seed_$seed" tokenizer_training.max_steps=0 prior_training.seed=$seed)
+    if ((quick)); then prior+=(prior.hidden_size=32 prior.num_layers=1 prior.num_heads=2 prior_training.max_steps=6
+                              prior_training.batch_size=4 prior_training.mixed_precision=no
+                              sampling.eval_samples_per_class=2 sampling.grid_samples_per_class=1 audio.completions=2)
+    fi
+    # shellcheck disable=SC2086
+    python -m pipelines.cli run "$config" "${prior[@]}" ${PRIOR_OVERRIDES:-} > "$runs/prior_seed_$seed.log" 2>&1 &
+    pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid" || echo "a run failed (pid $pid): see its log in the archive" >> "$log"; done
+echo "trained: $(date)" >> "$log"
+
+# Scored one after another: the first trains the spoken-digit classifier into the cache, the rest reuse it.
+best="" best_snr=-1000
+while read -r name overrides; do
+    [[ -z "$name" || ! -f "$runs/$name/tokenizer/model.safetensors" ]] && continue
+    # shellcheck disable=SC2086
+    python benchmarks/audio_codec_eval.py "$config" "$runs/$name/tokenizer" "${common[@]}" name="$name" $overrides \
+        --threads 8 --classifier-cache "$runs/classifier" --out "$runs/$name.eval.json" >> "$log" 2>&1 || continue
+    snr=$(python3 -c "import json,sys; m=json.load(open(sys.argv[1]))['metrics']; print(m['si_snr_db'])" "$runs/$name.eval.json")
+    python3 -c "import json,sys; m=json.load(open(sys.argv[1]))['metrics']
+print(f\"{sys.argv[2]:<24} test SI-SNR {m['si_snr_db']:5.2f} dB (median {m['si_snr_db_median']:5.2f}), train \
+{m.get('train_si_snr_db', float('nan')):5.2f} dB, recognised {m.get('reconstruction_class_accuracy', float('nan')):.3f}\")" \
+        "$runs/$name.eval.json" "$name" | tee -a "$log"
+    if python3 -c "import sys; sys.exit(0 if float(sys.argv[1]) > float(sys.argv[2]) else 1)" "$snr" "$best_snr"; then
+        best=$name best_snr=$snr
+    fi
+done <<< "$VARIANTS"
+for seed in ${PRIOR_SEEDS:-}; do
+    python3 -c "import json,sys; m=json.load(open(sys.argv[1]))
+print('prior seed', sys.argv[2], json.dumps(m.get('samples', m), default=float)[:400])" \
+        "$runs/prior_seed_$seed/metrics.json" "$seed" 2>&1 | tee -a "$log"
+done
+if [[ -n "$best" ]]; then
+    echo "best test SI-SNR: $best ($best_snr dB); its weights come back in parts" | tee -a "$log"
+    split -b 15M "$runs/$best/tokenizer/model.safetensors" "$OUT/${best}.model.safetensors.part_"
+    cp "$runs/$best/tokenizer/config.json" "$runs/${best}.config.json"
+fi
+tar czf "$OUT/variants.tar.gz" --exclude=checkpoints --exclude=tokens --exclude='*.safetensors' -C "$OUT" runs \
+    2>>"$log" && rm -rf "$runs"
+echo "done: $(date)" >> "$log"
