@@ -14,8 +14,10 @@
 # codec to step 3400, SI-SNR 5.9 dB; 87.9% of generated digits recognised); later that day, audio_training
 # and fsdd_whole with WHOLE_CODEC_INIT (that codec trained on: 6.1 dB; 90.0% recognised), then
 # audio_codec at batch 256 with CODEC_INIT (7800 steps in all: 6.1 dB, flat). The compiled Snake ran
-# eager there (Dynamo's graph limit; fixed since, not yet measured). Still open: issue 4's SI-SNR (the
-# encoder and decoder limit it, not the bits: benchmarks/audio_codec_bottleneck.py), the transformer's
+# eager there (Dynamo's graph limit; fixed since, not yet measured). A third session ran
+# benchmarks/device_codec_variants.sh instead (codec fine-tunes side by side; its header has the calls).
+# Still open: issue 4's SI-SNR (7.7 dB with the SI-SNR loss term, not limited by the bits:
+# benchmarks/audio_codec_bottleneck.py), the transformer's
 # two-stage bound with the search, and where the prior's time goes (bench_prior.py --profile). Device
 # time is about 15 minutes a session, machine start included (about 30 s). A codec carried in $DATA
 # (e.g. .data/fsdd_codec_h200_7800, 31 MB; the 64 MiB carry holds it beside fsdd.npz and the wheels)

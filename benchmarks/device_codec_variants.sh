@@ -11,6 +11,12 @@
 # PRIOR_SEEDS: seeds of whole runs on the unchanged codec (default none), with PRIOR_OVERRIDES.
 # What comes back (at most 8 files): the log, an archive of every JSON, log and run folder (no weights),
 # and the weights of the variant with the best test SI-SNR in parts under 16 MB.
+# Calls so far (H200, 2026-12-04; BENCHMARKS.md "FSDD codec variants side by side"): the default VARIANTS
+# from .data/fsdd_codec_h200_7800 with PRIOR_SEEDS="1 2" (six processes, 441 s: the SI-SNR term lifted test
+# SI-SNR from 6.1 to 7.3 dB; priors on 15 shifted copies 90.1% and 90.6%), then three SI-SNR variants from
+# that codec (263 s: 7.7 dB). Its weights (9900 steps, si_snr_weight 3 last) are .data/fsdd_codec_h200_si_snr_3
+# where the last session kept them. A next call could train that codec on alone at weight 1 (about twice the
+# steps a minute of six processes), and a codec from scratch with the augmentation and the SI-SNR term.
 set -u
 : "${OUT:?set OUT to the folder the results go to}"
 : "${INIT:?set INIT to a saved codec folder (config.json + model.safetensors)}"

@@ -436,6 +436,10 @@ def export_audio_tokens(tokenizer, tokenizer_dir: str | Path, dataset, out_dir: 
     by 1..`max_shift_samples` samples (`iter_shifted_copies`), more token sequences for the prior to learn from.
     """
     layouts.check_layout(layout)
+    empty = [name for name, split in dataset.splits().items() if not len(split)]
+    if empty:  # a token set holds every split, and `datasets` cannot read back an empty one
+        raise TokenSetError(f"the {' and '.join(empty)} split(s) of the audio data hold no clip: raise "
+                            f"data.val_fraction (or add clips) so that every split has some")
     tokenizer_dir, out_dir = Path(tokenizer_dir), Path(out_dir)
     weights = _tokenizer_weights(tokenizer_dir)
     clip_shape = tuple(int(size) for size in dataset.train.waveforms.shape[1:])  # (c, t)

@@ -114,3 +114,12 @@ def test_manifest_with_copies_but_no_shift_is_refused(tmp_path, tokenizer_dir):
     path.write_text(json.dumps(dict(manifest, max_shift_samples=0)))
     with pytest.raises(TokenSetError, match="max_shift_samples"):
         load_tokenset(tmp_path / "tokens")
+
+
+def test_an_empty_split_is_refused_before_any_encoding(tmp_path, tokenizer_dir):
+    directory, tokenizer = tokenizer_dir
+    data = tiny_dataset()
+    data.val = data.val.take(np.arange(0))  # as a val_fraction too small for the classes leaves it
+    with pytest.raises(TokenSetError, match="val split.*val_fraction"):
+        export_audio_tokens(tokenizer, directory, data, tmp_path / "tokens", progress=False)
+    assert not (tmp_path / "tokens").exists()
