@@ -6,8 +6,9 @@ waveform `(b c t)` in [-1, 1] becomes `t / hop` latent frames, each quantised by
 kind (by default a residual VQ of 2 levels x 256 codes: 16 bits per frame, 1.6 kbps at 100
 frames/s for 8 kHz audio), and is decoded back. The loss is a weighted sum of the waveform L1,
 an optional negative SI-SNR, the multi-resolution STFT loss and the log-mel L1 (`audio_losses`),
-plus the quantizer's loss and, when `gan_weight > 0`, an adversarial term and feature matching against an audio discriminator
-trained in its own phase. Batches carry a sample mask: padding is zeroed before the encoder and
+plus the quantizer's loss and, when `gan_weight > 0`, an adversarial term and feature matching
+against an audio discriminator trained in its own phase; training batches can be augmented
+(`audio_augment`, off by default). Batches carry a sample mask: padding is zeroed before the encoder and
 left out of every loss, and only frames that hold real audio train the quantizer. Clips longer
 than a training window can be tokenized in hop-aligned chunks (`encode_chunked`,
 `decode_chunked`). The folder format is that of the image tokenizers: `config.json`
@@ -26,8 +27,8 @@ from einops import rearrange, reduce
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from tokenizers_vq.audio_losses import mel_filterbank, mel_loss, masked_l1, multi_resolution_stft_loss, si_snr
 from tokenizers_vq.audio_augment import augment_waveforms
+from tokenizers_vq.audio_losses import mel_filterbank, mel_loss, masked_l1, multi_resolution_stft_loss, si_snr
 from tokenizers_vq.checkpoint import PretrainedTokenizer
 from tokenizers_vq.losses import GAN_LOSSES, discriminator_loss, generator_loss
 from tokenizers_vq.nets.audio_discriminators import (

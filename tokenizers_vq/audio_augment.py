@@ -1,15 +1,15 @@
 """Random waveform augmentation for training an audio tokenizer: polarity, delay and speed.
 
 A codec trained long on a small set learns its clips: the FSDD codec of 7800 steps reconstructs
-its train clips at 10.0 dB SI-SNR and the test clips at 6.1 (BENCHMARKS.md). These transforms make
+its train clips at 9.0 dB SI-SNR and the test clips at 6.1 (BENCHMARKS.md). These transforms make
 new clips from old ones without changing what a codec must do (give back its input):
 - polarity: a clip times -1 sounds the same, and the codec must reproduce either sign;
 - delay: a strided codec is not shift-invariant below its hop, so a clip delayed by a few samples
   meets other frame boundaries and is, to the codec, another clip;
 - speed: resampling by a factor near 1 changes pitch and tempo together (Ko et al. 2015, "Audio
   augmentation for speech recognition"), a new voice for a spoken-digit codec.
-Draws use torch's global generator on the batch's device, which the training loop seeds every
-step, so a resumed run draws what it would have. Masks follow the samples: padding stays out.
+Draws use torch's global generators (the batch's device; the CPU for the speed), which the
+training loop seeds every step, so a resumed run draws what it would have. Masks follow the samples: padding stays out.
 """
 
 from __future__ import annotations
