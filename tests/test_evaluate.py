@@ -197,8 +197,10 @@ def test_sample_quality_scores_real_images_near_the_floor_and_noise_far_above(ti
     held_images, held_labels = separable_images(100, seed=6)
     good = sample_quality(tiny_classifier, held_images, held_labels, real_images,
                           generator=torch.Generator().manual_seed(0))
-    assert set(good) == {"class_accuracy", "frechet_distance", "frechet_floor", "frechet_ratio"}
+    assert set(good) == {"class_accuracy", "class_accuracy_stderr", "frechet_distance", "frechet_floor", "frechet_ratio"}
     assert good["class_accuracy"] == pytest.approx(classifier_accuracy(tiny_classifier, held_images, held_labels))
+    p, n = good["class_accuracy"], len(held_images)
+    assert good["class_accuracy_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / n))
     noise = torch.rand(100, 1, 8, 8, generator=torch.Generator().manual_seed(7)) * 2 - 1
     bad = sample_quality(tiny_classifier, noise, held_labels, real_images, generator=torch.Generator().manual_seed(0))
     assert bad["frechet_floor"] == pytest.approx(good["frechet_floor"])     # same seed, same real split
