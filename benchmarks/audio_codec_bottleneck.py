@@ -7,7 +7,8 @@ Decodes the test split three ways with the same weights: the encoder's latents u
 the decoder could do with unlimited bits), the first residual level alone (half the bits), and
 every level (the codec as trained). If the unquantized SI-SNR is far above the codec's, the bits
 are the limit; if the two are close, the encoder and decoder are. Also the codec's SI-SNR per
-speaker when the data are FSDD (its npz names the speaker of every clip). Test SI-SNR as in
+speaker when the data are FSDD (its npz names the speaker of every clip), and per frequency band
+the codec's output energy against the original's and the band's SNR. Test SI-SNR as in
 `audio_eval.reconstruction_metrics` (per clip over real samples, then the mean and the median).
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from einops import reduce
+from einops import rearrange, reduce
 
 from pipelines.audio_data import lengths_to_mask, load_audio_dataset
 from pipelines.config import load_run_config
@@ -54,6 +55,52 @@ def si_snr_per_clip(tokenizer, waveforms: torch.Tensor, lengths: torch.Tensor, b
             audio = audio[..., : clips.shape[-1]].clamp(-1.0, 1.0)
             results[name].append(reduce(si_snr(audio, clips, mask), "b c -> b", "mean"))
     return {name: torch.cat(values).double() for name, values in results.items()}
+
+
+BAND_EDGES_HZ = (0, 500, 1000, 2000, 3000, 4000)
+
+
+def band_energies(original: torch.Tensor, reconstruction: torch.Tensor, sample_rate: int,
+                  edges_hz=BAND_EDGES_HZ, fft_size: int = 256) -> torch.Tensor:
+    """(bands, 3) sums over (n c t) clips of |STFT|^2 in each band: original, reconstruction, difference.
+
+    Padding must already be zero in both. Band k holds the bins in [edges[k], edges[k + 1]), the
+    last one its upper edge too; a band above Nyquist is empty.
+    """
+    window = torch.hann_window(fft_size, device=original.device)
+    spectra = [torch.stft(signal.flatten(0, 1).float(), fft_size, fft_size // 4, window=window, return_complex=True)
+               for signal in (original, reconstruction)]
+    frequencies = torch.arange(fft_size // 2 + 1, device=original.device) * sample_rate / fft_size
+    rows = []
+    for index, (low, high) in enumerate(zip(edges_hz[:-1], edges_hz[1:])):
+        last = index == len(edges_hz) - 2
+        in_band = (frequencies >= low) & ((frequencies <= high) if last else (frequencies < high))
+        original_band, reconstruction_band = (spectrum[:, in_band] for spectrum in spectra)
+        rows.append(torch.stack([original_band.abs().square().sum(), reconstruction_band.abs().square().sum(),
+                                 (original_band - reconstruction_band).abs().square().sum()]))
+    return torch.stack(rows).double()
+
+
+@torch.no_grad()
+def band_fidelity(tokenizer, waveforms: torch.Tensor, lengths: torch.Tensor, batch_size: int = 50) -> dict:
+    """Per frequency band, over all the clips: its share of the original energy, the codec's output energy
+    over the original's, and the SNR (dB).
+
+    A codec that cannot match the phase of a band does best on SNR by saying less there, so an energy
+    ratio far below 1 marks bands it gave up on (and that a listener, or a classifier, then misses).
+    """
+    sample_rate = int(tokenizer.config.sample_rate)
+    edges = [edge for edge in BAND_EDGES_HZ if edge < sample_rate / 2] + [sample_rate // 2]
+    totals = torch.zeros(len(edges) - 1, 3, dtype=torch.float64)
+    for start in range(0, len(waveforms), batch_size):
+        clips = waveforms[start : start + batch_size]
+        mask = rearrange(lengths_to_mask(lengths[start : start + batch_size], clips.shape[-1]), "b t -> b 1 t")
+        decoded = tokenizer.decode(tokenizer.encode(clips), length=clips.shape[-1]).clamp(-1.0, 1.0)
+        totals += band_energies(clips * mask, decoded * mask, sample_rate, edges)
+    original, output, error = totals.unbind(dim=1)
+    columns = zip(edges[:-1], edges[1:], original / original.sum(), output / original, 10 * torch.log10(original / error))
+    return {f"{low}-{high} Hz": {"energy_share": share.item(), "energy_ratio": ratio.item(), "snr_db": snr.item()}
+            for low, high, share, ratio, snr in columns}
 
 
 def fsdd_test_speakers(path: str, test_lengths: np.ndarray, clip_samples: int) -> np.ndarray | None:
@@ -90,6 +137,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"), "seconds": time.perf_counter() - started,
         "test_split": {name: summary(values) for name, values in per_clip.items()},
     }
+    report["codec_by_band"] = band_fidelity(tokenizer, waveforms, lengths)
     source = run.audio_data.source
     speakers = fsdd_test_speakers(run.audio_data.path, dataset.test.lengths, waveforms.shape[-1]) if source == "fsdd" else None
     if speakers is not None:
@@ -98,6 +146,9 @@ def main() -> None:
                                       for name in sorted(set(speakers))}
     for name, row in report["test_split"].items():
         print(f"{name:<12} SI-SNR {row['si_snr_db']:6.2f} dB (median {row['si_snr_db_median']:6.2f})")
+    for name, row in report["codec_by_band"].items():
+        print(f"  band {name:<13} {100 * row['energy_share']:5.1f}% of the energy; output/original energy "
+              f"{row['energy_ratio']:.2f}, SNR {row['snr_db']:5.1f} dB")
     for name, row in report.get("codec_by_speaker", {}).items():
         print(f"  speaker {name:<10} {row['si_snr_db']:6.2f} dB (median {row['si_snr_db_median']:6.2f}, {row['clips']} clips)")
     if args.out:

@@ -201,7 +201,7 @@ def test_tokenizer_init_that_does_not_fit_is_refused(audio_run, tmp_path, capsys
 
 
 def test_codec_bottleneck_scores_every_level_as_the_codec_decodes(audio_run):
-    from benchmarks.audio_codec_bottleneck import si_snr_per_clip
+    from benchmarks.audio_codec_bottleneck import band_fidelity, si_snr_per_clip
     from pipelines.audio_eval import reconstruction_metrics
     from tokenizers_vq import load_tokenizer
 
@@ -216,3 +216,22 @@ def test_codec_bottleneck_scores_every_level_as_the_codec_decodes(audio_run):
     codec, _, _ = reconstruction_metrics(tokenizer, waveforms, lengths)
     assert per_clip["levels_2"].mean().item() == pytest.approx(codec["si_snr_db"], abs=1e-4)
     assert not torch.allclose(per_clip["levels_1"], per_clip["levels_2"])
+    bands = band_fidelity(tokenizer, waveforms, lengths, batch_size=2)
+    nyquist = tokenizer.config.sample_rate // 2
+    assert next(iter(bands)).startswith("0-") and list(bands)[-1].endswith(f"-{nyquist} Hz")
+    assert all(row["energy_ratio"] > 0 and math.isfinite(row["snr_db"]) for row in bands.values())
+    assert sum(row["energy_share"] for row in bands.values()) == pytest.approx(1.0)
+
+
+def test_band_energies_see_a_low_pass_filter_as_lost_high_bands():
+    from benchmarks.audio_codec_bottleneck import band_energies
+
+    time = torch.arange(4000) / 8000
+    low, high = torch.sin(2 * torch.pi * 300 * time), 0.5 * torch.sin(2 * torch.pi * 2500 * time)
+    original = (low + high).reshape(1, 1, -1)
+    rows = band_energies(original, low.reshape(1, 1, -1), 8000, edges_hz=(0, 1000, 2000, 4000))
+    assert rows.shape == (3, 3)
+    assert rows[0, 1] / rows[0, 0] == pytest.approx(1.0, abs=1e-3)  # the low band kept whole
+    assert rows[0, 2] / rows[0, 0] < 1e-3
+    assert rows[2, 1] / rows[2, 0] < 1e-3 and rows[2, 2] / rows[2, 0] == pytest.approx(1.0, abs=1e-3)  # 2.5 kHz gone
+    assert rows[:, 0].sum() > 0 and rows[1, 0] < 0.01 * rows[2, 0]  # nothing of either tone between 1 and 2 kHz
