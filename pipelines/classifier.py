@@ -178,6 +178,13 @@ def classifier_accuracy(model: ImageClassifier, images, labels, batch_size: int 
     return (predictions == labels).double().mean().item()
 
 
+def accuracy_by_class(predictions: torch.Tensor, labels) -> dict[str, float]:
+    """{class index: fraction of that class's items predicted as it}, for the classes present in `labels`."""
+    labels = as_label_tensor(labels).to(predictions.device)
+    return {str(value): (predictions[labels == value] == value).double().mean().item()
+            for value in labels.unique().tolist()}
+
+
 def train_classifier(train_images, train_labels, config: ClassifierConfig, num_classes: int, *,
                      val_images=None, val_labels=None, device="cpu",
                      progress: bool = True) -> tuple[ImageClassifier, dict[str, float]]:

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from einops import rearrange
 
-from pipelines.classifier import (ImageClassifier, as_image_tensor, as_label_tensor, classifier_accuracy,
-                                  classifier_features, classifier_logits)
+from pipelines.classifier import (ImageClassifier, accuracy_by_class, as_image_tensor, as_label_tensor,
+                                  classifier_accuracy, classifier_features, classifier_logits)
 
 logger = logging.getLogger(__name__)
 
@@ -238,14 +238,16 @@ def sample_quality(classifier: ImageClassifier, samples: torch.Tensor, sample_la
     if sample_labels is not None:
         predictions = classifier_logits(classifier, samples, batch_size).argmax(dim=-1)
         class_accuracy = (predictions == as_label_tensor(sample_labels)).double().mean().item()
+        by_class = accuracy_by_class(predictions, sample_labels)  # which classes a generator fails on
     else:
-        class_accuracy = float("nan")
+        class_accuracy, by_class = float("nan"), {}
     # The binomial standard error of that fraction over these samples: whether 90.1% of 1000 is above
     # 90% is a question of about +-0.9 points (the spread between priors comes on top).
     stderr = math.sqrt(class_accuracy * (1.0 - class_accuracy) / len(samples)) if len(samples) else float("nan")
     return {
         "class_accuracy": class_accuracy,
         "class_accuracy_stderr": stderr,
+        "class_accuracy_by_class": by_class,
         "frechet_distance": distance,
         "frechet_floor": floor,
         "frechet_ratio": distance / floor if floor > 0 else float("inf"),

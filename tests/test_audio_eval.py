@@ -25,6 +25,7 @@ def test_a_lossless_codec_keeps_accuracy_and_has_zero_frechet_and_noise_moves_bo
     same = reconstruction_classifier_metrics(classifier, log_mel_features(clips.clone(), config, RATE), features, labels)
     expected = classifier_accuracy(classifier, features, labels)
     assert same["reconstruction_class_accuracy"] == expected
+    assert set(same["reconstruction_class_accuracy_by_class"]) == {str(v) for v in labels.unique().tolist()}
     assert abs(same["reconstruction_frechet"]) < 1e-3
     silent = reconstruction_classifier_metrics(classifier, log_mel_features(torch.zeros_like(clips), config, RATE),
                                                features, labels)

@@ -197,7 +197,13 @@ def test_sample_quality_scores_real_images_near_the_floor_and_noise_far_above(ti
     held_images, held_labels = separable_images(100, seed=6)
     good = sample_quality(tiny_classifier, held_images, held_labels, real_images,
                           generator=torch.Generator().manual_seed(0))
-    assert set(good) == {"class_accuracy", "class_accuracy_stderr", "frechet_distance", "frechet_floor", "frechet_ratio"}
+    assert set(good) == {"class_accuracy", "class_accuracy_stderr", "class_accuracy_by_class", "frechet_distance",
+                         "frechet_floor", "frechet_ratio"}
+    by_class, labels = good["class_accuracy_by_class"], torch.as_tensor(held_labels)
+    assert set(by_class) == {str(value) for value in labels.unique().tolist()}
+    counts = torch.bincount(labels)  # the per-class fractions, weighted by class size, give the overall one
+    assert sum(by_class[str(c)] * counts[c].item() for c in range(len(counts)) if counts[c]) / len(labels) \
+        == pytest.approx(good["class_accuracy"])
     assert good["class_accuracy"] == pytest.approx(classifier_accuracy(tiny_classifier, held_images, held_labels))
     p, n = good["class_accuracy"], len(held_images)
     assert good["class_accuracy_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / n))
