@@ -15,8 +15,14 @@
 # from .data/fsdd_codec_h200_7800 with PRIOR_SEEDS="1 2" (six processes, 441 s: the SI-SNR term lifted test
 # SI-SNR from 6.1 to 7.3 dB; priors on 15 shifted copies 90.1% and 90.6%), then three SI-SNR variants from
 # that codec (263 s: 7.7 dB). Its weights (9900 steps, si_snr_weight 3 last) are .data/fsdd_codec_h200_si_snr_3
-# where the last session kept them. A next call could train that codec on alone at weight 1 (about twice the
-# steps a minute of six processes), and a codec from scratch with the augmentation and the SI-SNR term.
+# where the last session kept them. The term bought SI-SNR below 1 kHz and cut the output above 2 kHz to a
+# sixth ("eight" then recognised 33% of the time: audio_codec_bottleneck.py's bands, audio_codec_eval.py's
+# digits). A next call could hold the highs with heavier spectral terms beside it, for instance
+#   VARIANTS="si_snr_1 tokenizer.augment_polarity=true tokenizer.augment_max_delay=80 tokenizer.si_snr_weight=1.0
+#   spectral_2 tokenizer.augment_polarity=true tokenizer.augment_max_delay=80 tokenizer.si_snr_weight=1.0 tokenizer.stft_weight=2.0 tokenizer.mel_weight=2.0
+#   spectral_4 tokenizer.augment_polarity=true tokenizer.augment_max_delay=80 tokenizer.si_snr_weight=1.0 tokenizer.stft_weight=4.0 tokenizer.mel_weight=4.0"
+#   STEPS=2000 MINUTES=6 INIT=.data/fsdd_codec_h200_si_snr_3 (three processes made 5.8 steps/s each;
+#   carry .whl, .data/fsdd.npz and that folder only: the 64 MiB carry holds one codec beside the data).
 set -u
 : "${OUT:?set OUT to the folder the results go to}"
 : "${INIT:?set INIT to a saved codec folder (config.json + model.safetensors)}"
