@@ -372,6 +372,14 @@ def _write_split(token_dataset: datasets.Dataset, out_dir: Path, name: str) -> i
     return len(token_dataset)
 
 
+def _refuse_empty_splits(dataset) -> None:
+    """Before any encoding: a token set holds every split, and `datasets` cannot read back an empty one."""
+    empty = [name for name, split in dataset.splits().items() if not len(split)]
+    if empty:
+        raise TokenSetError(f"the {' and '.join(empty)} split(s) of the data hold no example: raise "
+                            f"data.val_fraction (or add examples) so that every split has some")
+
+
 def _tokenizer_weights(tokenizer_dir: Path) -> Path:
     weights = tokenizer_dir / WEIGHTS_NAME
     if not weights.is_file():
@@ -400,6 +408,7 @@ def export_tokens(tokenizer, tokenizer_dir: str | Path, dataset: ImageDataset, o
 
     The manifest is written last, so a half-written export never loads.
     """
+    _refuse_empty_splits(dataset)
     tokenizer_dir, out_dir = Path(tokenizer_dir), Path(out_dir)
     weights = _tokenizer_weights(tokenizer_dir)
     image_shape = (dataset.channels, *dataset.image_size)
@@ -436,10 +445,7 @@ def export_audio_tokens(tokenizer, tokenizer_dir: str | Path, dataset, out_dir: 
     by 1..`max_shift_samples` samples (`iter_shifted_copies`), more token sequences for the prior to learn from.
     """
     layouts.check_layout(layout)
-    empty = [name for name, split in dataset.splits().items() if not len(split)]
-    if empty:  # a token set holds every split, and `datasets` cannot read back an empty one
-        raise TokenSetError(f"the {' and '.join(empty)} split(s) of the audio data hold no clip: raise "
-                            f"data.val_fraction (or add clips) so that every split has some")
+    _refuse_empty_splits(dataset)
     tokenizer_dir, out_dir = Path(tokenizer_dir), Path(out_dir)
     weights = _tokenizer_weights(tokenizer_dir)
     clip_shape = tuple(int(size) for size in dataset.train.waveforms.shape[1:])  # (c, t)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import ClassVar
@@ -238,6 +239,14 @@ def test_missing_split_and_missing_weights_are_named(exported, tmp_path):
     (root / "tokens" / "val" / "dataset_info.json").unlink()
     with pytest.raises(TokenSetError, match="cannot load split 'val'"):
         load_tokenset(root / "tokens")
+
+
+def test_an_empty_split_is_refused_before_any_encoding(exported, tmp_path):
+    tokenizer, dataset, _, root = exported
+    dataset = dataclasses.replace(dataset, val=ImageSplit(dataset.val.images[:0], dataset.val.labels[:0]))
+    with pytest.raises(TokenSetError, match="val split.*val_fraction"):
+        export_tokens(tokenizer, root / "tokenizer", dataset, tmp_path / "empty", progress=False)
+    assert not (tmp_path / "empty").exists()
 
 
 def test_manifest_json_round_trip():
