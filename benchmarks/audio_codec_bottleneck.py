@@ -34,29 +34,6 @@ except ImportError:  # run as a script, `python benchmarks/audio_codec_bottlenec
     from audio_codec_eval import codec_arguments
 
 
-@torch.no_grad()
-def si_snr_per_clip(tokenizer, waveforms: torch.Tensor, lengths: torch.Tensor, batch_size: int = 50) -> dict:
-    """Per-clip SI-SNR (dB) of the unquantized latents, of each prefix of the residual levels."""
-    levels = tokenizer.num_codebooks
-    results = {"unquantized": [], **{f"levels_{k}": [] for k in range(1, levels + 1)}}
-    for start in range(0, len(waveforms), batch_size):
-        clips, count = waveforms[start : start + batch_size], lengths[start : start + batch_size]
-        mask = lengths_to_mask(count, clips.shape[-1])
-        latents = tokenizer._latents(clips)
-        decoded = {"unquantized": tokenizer._decode_codes(latents)}
-        indices = tokenizer.quantizer.to_indices(latents)
-        indices = indices if indices.ndim == 3 else indices.unsqueeze(-1)
-        for kept in range(1, levels + 1):
-            partial = indices.clone()
-            partial[..., kept:] = -1  # a level left out (ResidualVQ.lookup)
-            codes = tokenizer.quantizer.lookup(partial if levels > 1 else partial[..., 0])
-            decoded[f"levels_{kept}"] = tokenizer._decode_codes(codes)
-        for name, audio in decoded.items():
-            audio = audio[..., : clips.shape[-1]].clamp(-1.0, 1.0)
-            results[name].append(reduce(si_snr(audio, clips, mask), "b c -> b", "mean"))
-    return {name: torch.cat(values).double() for name, values in results.items()}
-
-
 BAND_EDGES_HZ = (0, 500, 1000, 2000, 3000, 4000)
 
 
@@ -81,26 +58,50 @@ def band_energies(original: torch.Tensor, reconstruction: torch.Tensor, sample_r
     return torch.stack(rows).double()
 
 
-@torch.no_grad()
-def band_fidelity(tokenizer, waveforms: torch.Tensor, lengths: torch.Tensor, batch_size: int = 50) -> dict:
-    """Per frequency band, over all the clips: its share of the original energy, the codec's output energy
+def band_summary(totals: torch.Tensor, edges_hz) -> dict:
+    """`band_energies` sums -> per band: its share of the original energy, the codec's output energy
     over the original's, and the SNR (dB).
 
     A codec that cannot match the phase of a band does best on SNR by saying less there, so an energy
     ratio far below 1 marks bands it gave up on (and that a listener, or a classifier, then misses).
     """
-    sample_rate = int(tokenizer.config.sample_rate)
-    edges = [edge for edge in BAND_EDGES_HZ if edge < sample_rate / 2] + [sample_rate // 2]
-    totals = torch.zeros(len(edges) - 1, 3, dtype=torch.float64)
-    for start in range(0, len(waveforms), batch_size):
-        clips = waveforms[start : start + batch_size]
-        mask = rearrange(lengths_to_mask(lengths[start : start + batch_size], clips.shape[-1]), "b t -> b 1 t")
-        decoded = tokenizer.decode(tokenizer.encode(clips), length=clips.shape[-1]).clamp(-1.0, 1.0)
-        totals += band_energies(clips * mask, decoded * mask, sample_rate, edges)
     original, output, error = totals.unbind(dim=1)
-    columns = zip(edges[:-1], edges[1:], original / original.sum(), output / original, 10 * torch.log10(original / error))
+    columns = zip(edges_hz[:-1], edges_hz[1:], original / original.sum(), output / original,
+                  10 * torch.log10(original / error))
     return {f"{low}-{high} Hz": {"energy_share": share.item(), "energy_ratio": ratio.item(), "snr_db": snr.item()}
             for low, high, share, ratio, snr in columns}
+
+
+@torch.no_grad()
+def score_test_split(tokenizer, waveforms: torch.Tensor, lengths: torch.Tensor,
+                     batch_size: int = 50) -> tuple[dict, dict]:
+    """Per-clip SI-SNR (dB) of the unquantized latents and of each prefix of the residual levels, and
+    `band_summary` of the codec's output (every level), from one decode of each."""
+    levels = tokenizer.num_codebooks
+    sample_rate = int(tokenizer.config.sample_rate)
+    edges = [edge for edge in BAND_EDGES_HZ if edge < sample_rate / 2] + [sample_rate // 2]
+    results = {"unquantized": [], **{f"levels_{k}": [] for k in range(1, levels + 1)}}
+    band_totals = torch.zeros(len(edges) - 1, 3, dtype=torch.float64)
+    for start in range(0, len(waveforms), batch_size):
+        clips, count = waveforms[start : start + batch_size], lengths[start : start + batch_size]
+        mask = lengths_to_mask(count, clips.shape[-1])
+        latents = tokenizer._latents(clips)
+        decoded = {"unquantized": tokenizer._decode_codes(latents)}
+        indices = tokenizer.quantizer.to_indices(latents)
+        indices = indices if indices.ndim == 3 else indices.unsqueeze(-1)
+        for kept in range(1, levels + 1):
+            partial = indices.clone()
+            partial[..., kept:] = -1  # a level left out (ResidualVQ.lookup)
+            codes = tokenizer.quantizer.lookup(partial if levels > 1 else partial[..., 0])
+            decoded[f"levels_{kept}"] = tokenizer._decode_codes(codes)
+        for name, audio in decoded.items():
+            audio = audio[..., : clips.shape[-1]].clamp(-1.0, 1.0)
+            results[name].append(reduce(si_snr(audio, clips, mask), "b c -> b", "mean"))
+            if name == f"levels_{levels}":  # the codec as it decodes
+                sample_mask = rearrange(mask, "b t -> b 1 t")
+                band_totals += band_energies(clips * sample_mask, audio * sample_mask, sample_rate, edges)
+    per_clip = {name: torch.cat(values).double() for name, values in results.items()}
+    return per_clip, band_summary(band_totals, edges)
 
 
 def fsdd_test_speakers(path: str, test_lengths: np.ndarray, clip_samples: int) -> np.ndarray | None:
@@ -130,14 +131,14 @@ def main() -> None:
     tokenizer = load_tokenizer(args.tokenizer).eval()
     waveforms, lengths = torch.from_numpy(dataset.test.waveforms), torch.from_numpy(dataset.test.lengths)
     started = time.perf_counter()
-    per_clip = si_snr_per_clip(tokenizer, waveforms, lengths)
+    per_clip, bands = score_test_split(tokenizer, waveforms, lengths)
     report = {
         "config": args.config, "tokenizer": args.tokenizer, "overrides": args.overrides,
         "machine": f"{platform.machine()} cpu, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d"), "seconds": time.perf_counter() - started,
         "test_split": {name: summary(values) for name, values in per_clip.items()},
     }
-    report["codec_by_band"] = band_fidelity(tokenizer, waveforms, lengths)
+    report["codec_by_band"] = bands
     source = run.audio_data.source
     speakers = fsdd_test_speakers(run.audio_data.path, dataset.test.lengths, waveforms.shape[-1]) if source == "fsdd" else None
     if speakers is not None:

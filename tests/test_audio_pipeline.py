@@ -201,7 +201,7 @@ def test_tokenizer_init_that_does_not_fit_is_refused(audio_run, tmp_path, capsys
 
 
 def test_codec_bottleneck_scores_every_level_as_the_codec_decodes(audio_run):
-    from benchmarks.audio_codec_bottleneck import band_fidelity, si_snr_per_clip
+    from benchmarks.audio_codec_bottleneck import score_test_split
     from pipelines.audio_eval import reconstruction_metrics
     from tokenizers_vq import load_tokenizer
 
@@ -210,13 +210,12 @@ def test_codec_bottleneck_scores_every_level_as_the_codec_decodes(audio_run):
     lengths = torch.tensor([2000, 1500, 1999, 800, 2000])
     waveforms[1, :, 1500:] = 0  # as the data are: silent after each clip's length
     waveforms[3, :, 800:] = 0
-    per_clip = si_snr_per_clip(tokenizer, waveforms, lengths, batch_size=2)
+    per_clip, bands = score_test_split(tokenizer, waveforms, lengths, batch_size=2)
     assert set(per_clip) == {"unquantized", "levels_1", "levels_2"}
     assert all(len(values) == 5 and torch.isfinite(values).all() for values in per_clip.values())
     codec, _, _ = reconstruction_metrics(tokenizer, waveforms, lengths)
     assert per_clip["levels_2"].mean().item() == pytest.approx(codec["si_snr_db"], abs=1e-4)
     assert not torch.allclose(per_clip["levels_1"], per_clip["levels_2"])
-    bands = band_fidelity(tokenizer, waveforms, lengths, batch_size=2)
     nyquist = tokenizer.config.sample_rate // 2
     assert next(iter(bands)).startswith("0-") and list(bands)[-1].endswith(f"-{nyquist} Hz")
     assert all(row["energy_ratio"] > 0 and math.isfinite(row["snr_db"]) for row in bands.values())
