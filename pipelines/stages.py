@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -206,14 +207,33 @@ def load_initial_tokenizer_weights(tokenizer, kind: str, folder: str | Path) -> 
     if saved_kind != kind:
         raise RunError(f"tokenizer_init: {config_path} is a {saved_kind!r} tokenizer, but [tokenizer] kind is {kind!r}")
     tensors, expected = load_file(weights_path), tokenizer.state_dict()
-    differ = sorted(name for names in state_mismatches(tokenizer, tensors) for name in names)
+    missing, unexpected, misshaped = state_mismatches(tokenizer, tensors)
+    added = added_residual_levels(missing, tensors)
+    differ = sorted(set(missing) - set(added) | set(unexpected) | set(misshaped))
     if differ:  # a whole architecture's worth of names would bury the point: count them, show a few
         shown = ", ".join(f"{name} (saved {tuple(tensors[name].shape) if name in tensors else 'none'}, "
                           f"here {tuple(expected[name].shape) if name in expected else 'none'})" for name in differ[:3])
         raise RunError(f"tokenizer_init: {weights_path} does not fit this run's [tokenizer]: {len(differ)} tensors "
                        f"missing or of wrong shapes, e.g. {shown}; compare [tokenizer] with {config_path}")
-    tokenizer.load_state_dict(tensors, strict=True)  # names and shapes checked above
+    tokenizer.load_state_dict(tensors, strict=not added)  # names and shapes checked above
     logger.info("tokenizer: training starts from the weights of %s", weights_path)
+    if added:
+        levels = sorted({int(RESIDUAL_LEVEL_NAME.match(name).group(1)) for name in added})
+        logger.info("tokenizer: residual level(s) %s are new and start from k-means on their residuals", levels)
+
+
+RESIDUAL_LEVEL_NAME = re.compile(r"(?:.*\.)?quantizer\.levels\.(\d+)\.")
+
+
+def added_residual_levels(missing: list[str], saved: dict) -> list[str]:
+    """The missing names that belong to residual-quantizer levels past the saved ones' last: a codec
+    may grow its residual stack (more bits per frame) from a trained one, the new levels starting
+    unfitted (their k-means runs on the first batch of residuals): a bitrate's worth of training
+    rather than a whole codec's. Any other missing name is a mismatch."""
+    saved_levels = {int(match.group(1)) for match in map(RESIDUAL_LEVEL_NAME.match, saved) if match}
+    if not saved_levels:
+        return []
+    return [name for name in missing if (match := RESIDUAL_LEVEL_NAME.match(name)) and int(match.group(1)) > max(saved_levels)]
 
 
 def train_tokenizer_stage(run: Run, resume: bool = False, force: bool = False) -> Path:

@@ -189,6 +189,22 @@ def test_tokenizer_training_can_start_from_a_saved_tokenizer(audio_run, tmp_path
     assert all(torch.equal(saved[name], started[name]) for name in saved)
 
 
+def test_tokenizer_init_may_grow_the_residual_stack_but_not_shrink_it(audio_run, tmp_path, capsys):
+    run_dir, args = audio_run
+    start, out = run_dir / "tokenizer", tmp_path / "runs"
+    assert main(["train-tokenizer", *args, f"output_dir={out}", f"tokenizer_init={start}",
+                 "tokenizer.quantizer.num_quantizers=3", "tokenizer.quantizer.quantizer.kmeans_init=true",
+                 "tokenizer_training.max_steps=0"]) == 0
+    saved, grown = load_file(start / "model.safetensors"), load_file(out / "smoke" / "tokenizer" / "model.safetensors")
+    assert all(torch.equal(saved[name], grown[name]) for name in saved)  # levels 0 and 1 as saved
+    new = [name for name in grown if name.startswith("quantizer.levels.2.")]
+    assert new and all(name not in saved for name in new)
+    assert not grown["quantizer.levels.2.kmeans_initialized"].item()  # to be fitted on its first batch of residuals
+    assert main(["train-tokenizer", *args, f"output_dir={tmp_path / 'fewer'}", f"tokenizer_init={start}",
+                 "tokenizer.quantizer.num_quantizers=1", "tokenizer_training.max_steps=0"]) == 2
+    assert "quantizer.levels.1." in capsys.readouterr().err
+
+
 def test_tokenizer_init_that_does_not_fit_is_refused(audio_run, tmp_path, capsys):
     run_dir, args = audio_run
     out = [f"output_dir={tmp_path / 'runs'}", "tokenizer_training.max_steps=0"]
