@@ -18,14 +18,18 @@
 # from .data/fsdd_codec_h200_7800 with PRIOR_SEEDS="1 2" (six processes, 441 s: the SI-SNR term lifted test
 # SI-SNR from 6.1 to 7.3 dB; priors on 15 shifted copies 90.1% and 90.6%), then three SI-SNR variants from
 # that codec (263 s: 7.7 dB). Its weights (9900 steps, si_snr_weight 3 last) are .data/fsdd_codec_h200_si_snr_3
-# where the last session kept them. The term bought SI-SNR below 1 kHz and cut the output above 2 kHz to a
-# sixth ("eight" then recognised 33% of the time: audio_codec_bottleneck.py's bands, audio_codec_eval.py's
-# digits). A next call could hold the highs with heavier spectral terms beside it, for instance
-#   VARIANTS="si_snr_1 tokenizer.augment_polarity=true tokenizer.augment_max_delay=80 tokenizer.si_snr_weight=1.0
-#   spectral_2 tokenizer.augment_polarity=true tokenizer.augment_max_delay=80 tokenizer.si_snr_weight=1.0 tokenizer.stft_weight=2.0 tokenizer.mel_weight=2.0
-#   spectral_4 tokenizer.augment_polarity=true tokenizer.augment_max_delay=80 tokenizer.si_snr_weight=1.0 tokenizer.stft_weight=4.0 tokenizer.mel_weight=4.0"
-#   STEPS=2000 MINUTES=6 INIT=.data/fsdd_codec_h200_si_snr_3 (three processes made 5.8 steps/s each;
-#   carry .whl, .data/fsdd.npz and that folder only: the 64 MiB carry holds one codec beside the data).
+# where the last session kept them. Fourth session (BENCHMARKS.md "What bits and loss weights buy"): five
+# variants from that codec, 1200 steps each, five processes at 3.7-4.0 steps/s (407 s):
+#   A="tokenizer.augment_polarity=true tokenizer.augment_max_delay=80 tokenizer.si_snr_weight=1.0"
+#   VARIANTS="si_snr_1 $A
+#   spectral_2 $A tokenizer.stft_weight=2.0 tokenizer.mel_weight=2.0
+#   spectral_4 $A tokenizer.stft_weight=4.0 tokenizer.mel_weight=4.0
+#   levels_3 $A tokenizer.quantizer.num_quantizers=3
+#   levels_4 $A tokenizer.quantizer.num_quantizers=4" STEPS=1200 MINUTES=5.5 INIT=.data/fsdd_codec_h200_si_snr_3
+# gave 7.9 dB at 1.6 kbps (7.7 and 7.6 with the heavier spectral terms, which gave back part of the
+# recognisability), 9.2 dB at 2.4 kbps and 9.9 at 3.2. Then PRIOR_SEEDS="1 2" on si_snr_1's codec (kept as
+# .data/fsdd_codec_h200_si_snr_1_more): 85.0% and 83.5% of generated digits recognised, against 90.1 and 90.6 on
+# the 7800-step codec. Carry .whl, .data/fsdd.npz and one codec folder only: the 64 MiB carry holds one.
 set -u
 : "${OUT:?set OUT to the folder the results go to}"
 : "${INIT:?set INIT to a saved codec folder (config.json + model.safetensors)}"
@@ -35,7 +39,8 @@ quick=0
 [[ "${1:-}" == "--quick" ]] && quick=1
 runs="$OUT/runs" log="$OUT/variants.log"
 mkdir -p "$runs"
-: "${VARIANTS:=control
+# VARIANTS="" runs none (priors only); only an unset VARIANTS takes this default
+: "${VARIANTS=control
 polarity_delay tokenizer.augment_polarity=true tokenizer.augment_max_delay=80
 polarity_delay_speed tokenizer.augment_polarity=true tokenizer.augment_max_delay=80 tokenizer.augment_max_speed_change=0.1
 polarity_delay_si_snr tokenizer.augment_polarity=true tokenizer.augment_max_delay=80 tokenizer.si_snr_weight=1.0}"
