@@ -219,7 +219,8 @@ def load_initial_tokenizer_weights(tokenizer, kind: str, folder: str | Path) -> 
     logger.info("tokenizer: training starts from the weights of %s", weights_path)
     if added:
         levels = sorted({int(RESIDUAL_LEVEL_NAME.match(name).group(1)) for name in added})
-        logger.info("tokenizer: residual level(s) %s are new and start from k-means on their residuals", levels)
+        logger.info("tokenizer: residual level(s) %s are new and start untrained (from k-means on their "
+                    "residuals if kmeans_init is on)", levels)
 
 
 RESIDUAL_LEVEL_NAME = re.compile(r"(?:.*\.)?quantizer\.levels\.(\d+)\.")
@@ -228,8 +229,8 @@ RESIDUAL_LEVEL_NAME = re.compile(r"(?:.*\.)?quantizer\.levels\.(\d+)\.")
 def added_residual_levels(missing: list[str], saved: dict) -> list[str]:
     """The missing names that belong to residual-quantizer levels past the saved ones' last: a codec
     may grow its residual stack (more bits per frame) from a trained one, the new levels starting
-    unfitted (their k-means runs on the first batch of residuals): a bitrate's worth of training
-    rather than a whole codec's. Any other missing name is a mismatch."""
+    untrained (with kmeans_init, fitted to the first batch of residuals): a bitrate's worth of
+    training rather than a whole codec's. Any other missing name is a mismatch."""
     saved_levels = {int(match.group(1)) for match in map(RESIDUAL_LEVEL_NAME.match, saved) if match}
     if not saved_levels:
         return []
