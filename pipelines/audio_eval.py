@@ -23,8 +23,8 @@ import torch
 from einops import rearrange, reduce
 
 from pipelines.audio_data import lengths_to_mask
-from pipelines.classifier import (ClassifierConfig, accuracy_by_class, as_label_tensor, classifier_accuracy,
-                                 classifier_logits, load_or_train_classifier)
+from pipelines.classifier import (ClassifierConfig, accuracy_by_class, classifier_accuracy, classifier_logits,
+                                 load_or_train_classifier, prediction_accuracy)
 from pipelines.evaluate import codebook_metrics, reconstruction_frechet, sample_quality
 from tokenizers_vq.audio_losses import mel_filterbank, mel_loss, multi_resolution_stft_loss, si_snr
 
@@ -109,7 +109,7 @@ def reconstruction_classifier_metrics(classifier, reconstruction_features: torch
     (the ceiling for the class accuracy of generated clips, which the tokenizer decodes too) and the
     Frechet distance of reconstructions to their originals in its feature space (`log_mel_features` of both)."""
     predictions = classifier_logits(classifier, reconstruction_features).argmax(dim=-1)
-    return {"reconstruction_class_accuracy": (predictions == as_label_tensor(labels)).double().mean().item(),
+    return {"reconstruction_class_accuracy": prediction_accuracy(predictions, labels),
             "reconstruction_class_accuracy_by_class": accuracy_by_class(predictions, labels),
             "reconstruction_frechet": reconstruction_frechet(classifier, original_features, reconstruction_features)}
 

@@ -173,9 +173,13 @@ def classifier_features(model: ImageClassifier, images: torch.Tensor, batch_size
 
 def classifier_accuracy(model: ImageClassifier, images, labels, batch_size: int = 256) -> float:
     """Fraction of `images` whose arg-max class equals `labels`."""
-    images, labels = as_image_tensor(images), as_label_tensor(labels)
-    predictions = classifier_logits(model, images, batch_size).argmax(dim=-1)
-    return (predictions == labels).double().mean().item()
+    predictions = classifier_logits(model, as_image_tensor(images), batch_size).argmax(dim=-1)
+    return prediction_accuracy(predictions, labels)
+
+
+def prediction_accuracy(predictions: torch.Tensor, labels) -> float:
+    """Fraction of `predictions` (class indices, on the CPU) equal to `labels`."""
+    return (predictions == as_label_tensor(labels)).double().mean().item()
 
 
 def accuracy_by_class(predictions: torch.Tensor, labels) -> dict[str, float]:

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from einops import rearrange
 
-from pipelines.classifier import (ImageClassifier, accuracy_by_class, as_image_tensor, as_label_tensor,
-                                  classifier_accuracy, classifier_features, classifier_logits)
+from pipelines.classifier import (ImageClassifier, accuracy_by_class, as_image_tensor,
+                                  classifier_accuracy, classifier_features, classifier_logits, prediction_accuracy)
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ def sample_quality(classifier: ImageClassifier, samples: torch.Tensor, sample_la
     floor = frechet_distance(classifier_features(classifier, held_out, batch_size), reference_features)
     if sample_labels is not None:
         predictions = classifier_logits(classifier, samples, batch_size).argmax(dim=-1)
-        class_accuracy = (predictions == as_label_tensor(sample_labels)).double().mean().item()
+        class_accuracy = prediction_accuracy(predictions, sample_labels)
         by_class = accuracy_by_class(predictions, sample_labels)  # which classes a generator fails on
     else:
         class_accuracy, by_class = float("nan"), {}
