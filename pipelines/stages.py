@@ -200,15 +200,16 @@ def tokenizer_init_files(folder: str | Path) -> tuple[Path, Path]:
     return files
 
 
-def load_initial_tokenizer_weights(tokenizer, kind: str, folder: str | Path) -> None:
-    """Start `tokenizer` from a saved one's tensors (codebooks and their k-means flags included)."""
+def load_initial_tokenizer_weights(tokenizer, kind: str, folder: str | Path, allow_added_levels: bool = True) -> None:
+    """Start `tokenizer` from a saved one's tensors (codebooks and their k-means flags included);
+    `allow_added_levels=False` (decoder-only training, which cannot train new levels) refuses any growth."""
     config_path, weights_path = tokenizer_init_files(folder)
     saved_kind = json.loads(config_path.read_text()).get("kind")
     if saved_kind != kind:
         raise RunError(f"tokenizer_init: {config_path} is a {saved_kind!r} tokenizer, but [tokenizer] kind is {kind!r}")
     tensors, expected = load_file(weights_path), tokenizer.state_dict()
     missing, unexpected, misshaped = state_mismatches(tokenizer, tensors)
-    added = added_residual_levels(missing, tensors)
+    added = added_residual_levels(missing, tensors) if allow_added_levels else []
     differ = sorted(set(missing) - set(added) | set(unexpected) | set(misshaped))
     if differ:  # a whole architecture's worth of names would bury the point: count them, show a few
         shown = ", ".join(f"{name} (saved {tuple(tensors[name].shape) if name in tensors else 'none'}, "
@@ -248,8 +249,13 @@ def train_tokenizer_stage(run: Run, resume: bool = False, force: bool = False) -
     _, tokenizer_cls = TOKENIZERS[run.config.tokenizer.kind]
     set_seed(run.config.tokenizer_training.seed)  # initial weights come from the global RNGs: same config, same run
     tokenizer = tokenizer_cls(tokenizer_config)
+    decoder_only = getattr(tokenizer_config, "train_decoder_only", False)
+    if decoder_only and not run.config.tokenizer_init:
+        raise RunError("tokenizer.train_decoder_only fine-tunes the decoder of a trained codec, whose encoder and "
+                       "codebooks it keeps: set tokenizer_init to that codec's folder (a run's tokenizer/)")
     if run.config.tokenizer_init:
-        load_initial_tokenizer_weights(tokenizer, run.config.tokenizer.kind, run.config.tokenizer_init)
+        load_initial_tokenizer_weights(tokenizer, run.config.tokenizer.kind, run.config.tokenizer_init,
+                                       allow_added_levels=not decoder_only)
     if run.config.is_audio:
         check_audio_tokenizer(tokenizer_config, dataset)
     expected_channels = getattr(tokenizer_config, "in_channels", dataset.channels)

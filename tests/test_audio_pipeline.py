@@ -205,6 +205,44 @@ def test_tokenizer_init_may_grow_the_residual_stack_but_not_shrink_it(audio_run,
     assert "quantizer.levels.1." in capsys.readouterr().err
 
 
+def test_decoder_only_training_keeps_the_encoder_and_codebooks_it_starts_from(audio_run, tmp_path, capsys):
+    run_dir, args = audio_run
+    start, decoder_only = run_dir / "tokenizer", "tokenizer.train_decoder_only=true"
+    assert main(["train-tokenizer", *args, f"output_dir={tmp_path / 'runs'}", f"tokenizer_init={start}", decoder_only,
+                 "tokenizer_training.max_steps=3"]) == 0
+    saved = load_file(start / "model.safetensors")
+    tuned = load_file(tmp_path / "runs" / "smoke" / "tokenizer" / "model.safetensors")
+    assert saved.keys() == tuned.keys()
+    decoder = [name for name in saved if name.startswith("decoder.")]
+    assert all(torch.equal(saved[name], tuned[name]) for name in saved if name not in decoder)
+    assert any(not torch.equal(saved[name], tuned[name]) for name in decoder)
+    # a decoder-only run needs a trained codec to start from, and cannot train levels it adds
+    assert main(["train-tokenizer", *args, f"output_dir={tmp_path / 'bare'}", decoder_only]) == 2
+    assert "set tokenizer_init" in capsys.readouterr().err
+    assert main(["train-tokenizer", *args, f"output_dir={tmp_path / 'grown'}", f"tokenizer_init={start}", decoder_only,
+                 "tokenizer.quantizer.num_quantizers=3", "tokenizer_training.max_steps=0"]) == 2
+    assert "quantizer.levels.2." in capsys.readouterr().err
+
+
+def test_a_tuned_decoder_renders_the_runs_own_generated_tokens(audio_run, tmp_path):
+    from benchmarks.decoder_swap_eval import score_decoders, tokens_differ
+    from pipelines.config import load_run_config
+
+    run_dir, args = audio_run
+    start = run_dir / "tokenizer"
+    assert main(["train-tokenizer", *args, f"output_dir={tmp_path / 'runs'}", f"tokenizer_init={start}",
+                 "tokenizer.train_decoder_only=true", "tokenizer_training.max_steps=3"]) == 0
+    tuned = tmp_path / "runs" / "smoke" / "tokenizer"
+    assert tokens_differ(start, tuned) == []
+    assert main(["train-tokenizer", *args, f"output_dir={tmp_path / 'whole'}", f"tokenizer_init={start}",
+                 "tokenizer_training.max_steps=3"]) == 0
+    assert any(name.startswith("encoder.") for name in tokens_differ(start, tmp_path / "whole" / "smoke" / "tokenizer"))
+    scores = score_decoders(load_run_config(args[0], args[1:]), run_dir, {"run": start, "again": start, "tuned": tuned})
+    assert scores["run"] == scores["again"]  # one classifier, one Frechet subsample: only the decoder differs
+    assert scores["tuned"]["class_accuracy"] >= 0 and scores["tuned"] != scores["run"]
+    assert scores["run"]["class_accuracy"] == json.loads((run_dir / "metrics.json").read_text())["samples"]["class_accuracy"]
+
+
 def test_tokenizer_init_that_does_not_fit_is_refused(audio_run, tmp_path, capsys):
     run_dir, args = audio_run
     out = [f"output_dir={tmp_path / 'runs'}", "tokenizer_training.max_steps=0"]

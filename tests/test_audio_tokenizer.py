@@ -357,6 +357,28 @@ def test_a_few_steps_reduce_the_loss():
     assert min(losses[-5:]) < 0.8 * losses[0]
 
 
+def test_decoder_only_training_moves_the_decoder_and_keeps_every_token():
+    torch.manual_seed(0)
+    config = tiny_config()
+    trained = AudioVQVAE(config).train()
+    adam_steps(trained, {"waveform": audio(length=400, seed=7)}, steps=3, lr=3e-3)  # codebooks past their init
+    model = AudioVQVAE(dataclasses.replace(config, train_decoder_only=True))
+    model.load_state_dict(trained.state_dict())
+    clips = audio(batch=3, length=400, seed=8)
+    tokens_before = model.eval().encode(clips)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    assert model.param_groups()["main"] == list(model.decoder.parameters())
+    mask = torch.ones(3, 400, dtype=torch.bool)
+    mask[0, 250:] = False
+    losses, metrics = adam_steps(model.train(), {"waveform": clips, "mask": mask}, steps=10, lr=3e-3)
+    after = model.state_dict()
+    kept = [name for name in before if not name.startswith("decoder.")]
+    assert kept and all(torch.equal(before[name], after[name]) for name in kept)  # codebook statistics too
+    assert any(not torch.equal(before[name], after[name]) for name in before if name.startswith("decoder."))
+    assert torch.equal(model.eval().encode(clips), tokens_before)
+    assert losses[-1] < losses[0] and metrics["quantizer_loss"] == 0
+
+
 @pytest.mark.parametrize("kind", ["ms_stft", "mpd"])
 def test_gan_phases_train_their_own_parameters(kind):
     discriminator = AudioDiscriminatorConfig(kind=kind, base_channels=4, max_channels=16, fft_sizes=(64, 32))

@@ -118,6 +118,9 @@ class AudioVQVAEConfig:
     augment_polarity: bool = False
     augment_max_delay: int = 0
     augment_max_speed_change: float = 0.0
+    # Fine-tune the decoder alone: the encoder and codebooks stay as loaded (`tokenizer_init`), so every
+    # clip keeps its tokens and a prior trained on them still fits; only how tokens sound changes.
+    train_decoder_only: bool = False
 
     def __post_init__(self):
         for name in ("strides", "stft_fft_sizes"):
@@ -245,6 +248,8 @@ class AudioVQVAE(PretrainedTokenizer, nn.Module):
         length = x.shape[-1]
         if mask is not None:
             x = x * rearrange(mask, "b t -> b 1 t").to(x.dtype)
+        if self.config.train_decoder_only:
+            return self._decode_frozen_codes(x, length)
         latents = self._latents(x)
         if mask is None:
             output = self.quantizer(latents)
@@ -266,6 +271,15 @@ class AudioVQVAE(PretrainedTokenizer, nn.Module):
             aux_loss, metrics = output.aux_loss, output.metrics
         reconstruction = self._decode_codes(codes)[..., :length]
         return reconstruction, indices, aux_loss, metrics
+
+    def _decode_frozen_codes(self, x: Tensor, length: int):
+        """`forward` with the encoder and codebooks fixed: the codes `encode` gives (no codebook update,
+        no gradient), decoded with gradient. No quantizer loss: there is nothing of it left to train."""
+        indices = self.encode(x)
+        with torch.no_grad():
+            codes = self.quantizer.lookup(indices)
+        reconstruction = self._decode_codes(codes)[..., :length]
+        return reconstruction, indices, x.new_zeros((), dtype=torch.float32), {}
 
     # --- long clips -----------------------------------------------------------------------------
 
@@ -333,7 +347,7 @@ class AudioVQVAE(PretrainedTokenizer, nn.Module):
     # --- Trainable ------------------------------------------------------------------------------
 
     def _generator_parameters(self) -> list[nn.Parameter]:
-        modules = (self.encoder, self.quantizer, self.decoder)
+        modules = (self.decoder,) if self.config.train_decoder_only else (self.encoder, self.quantizer, self.decoder)
         return [p for module in modules for p in module.parameters() if p.requires_grad]
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
