@@ -30,6 +30,8 @@
 # recognisability), 9.2 dB at 2.4 kbps and 9.9 at 3.2. Then PRIOR_SEEDS="1 2" on si_snr_1's codec (kept as
 # .data/fsdd_codec_h200_si_snr_1_more): 85.0% and 83.5% of generated digits recognised, against 90.1 and 90.6 on
 # the 7800-step codec. Carry .whl, .data/fsdd.npz and one codec folder only: the 64 MiB carry holds one.
+# A variant with tokenizer.train_decoder_only=true trains the decoder alone; with PRIOR_SEEDS, the priors' generated
+# tokens are then also decoded by it (benchmarks/decoder_swap_eval.py), since its tokens are the codec's own.
 set -u
 : "${OUT:?set OUT to the folder the results go to}"
 : "${INIT:?set INIT to a saved codec folder (config.json + model.safetensors)}"
@@ -98,6 +100,20 @@ for seed in ${PRIOR_SEEDS:-}; do
     python3 -c "import json,sys; m=json.load(open(sys.argv[1]))
 print('prior seed', sys.argv[2], json.dumps(m.get('samples', m), default=float)[:400])" \
         "$runs/prior_seed_$seed/metrics.json" "$seed" 2>&1 | tee -a "$log"
+done
+# A decoder-only variant (tokenizer.train_decoder_only=true) keeps the codec's tokens, so the priors of the whole
+# runs still fit it: render their generated tokens with its decoder too, and score both renderings.
+for seed in ${PRIOR_SEEDS:-}; do
+    while read -r name overrides; do
+        [[ "$overrides" == *train_decoder_only=true* && -f "$runs/$name/tokenizer/model.safetensors" ]] || continue
+        swap="$runs/swap_${name}_seed_$seed.json"
+        # shellcheck disable=SC2086
+        python benchmarks/decoder_swap_eval.py "$config" "$runs/prior_seed_$seed" "$runs/$name/tokenizer" \
+            "${common[@]}" name="prior_seed_$seed" ${PRIOR_OVERRIDES:-} --threads 8 --out "$swap" >> "$log" 2>&1 || continue
+        python3 -c "import json,sys; m=json.load(open(sys.argv[1]))['metrics']
+print(sys.argv[2], ', '.join(f\"{k} {v['class_accuracy']:.3f}\" for k, v in m.items()))" "$swap" \
+            "generated digits of prior seed $seed recognised, decoded by the run's decoder and by $name:" | tee -a "$log"
+    done <<< "$VARIANTS"
 done
 if [[ -n "$best" ]]; then
     echo "best test SI-SNR: $best ($best_snr dB); its weights come back in parts" | tee -a "$log"

@@ -37,3 +37,24 @@ def test_spectrogram_rows_spread_real_clips_across_the_class():
     picked = spread_out(clips, 3).flatten().tolist()
     assert picked == [0.0, 14.0, 29.0]  # speakers 0, 2 and 5, not speaker 0's first three takes
     assert torch.equal(spread_out(clips[:2], 3), clips[:2])
+
+
+def test_band_oracles_keep_the_low_band_exactly_and_treat_the_highs_as_named():
+    from benchmarks.si_snr_band_oracles import oracle_clips, render_oracle
+
+    rate = 8000
+    t = torch.arange(800, dtype=torch.float64) / rate  # whole periods of both tones in 800 samples
+    low, high = torch.sin(2 * torch.pi * 300 * t).float(), 0.5 * torch.sin(2 * torch.pi * 2500 * t).float()
+    generator = torch.Generator().manual_seed(0)
+    assert torch.allclose(render_oracle(low + high, rate, 1000, "muted", generator), low, atol=1e-5)
+    shuffled = render_oracle(low + high, rate, 1000, "random_phase", generator)
+    spectrum, original = torch.fft.rfft(shuffled.double()), torch.fft.rfft((low + high).double())
+    low_bins = torch.fft.rfftfreq(800, d=1 / rate) < 1000
+    assert torch.allclose(spectrum[low_bins], original[low_bins], atol=2.0)  # of 400 at the 300 Hz peak
+    high_energy = (shuffled - low).square().sum() / high.square().sum()
+    assert 0.5 < high_energy < 1.5  # the highs keep about their energy ...
+    assert (shuffled - low - high).square().sum() > 0.5 * high.square().sum()  # ... but not their waveform
+    assert torch.allclose(render_oracle(low + high, rate, 4000, "muted", generator), low + high, atol=1e-5)
+    clips = torch.stack([low + high, low + high])[:, None]
+    rendered = oracle_clips(clips, torch.tensor([800, 500]), rate, 1000, "muted")
+    assert rendered[1, 0, 500:].abs().max() == 0 and rendered[0, 0, 500:].abs().max() > 0.5  # padding stays silent
