@@ -57,3 +57,10 @@ def test_ranks_keep_identical_codebooks_while_training(results):
     _, two = results
     rank0, rank1 = two["training_codebooks"]
     assert rank0 == rank1
+
+
+def test_decoder_only_training_runs_data_parallel_with_the_encoder_frozen(results):
+    one, two = results
+    rank0, rank1 = two["decoder_only"]["decoders"]
+    assert rank0 == rank1
+    assert one["decoder_only"]["encoder_kept"] and two["decoder_only"]["encoder_kept"]

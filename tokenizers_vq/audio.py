@@ -177,6 +177,9 @@ class AudioVQVAE(PretrainedTokenizer, nn.Module):
         self.encoder = Encoder1d(in_channels=config.channels, out_channels=config.embedding_dim, **sizes)
         self.quantizer = build_quantizer(config.quantizer, config.embedding_dim)
         self.decoder = Decoder1d(in_channels=config.embedding_dim, out_channels=config.channels, **sizes)
+        if config.train_decoder_only:  # no gradient reaches them: DDP must not wait for one
+            self.encoder.requires_grad_(False)
+            self.quantizer.requires_grad_(False)
         self.hop_length = config.hop_length
         self.use_gan = config.gan_weight > 0
         self.discriminator = build_audio_discriminator(config.discriminator, config.channels, generator) \
