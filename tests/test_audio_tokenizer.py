@@ -12,6 +12,7 @@ from torch import nn
 
 from tokenizers_vq.audio import AudioVQVAE, AudioVQVAEConfig, chunk_spans
 from tokenizers_vq.audio_losses import (
+    low_pass,
     masked_l1,
     mel_filterbank,
     mel_loss,
@@ -300,6 +301,29 @@ def test_si_snr_loss_is_the_negative_metric_and_adds_to_the_total_by_its_weight(
     assert loss_weighted.item() == pytest.approx(loss_plain.item() + 0.5 * expected.item(), abs=1e-4)
     with pytest.raises(ValueError, match="si_snr_weight"):
         tiny_config(si_snr_weight=-1.0)
+
+
+def test_si_snr_with_a_cutoff_judges_only_the_band_below_it():
+    t = torch.arange(800, dtype=torch.float64) / 8000  # whole periods of both tones
+    low = torch.sin(2 * math.pi * 300 * t).float()
+    high = 0.5 * torch.sin(2 * math.pi * 2500 * t).float()
+    assert torch.allclose(low_pass(rearrange_clip(low + high), 8000, 1000), rearrange_clip(low), atol=1e-4)
+    target, quiet_highs = rearrange_clip(low + high), rearrange_clip(low)
+    # a codec that drops the highs scores ~7 dB on the whole band, near-perfect below the cutoff
+    assert si_snr(quiet_highs, target).item() < 10
+    assert si_snr(low_pass(quiet_highs, 8000, 1000), low_pass(target, 8000, 1000)).item() > 40
+    x, mask = audio(length=800), torch.ones(2, 800, dtype=torch.bool)
+    mask[1, 600:] = False
+    model = AudioVQVAE(tiny_config(si_snr_weight=1.0, si_snr_cutoff_hz=1000.0)).train()
+    reconstruction = copy.deepcopy(model)(x, mask)[0]
+    expected = -si_snr(low_pass(reconstruction, 8000, 1000, mask), low_pass(x, 8000, 1000, mask), mask).mean()
+    assert model.loss({"waveform": x, "mask": mask}, "main", 0)[1]["si_snr_loss"] == pytest.approx(expected.item(), abs=1e-4)
+    with pytest.raises(ValueError, match="si_snr_cutoff_hz"):
+        tiny_config(si_snr_cutoff_hz=-1.0)
+
+
+def rearrange_clip(signal: torch.Tensor) -> torch.Tensor:
+    return signal.reshape(1, 1, -1)
 
 
 def test_spectral_losses_are_zero_for_identical_signals_and_positive_otherwise():

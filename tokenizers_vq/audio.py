@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from tokenizers_vq.audio_augment import augment_waveforms
-from tokenizers_vq.audio_losses import mel_filterbank, mel_loss, masked_l1, multi_resolution_stft_loss, si_snr
+from tokenizers_vq.audio_losses import low_pass, mel_filterbank, mel_loss, masked_l1, multi_resolution_stft_loss, si_snr
 from tokenizers_vq.checkpoint import PretrainedTokenizer
 from tokenizers_vq.losses import GAN_LOSSES, discriminator_loss, generator_loss
 from tokenizers_vq.nets.audio_discriminators import (
@@ -101,6 +101,9 @@ class AudioVQVAEConfig:
     # Negative SI-SNR (dB, per clip): the reconstruction metric itself as a loss, off at 0. Unlike the
     # L1 it weighs every clip alike whatever its level, and unlike the spectral losses it needs the phase.
     si_snr_weight: float = 0.0
+    # > 0: the SI-SNR term judges only the band below this frequency (Hz). Above it a codec that cannot
+    # match the phase scores best by going quiet, which the classifier hears (si_snr_band_oracles.py).
+    si_snr_cutoff_hz: float = 0.0
     stft_weight: float = 1.0
     stft_fft_sizes: tuple[int, ...] = (64, 128, 256, 512)  # window n, hop n / 4
     mel_weight: float = 1.0
@@ -131,7 +134,7 @@ class AudioVQVAEConfig:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if min(self.channels, self.sample_rate, self.hidden_channels, self.embedding_dim) < 1:
             raise ValueError("channels, sample_rate, hidden_channels and embedding_dim must be positive")
-        for name in ("waveform_weight", "si_snr_weight", "stft_weight", "mel_weight", "gan_weight",
+        for name in ("waveform_weight", "si_snr_weight", "si_snr_cutoff_hz", "stft_weight", "mel_weight", "gan_weight",
                      "feature_matching_weight", "discriminator_start", "augment_max_delay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
@@ -388,7 +391,12 @@ class AudioVQVAE(PretrainedTokenizer, nn.Module):
         losses = {"waveform_loss": masked_l1(reconstruction, target, mask), "si_snr_loss": zero, "stft_loss": zero,
                   "mel_loss": zero}
         if config.si_snr_weight > 0:
-            losses["si_snr_loss"] = -si_snr(reconstruction, target, mask).mean()
+            if config.si_snr_cutoff_hz > 0:
+                reconstruction_low, target_low = (low_pass(signal, config.sample_rate, config.si_snr_cutoff_hz, mask)
+                                                  for signal in (reconstruction, target))
+                losses["si_snr_loss"] = -si_snr(reconstruction_low, target_low, mask).mean()
+            else:
+                losses["si_snr_loss"] = -si_snr(reconstruction, target, mask).mean()
         if config.stft_weight > 0:
             losses["stft_loss"] = multi_resolution_stft_loss(reconstruction, target, config.stft_fft_sizes, mask)
         if config.mel_weight > 0:

@@ -166,6 +166,16 @@ def si_snr(estimate: Tensor, target: Tensor, mask: Tensor | None = None, epsilon
     return values if squeeze else rearrange(values, "(b c) -> b c", b=batch)
 
 
+def low_pass(signal: Tensor, sample_rate: int, cutoff_hz: float, mask: Tensor | None = None) -> Tensor:
+    """(b c t) or (b t) signals with every FFT bin above `cutoff_hz` removed (one FFT over the whole,
+    masked, signal; differentiable). For losses that should only judge the band a codec can match."""
+    if mask is not None:
+        signal = signal * (rearrange(mask, "b t -> b 1 t") if signal.ndim == 3 else mask).to(signal.dtype)
+    spectrum = torch.fft.rfft(signal.float(), dim=-1)
+    keep = torch.fft.rfftfreq(signal.shape[-1], d=1.0 / sample_rate, device=signal.device) <= cutoff_hz
+    return torch.fft.irfft(spectrum * keep, n=signal.shape[-1], dim=-1)
+
+
 def frames_per_second(sample_rate: int, hop: int) -> float:
     """Token frames per second of a tokenizer with this hop (bitrate = this * bits per frame)."""
     return sample_rate / hop
