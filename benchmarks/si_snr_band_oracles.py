@@ -31,7 +31,7 @@ from pipelines import audio_eval
 from pipelines.audio_data import load_audio_dataset
 from pipelines.classifier import classifier_logits, prediction_accuracy
 from pipelines.config import load_run_config
-from tokenizers_vq.audio_losses import si_snr
+from tokenizers_vq.audio_losses import low_pass, si_snr
 
 CUTOFFS_HZ = (500, 1000, 1500, 2000, 3000)
 ORACLES = ("muted", "random_phase")
@@ -44,9 +44,7 @@ def render_oracle(clip: torch.Tensor, sample_rate: int, cutoff_hz: float, oracle
     keeps its time and energy, as a codec that misses only the phase would give; the low band as the
     STFT's overlap-add rebuilds it)."""
     if oracle == "muted":
-        spectrum = torch.fft.rfft(clip.double())
-        spectrum[torch.fft.rfftfreq(len(clip), d=1.0 / sample_rate) > cutoff_hz] = 0
-        return torch.fft.irfft(spectrum, n=len(clip)).to(clip.dtype)
+        return low_pass(clip, sample_rate, cutoff_hz).to(clip.dtype)
     if oracle != "random_phase":
         raise ValueError(f"oracle must be one of {ORACLES}, got {oracle!r}")
     window_size = 2 ** round(math.log2(0.032 * sample_rate))

@@ -353,7 +353,7 @@ class AudioVQVAE(PretrainedTokenizer, nn.Module):
     # --- Trainable ------------------------------------------------------------------------------
 
     def _generator_parameters(self) -> list[nn.Parameter]:
-        modules = (self.decoder,) if self.config.train_decoder_only else (self.encoder, self.quantizer, self.decoder)
+        modules = (self.encoder, self.quantizer, self.decoder)  # train_decoder_only froze the first two
         return [p for module in modules for p in module.parameters() if p.requires_grad]
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -391,12 +391,10 @@ class AudioVQVAE(PretrainedTokenizer, nn.Module):
         losses = {"waveform_loss": masked_l1(reconstruction, target, mask), "si_snr_loss": zero, "stft_loss": zero,
                   "mel_loss": zero}
         if config.si_snr_weight > 0:
+            judged = (reconstruction, target)
             if config.si_snr_cutoff_hz > 0:
-                reconstruction_low, target_low = (low_pass(signal, config.sample_rate, config.si_snr_cutoff_hz, mask)
-                                                  for signal in (reconstruction, target))
-                losses["si_snr_loss"] = -si_snr(reconstruction_low, target_low, mask).mean()
-            else:
-                losses["si_snr_loss"] = -si_snr(reconstruction, target, mask).mean()
+                judged = tuple(low_pass(signal, config.sample_rate, config.si_snr_cutoff_hz, mask) for signal in judged)
+            losses["si_snr_loss"] = -si_snr(*judged, mask).mean()
         if config.stft_weight > 0:
             losses["stft_loss"] = multi_resolution_stft_loss(reconstruction, target, config.stft_fft_sizes, mask)
         if config.mel_weight > 0:
