@@ -67,11 +67,7 @@ def main() -> None:
                        train_si_snr_db_median=train_metrics["si_snr_db_median"], train_clips=len(spread))
     if data.num_classes:
         cache = Path(args.classifier_cache or Path(args.tokenizer).parent / "codec_eval_classifier")
-        classifier, _ = audio_eval.load_or_train_audio_classifier(
-            cache, torch.from_numpy(data.train.waveforms), torch.as_tensor(data.train.labels),
-            config.audio.classifier, data.num_classes, config.audio_data.sample_rate,
-            fingerprint={"data": data.source, "train_size": len(data.train)},  # as `evaluate_audio_run` keys it
-            device=args.device)
+        classifier, _ = audio_eval.dataset_audio_classifier(cache, data, config.audio.classifier, args.device)
         features = partial(audio_eval.log_mel_features, config=config.audio.classifier,
                            sample_rate=config.audio_data.sample_rate)
         metrics.update(audio_eval.reconstruction_classifier_metrics(

@@ -48,11 +48,7 @@ def score_decoders(config, run_dir: Path, tokenizer_dirs: dict[str, Path], devic
     manifest = read_manifest(run_dir / "tokens")
     stored = load_file(str(run_dir / "samples" / "eval_samples.safetensors"))
     data = load_audio_dataset(config.audio_data)
-    classifier, _ = audio_eval.load_or_train_audio_classifier(
-        run_dir / "classifier", torch.from_numpy(data.train.waveforms), torch.as_tensor(data.train.labels),
-        config.audio.classifier, manifest.num_classes, manifest.sample_rate,
-        fingerprint={"data": manifest.data_source, "train_size": len(data.train)},  # as `evaluate_audio_run` keys it
-        device=device)
+    classifier, _ = audio_eval.dataset_audio_classifier(run_dir / "classifier", data, config.audio.classifier, device)
     features = partial(audio_eval.log_mel_features, config=config.audio.classifier, sample_rate=manifest.sample_rate)
     test_features = features(torch.from_numpy(np.ascontiguousarray(data.test.waveforms, dtype=np.float32)))
     scores = {}

@@ -12,7 +12,7 @@ cutoff exactly (amplitude and phase, an FFT over the clip's real samples), and a
 Both are upper bounds for such codecs: a real one also errs below the cutoff. Reported per cutoff:
 the test SI-SNR (as `audio_eval.reconstruction_metrics` computes it) and the share of the oracles'
 clips that the spoken-digit classifier recognises (trained on the train split, or reused from
-`--classifier-cache`, keyed as `audio_codec_eval.py` keys it).
+`--classifier-cache`, keyed as `tokgen eval` keys it).
 """
 
 from __future__ import annotations
@@ -88,10 +88,7 @@ def main() -> None:
     waveforms = torch.from_numpy(np.ascontiguousarray(data.test.waveforms, dtype=np.float32))
     lengths, labels = torch.as_tensor(data.test.lengths), torch.as_tensor(data.test.labels)
     mask = torch.arange(waveforms.shape[-1]) < lengths[:, None]
-    classifier, _ = audio_eval.load_or_train_audio_classifier(
-        args.classifier_cache, torch.from_numpy(data.train.waveforms), torch.as_tensor(data.train.labels),
-        config.audio.classifier, data.num_classes, rate,
-        fingerprint={"data": data.source, "train_size": len(data.train)})
+    classifier, _ = audio_eval.dataset_audio_classifier(args.classifier_cache, data, config.audio.classifier)
     features = partial(audio_eval.log_mel_features, config=config.audio.classifier, sample_rate=rate)
 
     def recognised(clips: torch.Tensor) -> float:

@@ -92,6 +92,15 @@ def load_or_train_audio_classifier(cache_dir, train_waveforms: torch.Tensor, tra
                                     fingerprint=caller, device=device)
 
 
+def dataset_audio_classifier(cache_dir, dataset, config: SpokenDigitClassifierConfig, device="cpu"):
+    """`load_or_train_audio_classifier` on an `AudioDataset`'s train split, keyed by the data's source and
+    size: `tokgen eval` and the benchmark scripts find each other's cached classifier."""
+    return load_or_train_audio_classifier(
+        cache_dir, torch.from_numpy(dataset.train.waveforms), torch.as_tensor(dataset.train.labels), config,
+        dataset.num_classes, dataset.sample_rate,
+        fingerprint={"data": dataset.source, "train_size": len(dataset.train)}, device=device)
+
+
 def classifier_metrics(classifier, sample_features: torch.Tensor, sample_labels: torch.Tensor | None,
                        test_features: torch.Tensor, test_labels: torch.Tensor,
                        generator: torch.Generator) -> dict[str, float]:

@@ -274,10 +274,8 @@ def evaluate_audio_run(run: Run) -> dict:
     stored = load_file(str(samples_dir / "eval_samples.safetensors"))
     samples = silence_after(decode_audio_tokens(tokenizer, stored["input_ids"], manifest), stored["num_samples"])
     if manifest.num_classes:
-        classifier, info = audio_eval.load_or_train_audio_classifier(
-            run.path("classifier"), torch.from_numpy(dataset.train.waveforms), torch.as_tensor(dataset.train.labels),
-            config.audio.classifier, manifest.num_classes, manifest.sample_rate,
-            fingerprint={"data": manifest.data_source, "train_size": len(dataset.train)}, device=device)
+        classifier, info = audio_eval.dataset_audio_classifier(run.path("classifier"), dataset, config.audio.classifier,
+                                                               device)
         generator = torch.Generator().manual_seed(config.seed)
         features = partial(audio_eval.log_mel_features, config=config.audio.classifier, sample_rate=manifest.sample_rate)
         test_features = features(test_waveforms)
