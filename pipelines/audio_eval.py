@@ -26,7 +26,7 @@ from pipelines.audio_data import lengths_to_mask
 from pipelines.classifier import (ClassifierConfig, accuracy_by_class, classifier_accuracy, classifier_logits,
                                  load_or_train_classifier, prediction_accuracy)
 from pipelines.evaluate import codebook_metrics, reconstruction_frechet, sample_quality
-from tokenizers_vq.audio_losses import mel_filterbank, mel_loss, multi_resolution_stft_loss, si_snr
+from tokenizers_vq.audio_losses import low_pass, mel_filterbank, mel_loss, multi_resolution_stft_loss, si_snr
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +48,27 @@ class SpokenDigitClassifierConfig:
     hop: int = 128
     num_mels: int = 40
     network: ClassifierConfig = field(default_factory=_default_network)
+    # > 0: the train split also holds this many low-passed copies of every clip, each with its own cutoff
+    # drawn uniformly from [band_limit_min_hz, Nyquist). Trained on clean clips only, the classifier
+    # recognises 97.7% of FSDD's test clips but 10.7% with everything above 1 kHz muted; with 2 copies
+    # 85.3%, real clips 98.3% (BENCHMARKS.md): a judge that hears the digit, not the high band.
+    band_limited_copies: int = 0
+    band_limit_min_hz: float = 1000.0
 
     def __post_init__(self):
         if min(self.fft_size, self.hop, self.num_mels) < 1:
             raise ValueError("audio.classifier fft_size, hop and num_mels must be positive")
+        if self.band_limited_copies < 0 or self.band_limit_min_hz <= 0:
+            raise ValueError(f"audio.classifier band_limited_copies must be >= 0 and band_limit_min_hz > 0, got "
+                             f"{self.band_limited_copies} and {self.band_limit_min_hz}")
+
+    def identity(self) -> dict:
+        """This config as fingerprints see it: without the band-limit fields while no copies are made, so
+        classifiers (and runs' samples) from before the option keep their fingerprints."""
+        values = dataclasses.asdict(self)
+        if not self.band_limited_copies:
+            del values["band_limited_copies"], values["band_limit_min_hz"]
+        return values
 
     @classmethod
     def from_dict(cls, data: dict) -> "SpokenDigitClassifierConfig":
@@ -82,12 +99,37 @@ def log_mel_features(waveforms: torch.Tensor, config: SpokenDigitClassifierConfi
     return torch.cat(features) if features else torch.zeros(0, 1, config.num_mels, 1)
 
 
+def band_limited_features(waveforms: torch.Tensor, lengths: torch.Tensor, config: SpokenDigitClassifierConfig,
+                          sample_rate: int, seed: int = 0, batch_size: int = 256) -> torch.Tensor:
+    """`log_mel_features` of `config.band_limited_copies` low-passed copies of every (n c t) clip, copy after
+    copy, each clip at its own cutoff drawn uniformly from [band_limit_min_hz, sample_rate / 2); padding
+    stays silent. Batched, so a large split is never held twice as waveforms."""
+    generator = torch.Generator().manual_seed(seed)
+    mask = lengths_to_mask(lengths, waveforms.shape[-1])
+    low, high = config.band_limit_min_hz, sample_rate / 2
+    features = []
+    for _ in range(config.band_limited_copies):
+        cutoffs = low + torch.rand(len(waveforms), generator=generator) * max(high - low, 0.0)
+        for start in range(0, len(waveforms), batch_size):
+            part = slice(start, start + batch_size)
+            copies = low_pass(waveforms[part].float(), sample_rate, cutoffs[part], mask[part])
+            features.append(log_mel_features(copies * rearrange(mask[part], "b t -> b 1 t"), config, sample_rate))
+    return torch.cat(features)
+
+
 def load_or_train_audio_classifier(cache_dir, train_waveforms: torch.Tensor, train_labels: torch.Tensor,
                                    config: SpokenDigitClassifierConfig, num_classes: int, sample_rate: int, *,
-                                   fingerprint: dict | None = None, device="cpu"):
-    """The run's spoken-digit classifier: reused from `cache_dir` when data and config match, else trained."""
+                                   train_lengths: torch.Tensor | None = None, fingerprint: dict | None = None,
+                                   device="cpu"):
+    """The run's spoken-digit classifier: reused from `cache_dir` when data and config match, else trained.
+    `train_lengths` (real samples per clip) are needed for `config.band_limited_copies`."""
     features = log_mel_features(train_waveforms, config, sample_rate)
-    caller = {**(fingerprint or {}), "front_end": dataclasses.asdict(config), "sample_rate": sample_rate}
+    if config.band_limited_copies:
+        if train_lengths is None:
+            raise ValueError("audio.classifier.band_limited_copies needs the train clips' lengths")
+        features = torch.cat([features, band_limited_features(train_waveforms, train_lengths, config, sample_rate)])
+        train_labels = torch.as_tensor(train_labels).repeat(config.band_limited_copies + 1)
+    caller = {**(fingerprint or {}), "front_end": config.identity(), "sample_rate": sample_rate}
     return load_or_train_classifier(cache_dir, features, train_labels, config.network, num_classes,
                                     fingerprint=caller, device=device)
 
@@ -97,7 +139,7 @@ def dataset_audio_classifier(cache_dir, dataset, config: SpokenDigitClassifierCo
     size: `tokgen eval` and the benchmark scripts find each other's cached classifier."""
     return load_or_train_audio_classifier(
         cache_dir, torch.from_numpy(dataset.train.waveforms), torch.as_tensor(dataset.train.labels), config,
-        dataset.num_classes, dataset.sample_rate,
+        dataset.num_classes, dataset.sample_rate, train_lengths=torch.as_tensor(dataset.train.lengths),
         fingerprint={"data": dataset.source, "train_size": len(dataset.train)}, device=device)
 
 
@@ -124,46 +166,61 @@ def reconstruction_classifier_metrics(classifier, reconstruction_features: torch
 
 
 @torch.no_grad()
+def waveform_metrics(reconstructions: torch.Tensor, waveforms: torch.Tensor, lengths: torch.Tensor,
+                     sample_rate: int, batch_size: int = 64, stft_fft_sizes: tuple[int, ...] = (128, 256, 512),
+                     mel_fft_size: int = 512, mel_hop: int = 128, num_mels: int = 40) -> dict[str, float]:
+    """SI-SNR (dB), STFT and mel distances of (n c t) reconstructions to their originals, real samples only.
+
+    Any codec's output can be scored so (`reconstruction_metrics` for tokgen's, the Codec2 reference
+    for another). SI-SNR is averaged per clip (its median too, since a few near-silent clips can have
+    very low values); the distances are batch means of the masked losses the tokenizer trains with
+    (fixed sizes here, so runs compare).
+    """
+    filterbank = mel_filterbank(sample_rate, mel_fft_size, num_mels).to(waveforms.device)
+    snrs, stft_distances, mel_distances, weights = [], [], [], []
+    for start in range(0, len(waveforms), batch_size):
+        clips, reconstruction = waveforms[start : start + batch_size], reconstructions[start : start + batch_size]
+        mask = lengths_to_mask(lengths[start : start + batch_size], clips.shape[-1]).to(clips.device)
+        snrs.append(reduce(si_snr(reconstruction, clips, mask), "b c -> b", "mean").cpu())
+        stft_distances.append(float(multi_resolution_stft_loss(reconstruction, clips, stft_fft_sizes, mask)))
+        mel_distances.append(float(mel_loss(reconstruction, clips, filterbank, mel_fft_size, mel_hop, mask)))
+        weights.append(len(clips))
+    snr, total = torch.cat(snrs).double(), sum(weights)
+    return {
+        "si_snr_db": snr.mean().item(),
+        "si_snr_db_median": snr.median().item(),
+        "stft_distance": sum(d * w for d, w in zip(stft_distances, weights)) / total,
+        "mel_distance": sum(d * w for d, w in zip(mel_distances, weights)) / total,
+        "num_clips": float(total),
+    }
+
+
+@torch.no_grad()
 def reconstruction_metrics(tokenizer, waveforms: torch.Tensor, lengths: torch.Tensor, batch_size: int = 64,
-                           stft_fft_sizes: tuple[int, ...] = (128, 256, 512), mel_fft_size: int = 512,
-                           mel_hop: int = 128, num_mels: int = 40
-                           ) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
-    """Encode and decode (n c t) clips; SI-SNR (dB), STFT and mel distances over real samples only.
+                           **distance_sizes) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+    """Encode and decode (n c t) clips; `waveform_metrics` of the result, with the codec's bitrate.
 
     Returns the metrics, the (n frames [q]) codes and the (n c t) reconstructions, silenced after
-    each clip's length as the originals are. SI-SNR is averaged per clip (its median too,
-    since a few near-silent clips can have very low values); the distances are batch means of the
-    masked losses the tokenizer trains with (fixed sizes here, so runs compare).
+    each clip's length as the originals are. `distance_sizes` go to `waveform_metrics`.
     """
     device = next(tokenizer.parameters()).device
     sample_rate = int(tokenizer.config.sample_rate)
-    filterbank = mel_filterbank(sample_rate, mel_fft_size, num_mels)
-    snrs, stft_distances, mel_distances, codes, weights, reconstructions = [], [], [], [], [], []
+    codes, reconstructions = [], []
     for start in range(0, len(waveforms), batch_size):
         clips = waveforms[start : start + batch_size].to(device)
         mask = lengths_to_mask(lengths[start : start + batch_size], clips.shape[-1]).to(device)
         tokens = tokenizer.encode(clips)
         reconstruction = tokenizer.decode(tokens, length=clips.shape[-1]).float()
-        snrs.append(reduce(si_snr(reconstruction, clips, mask), "b c -> b", "mean").cpu())
-        stft_distances.append(float(multi_resolution_stft_loss(reconstruction, clips, stft_fft_sizes, mask)))
-        mel_distances.append(float(mel_loss(reconstruction, clips, filterbank, mel_fft_size, mel_hop, mask)))
-        weights.append(len(clips))
         codes.append(tokens.cpu())
         reconstructions.append((reconstruction * rearrange(mask, "b t -> b 1 t")).cpu())
-    snr = torch.cat(snrs).double()
-    total = sum(weights)
+    reconstructions = torch.cat(reconstructions)
+    metrics = waveform_metrics(reconstructions, waveforms.float().cpu(), lengths.cpu(), sample_rate, batch_size,
+                               **distance_sizes)
     num_codebooks = int(getattr(tokenizer, "num_codebooks", 1))
     frames_per_second = sample_rate / tokenizer.hop_length
-    metrics = {
-        "si_snr_db": snr.mean().item(),
-        "si_snr_db_median": snr.median().item(),
-        "stft_distance": sum(d * w for d, w in zip(stft_distances, weights)) / total,
-        "mel_distance": sum(d * w for d, w in zip(mel_distances, weights)) / total,
-        "frames_per_second": frames_per_second,
-        "bitrate_bps": frames_per_second * num_codebooks * math.log2(tokenizer.vocab_size),
-        "num_clips": float(total),
-    }
-    return metrics, torch.cat(codes), torch.cat(reconstructions)
+    metrics.update(frames_per_second=frames_per_second,
+                   bitrate_bps=frames_per_second * num_codebooks * math.log2(tokenizer.vocab_size))
+    return metrics, torch.cat(codes), reconstructions
 
 
 def code_usage_metrics(codes: torch.Tensor, num_frames: torch.Tensor, codebook_size: int) -> dict[str, float]:

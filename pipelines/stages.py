@@ -166,7 +166,7 @@ class Run:
     def samples_fingerprint(self) -> str:
         c = self.config
         if c.is_audio:
-            audio = (c.audio.prefix_seconds, c.audio.completions, c.audio.spectrogram_clips, c.audio.classifier)
+            audio = (c.audio.prefix_seconds, c.audio.completions, c.audio.spectrogram_clips, c.audio.classifier.identity())
             return fingerprint("samples", self.prior_fingerprint(), c.sampling, audio)
         return fingerprint("samples", self.prior_fingerprint(), c.sampling)
 

@@ -1,5 +1,9 @@
 """Reconstruction scoring in the spoken-digit classifier's space (pipelines.audio_eval)."""
 
+import shutil
+
+import numpy as np
+import pytest
 import torch
 
 from pipelines.audio_eval import SpokenDigitClassifierConfig, log_mel_features, reconstruction_classifier_metrics
@@ -58,3 +62,95 @@ def test_band_oracles_keep_the_low_band_exactly_and_treat_the_highs_as_named():
     clips = torch.stack([low + high, low + high])[:, None]
     rendered = oracle_clips(clips, torch.tensor([800, 500]), rate, 1000, "muted")
     assert rendered[1, 0, 500:].abs().max() == 0 and rendered[0, 0, 500:].abs().max() > 0.5  # padding stays silent
+
+
+def _tone_clips(lengths: list[int], total: int = 1600) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n 1 total) voiced-like clips (two harmonics and noise), silent after each length."""
+    generator = torch.Generator().manual_seed(1)
+    t = torch.arange(total) / RATE
+    clips = torch.stack([torch.sin(2 * torch.pi * f0 * t) + 0.5 * torch.sin(2 * torch.pi * 3 * f0 * t)
+                         for f0 in (140.0, 210.0, 95.0)[: len(lengths)]])[:, None]
+    clips = 0.4 * clips + 0.05 * torch.randn(clips.shape, generator=generator)
+    lengths = torch.tensor(lengths)
+    return clips * (torch.arange(total) < lengths[:, None])[:, None], lengths
+
+
+def test_waveform_metrics_scores_any_codecs_output_over_real_samples_only():
+    from pipelines.audio_eval import waveform_metrics
+
+    clips, lengths = _tone_clips([1600, 900, 1200])
+    exact = waveform_metrics(clips.clone(), clips, lengths, RATE)
+    assert exact["si_snr_db"] > 60 and exact["stft_distance"] < 1e-3 and exact["mel_distance"] < 1e-3
+    assert waveform_metrics(0.3 * clips, clips, lengths, RATE)["si_snr_db"] > 60  # scale-invariant
+    garbage_in_padding = clips + 5.0 * (torch.arange(1600) >= lengths[:, None])[:, None]
+    assert waveform_metrics(garbage_in_padding, clips, lengths, RATE)["si_snr_db"] > 60
+    noisy = waveform_metrics(clips + 0.1 * torch.randn(clips.shape, generator=torch.Generator().manual_seed(2)),
+                             clips, lengths, RATE, batch_size=2)  # batches of unequal size are weighted by clips
+    assert 5 < noisy["si_snr_db"] < 20 and noisy["num_clips"] == 3 and noisy["stft_distance"] > 0.05
+
+
+def test_lagged_si_snr_finds_a_decoders_delay():
+    from benchmarks.codec2_reference import lagged_si_snr
+    from pipelines.audio_data import lengths_to_mask
+
+    clips, lengths = _tone_clips([1600, 1200])
+    delayed = torch.nn.functional.pad(clips[:, 0], (7, 0))[:, :1600]  # decoded[t] = clip[t - 7]
+    scores = lagged_si_snr(delayed, clips[:, 0], lengths_to_mask(lengths, 1600), max_lag=20)
+    assert scores.shape == (2, 41)
+    assert (scores.argmax(1) - 20).tolist() == [7, 7]
+    assert scores[:, 27].min() > 15 and scores[:, 20].max() < 10  # aligned, the clip (less the 7 samples cut at the end)
+
+
+@pytest.mark.skipif(shutil.which("c2enc") is None or shutil.which("c2dec") is None,
+                    reason="Codec2's c2enc/c2dec are not installed (apt-get install codec2)")
+def test_codec2_roundtrip_keeps_the_length_and_codes_at_the_modes_bitrate(tmp_path):
+    from benchmarks.codec2_reference import codec2_roundtrip, codec2_tools
+
+    clips, _ = _tone_clips([1600], total=8000)  # one second
+    decoded, bits = codec2_roundtrip(clips[0, 0, :7000].numpy(), "1600", codec2_tools(), tmp_path)
+    assert decoded.shape == (7000,) and decoded.dtype == np.float32
+    assert 1400 * 7000 / RATE <= bits <= 1600 * 7000 / RATE + 64  # 64-bit frames of 40 ms
+    assert 0.01 < np.abs(decoded).max() <= 1.0  # sound comes back, in range
+
+
+def test_band_limited_features_are_the_clips_low_passed_at_their_own_cutoffs_and_silent_after_each_clip():
+    from pipelines.audio_eval import band_limited_features
+
+    clips, lengths = _tone_clips([1600, 1200])
+    t = torch.arange(1600) / RATE
+    clips = clips + 0.3 * torch.sin(2 * torch.pi * 3500 * t) * (torch.arange(1600) < lengths[:, None])[:, None]
+    config = SpokenDigitClassifierConfig(band_limited_copies=4, band_limit_min_hz=3000)  # half the cutoffs above 3.5 kHz
+    plain, copies = log_mel_features(clips, config, RATE), band_limited_features(clips, lengths, config, RATE)
+    assert copies.shape == (8, *plain.shape[1:])
+    assert torch.equal(copies, band_limited_features(clips, lengths, config, RATE, batch_size=1))  # seeded, batch-free
+    frames_after_end = slice(1200 // config.hop + 3, None)  # past the short clip and the STFT window's reach
+    assert torch.equal(copies[1::2, ..., frames_after_end], plain[1:2, ..., frames_after_end].expand(4, -1, -1, -1))
+    top_band = (copies[..., -1, :].mean(-1) - plain[..., -1, :].mean(-1).repeat(4, 1)).flatten()  # mel band at ~3.5-4 kHz
+    assert (top_band < -0.3).any() and (top_band.abs() < 0.3).any()  # each copy its own cutoff: some lose it, some keep it
+    assert torch.allclose(copies[..., :10, :], plain[..., :10, :].repeat(4, 1, 1, 1), atol=0.05)  # the lows are kept
+
+
+def test_band_limited_copies_enlarge_the_classifiers_train_split_and_only_then_its_fingerprint(tmp_path):
+    import dataclasses
+
+    from pipelines.audio_eval import load_or_train_audio_classifier
+    from pipelines.config import fingerprint
+
+    network = ClassifierConfig(channels=(4,), feature_dim=8, epochs=1)
+    plain = SpokenDigitClassifierConfig(network=network)
+    banded = dataclasses.replace(plain, band_limited_copies=2)
+    old_style = {k: v for k, v in dataclasses.asdict(plain).items() if not k.startswith("band_")}
+    assert fingerprint(plain.identity()) == fingerprint(old_style)  # caches and runs from before keep theirs
+    assert fingerprint(banded.identity()) != fingerprint(plain.identity())
+    clips, lengths = _tone_clips([1600, 1200, 900])
+    labels = torch.tensor([0, 1, 2])
+    _, info = load_or_train_audio_classifier(tmp_path / "b", clips, labels, banded, 3, RATE, train_lengths=lengths)
+    assert info["train_size"] == 9 and not info["reused"]
+    _, info = load_or_train_audio_classifier(tmp_path / "b", clips, labels, banded, 3, RATE, train_lengths=lengths)
+    assert info["reused"]
+    _, info = load_or_train_audio_classifier(tmp_path / "b", clips, labels, plain, 3, RATE)
+    assert info["train_size"] == 3 and not info["reused"]
+    with pytest.raises(ValueError, match="lengths"):
+        load_or_train_audio_classifier(tmp_path / "c", clips, labels, banded, 3, RATE)
+    with pytest.raises(ValueError, match="band_limited_copies"):
+        SpokenDigitClassifierConfig(band_limited_copies=-1)

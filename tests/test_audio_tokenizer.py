@@ -432,3 +432,53 @@ def test_feature_matching_is_zero_for_identical_features():
     assert float(feature_matching_loss(same, same)) == 0.0
     other = [DiscriminatorOutput(torch.zeros(1), [features[0] + 1.0])]
     assert float(feature_matching_loss(same, other)) > 0.0
+
+
+def test_low_pass_takes_one_cutoff_per_signal():
+    generator = torch.Generator().manual_seed(0)
+    signals = torch.randn(3, 1, 400, generator=generator)
+    cutoffs = torch.tensor([500.0, 1500.0, 3900.0])
+    each = torch.stack([low_pass(signal[None], 8000, float(cutoff))[0] for signal, cutoff in zip(signals, cutoffs)])
+    assert torch.allclose(low_pass(signals, 8000, cutoffs), each, atol=1e-6)
+    assert torch.allclose(low_pass(signals[:, 0], 8000, cutoffs), each[:, 0], atol=1e-6)  # (b t) too
+
+
+def test_a_target_cutoff_scores_the_output_against_the_inputs_low_band_but_encodes_the_whole_band():
+    x, mask = audio(length=800), torch.ones(2, 800, dtype=torch.bool)
+    mask[1, 600:] = False
+    config = tiny_config(si_snr_weight=1.0, target_cutoff_hz=1000.0)
+    model = AudioVQVAE(config).train()
+    reconstruction = copy.deepcopy(model)(x, mask)[0]  # the encoder is given the whole band
+    target = low_pass(x, 8000, 1000, mask)
+    metrics = model.loss({"waveform": x, "mask": mask}, "main", 0)[1]
+    assert metrics["si_snr_loss"] == pytest.approx(-si_snr(reconstruction, target, mask).mean().item(), abs=1e-4)
+    assert metrics["waveform_loss"] == pytest.approx(masked_l1(reconstruction, target, mask).item(), abs=1e-5)
+    stft = multi_resolution_stft_loss(reconstruction, target, config.stft_fft_sizes, mask, 8000, 1000.0)
+    assert metrics["stft_loss"] == pytest.approx(stft.item(), abs=1e-4)  # bins up to 1 kHz only
+    assert stft.item() != pytest.approx(multi_resolution_stft_loss(reconstruction, target, config.stft_fft_sizes,
+                                                                   mask).item(), abs=1e-3)
+    mel = mel_loss(reconstruction, target, mel_filterbank(8000, config.mel_fft_size, config.num_mels, max_frequency=1000),
+                   config.mel_fft_size, config.mel_hop, mask)
+    assert metrics["mel_loss"] == pytest.approx(mel.item(), abs=1e-4)  # mel bands up to 1 kHz only
+    with pytest.raises(ValueError, match="target_cutoff_hz"):
+        tiny_config(target_cutoff_hz=4000.0)
+
+
+def test_the_stft_loss_with_a_frequency_limit_ignores_everything_above_it():
+    t = torch.arange(1600, dtype=torch.float64) / 8000
+    low = rearrange_clip(torch.sin(2 * math.pi * 300 * t).float())
+    with_highs = low + rearrange_clip(0.5 * torch.sin(2 * math.pi * 3000 * t).float())
+    assert multi_resolution_stft_loss(with_highs, low, (128, 256)) > 0.5
+    assert multi_resolution_stft_loss(with_highs, low, (128, 256), sample_rate=8000, max_frequency_hz=1500) < 0.1
+    with pytest.raises(ValueError, match="sample_rate"):
+        multi_resolution_stft_loss(with_highs, low, (128,), max_frequency_hz=1500)
+
+
+def test_a_target_cutoff_shows_the_discriminator_low_passed_reals():
+    x, mask = audio(length=800), torch.ones(2, 800, dtype=torch.bool)
+    discriminator = AudioDiscriminatorConfig(base_channels=4, fft_sizes=(64,))
+    model = AudioVQVAE(tiny_config(gan_weight=1.0, discriminator=discriminator, target_cutoff_hz=1000.0)).train()
+    seen = []
+    model.discriminator.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].detach()))
+    model.loss({"waveform": x, "mask": mask}, "discriminator", 0)
+    assert torch.allclose(seen[0], low_pass(x, 8000, 1000, mask), atol=1e-5)  # reals first, then fakes

@@ -104,6 +104,12 @@ class AudioVQVAEConfig:
     # > 0: the SI-SNR term judges only the band below this frequency (Hz). Above it a codec that cannot
     # match the phase scores best by going quiet, which the classifier hears (si_snr_band_oracles.py).
     si_snr_cutoff_hz: float = 0.0
+    # > 0: the codec is asked for the input's band below this frequency only, and spends its bits there.
+    # The waveform and SI-SNR terms (and a GAN's real clips) take the input low-passed here, so above it
+    # they ask for quiet (the best a codec can do for SI-SNR where it cannot match the phase); the STFT
+    # and mel terms judge only the bins and mel bands below it, where their log scale has something to
+    # match. The encoder still hears the whole band. For a judge that hears band-limited speech as speech.
+    target_cutoff_hz: float = 0.0
     stft_weight: float = 1.0
     stft_fft_sizes: tuple[int, ...] = (64, 128, 256, 512)  # window n, hop n / 4
     mel_weight: float = 1.0
@@ -134,10 +140,14 @@ class AudioVQVAEConfig:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if min(self.channels, self.sample_rate, self.hidden_channels, self.embedding_dim) < 1:
             raise ValueError("channels, sample_rate, hidden_channels and embedding_dim must be positive")
-        for name in ("waveform_weight", "si_snr_weight", "si_snr_cutoff_hz", "stft_weight", "mel_weight", "gan_weight",
+        for name in ("waveform_weight", "si_snr_weight", "si_snr_cutoff_hz", "target_cutoff_hz", "stft_weight",
+                     "mel_weight", "gan_weight",
                      "feature_matching_weight", "discriminator_start", "augment_max_delay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.target_cutoff_hz >= self.sample_rate / 2:
+            raise ValueError(f"target_cutoff_hz must lie below the Nyquist frequency ({self.sample_rate / 2:g} Hz), "
+                             f"got {self.target_cutoff_hz}; 0 keeps the whole band")
         if not 0.0 <= self.augment_max_speed_change < 0.5:
             raise ValueError(f"augment_max_speed_change must lie in [0, 0.5), got {self.augment_max_speed_change}")
         if self.feature_matching_weight > 0 and self.gan_weight == 0:
@@ -188,7 +198,8 @@ class AudioVQVAE(PretrainedTokenizer, nn.Module):
         self.discriminator = build_audio_discriminator(config.discriminator, config.channels, generator) \
             if self.use_gan else None
         if config.mel_weight > 0:  # a constant of the config: not saved, rebuilt on load
-            filterbank = mel_filterbank(config.sample_rate, config.mel_fft_size, config.num_mels)
+            filterbank = mel_filterbank(config.sample_rate, config.mel_fft_size, config.num_mels,
+                                        max_frequency=config.target_cutoff_hz or None)
             self.register_buffer("mel_filterbank", filterbank, persistent=False)
 
     @property
@@ -381,9 +392,12 @@ class AudioVQVAE(PretrainedTokenizer, nn.Module):
         if phase not in valid_phases:
             raise ValueError(f"AudioVQVAE phases are {valid_phases} (gan_weight={self.config.gan_weight}); "
                              f"got {phase!r}")
+        target = waveform
+        if self.config.target_cutoff_hz > 0:
+            target = low_pass(waveform, self.config.sample_rate, self.config.target_cutoff_hz, mask).to(waveform.dtype)
         if phase == "discriminator":
-            return self._discriminator_loss(waveform, mask)
-        return self._reconstruction_loss(waveform, mask, step)
+            return self._discriminator_loss(waveform, target, mask)
+        return self._reconstruction_loss(waveform, target, mask, step)
 
     def _spectral_losses(self, reconstruction: Tensor, target: Tensor, mask: Tensor) -> dict[str, Tensor]:
         config = self.config
@@ -396,16 +410,20 @@ class AudioVQVAE(PretrainedTokenizer, nn.Module):
                 judged = tuple(low_pass(signal, config.sample_rate, config.si_snr_cutoff_hz, mask) for signal in judged)
             losses["si_snr_loss"] = -si_snr(*judged, mask).mean()
         if config.stft_weight > 0:
-            losses["stft_loss"] = multi_resolution_stft_loss(reconstruction, target, config.stft_fft_sizes, mask)
+            losses["stft_loss"] = multi_resolution_stft_loss(reconstruction, target, config.stft_fft_sizes, mask,
+                                                             config.sample_rate, config.target_cutoff_hz)
         if config.mel_weight > 0:
             losses["mel_loss"] = mel_loss(reconstruction, target, self.mel_filterbank, config.mel_fft_size,
                                           config.mel_hop, mask)
         return losses
 
-    def _reconstruction_loss(self, waveform: Tensor, mask: Tensor, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def _reconstruction_loss(self, waveform: Tensor, target: Tensor, mask: Tensor,
+                             step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """The generator's losses: `waveform` is encoded, the output is compared with `target` (the same
+        clips, or their low band under `target_cutoff_hz`)."""
         config = self.config
         reconstruction, _, aux_loss, quantizer_metrics = self(waveform, mask)
-        losses = self._spectral_losses(reconstruction, waveform, mask)
+        losses = self._spectral_losses(reconstruction, target, mask)
         total = (config.waveform_weight * losses["waveform_loss"] + config.si_snr_weight * losses["si_snr_loss"]
                  + config.stft_weight * losses["stft_loss"] + config.mel_weight * losses["mel_loss"] + aux_loss)
         metrics = {name: value.detach() for name, value in losses.items()}
@@ -419,7 +437,7 @@ class AudioVQVAE(PretrainedTokenizer, nn.Module):
                 total = total + config.gan_weight * g_loss
                 if config.feature_matching_weight > 0:
                     with torch.no_grad():
-                        real = self.discriminator(waveform * sample_mask)
+                        real = self.discriminator(target * sample_mask)
                     fm_loss = feature_matching_loss(real, fake)
                     total = total + config.feature_matching_weight * fm_loss
             metrics.update(g_loss=g_loss.detach(), feature_matching_loss=fm_loss.detach())
@@ -433,7 +451,8 @@ class AudioVQVAE(PretrainedTokenizer, nn.Module):
         detached.update(dict(self.discriminator.named_buffers()))
         return functional_call(self.discriminator, detached, (audio,))
 
-    def _discriminator_loss(self, waveform: Tensor, mask: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def _discriminator_loss(self, waveform: Tensor, target: Tensor, mask: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Reals are the `target` clips the generator is asked for, fakes its output for `waveform`."""
         with torch.no_grad():  # eval mode: no codebook update, the generator phase already made it
             was_training = self.training
             self.eval()
@@ -442,7 +461,7 @@ class AudioVQVAE(PretrainedTokenizer, nn.Module):
             finally:
                 self.train(was_training)
         sample_mask = rearrange(mask, "b t -> b 1 t").to(waveform.dtype)
-        real_outputs = self.discriminator(waveform * sample_mask)
+        real_outputs = self.discriminator(target * sample_mask)
         fake_outputs = self.discriminator(fake.to(waveform.dtype) * sample_mask)
         losses = [discriminator_loss(real.logits, fake.logits, self.config.gan_loss)
                   for real, fake in zip(real_outputs, fake_outputs)]

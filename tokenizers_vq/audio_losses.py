@@ -66,11 +66,12 @@ def _magnitude(signal: Tensor, fft_size: int, hop: int, window_length: int) -> T
 
 
 def stft_loss(estimate: Tensor, target: Tensor, fft_size: int, hop: int, window_length: int,
-              mask: Tensor | None = None) -> Tensor:
-    """Spectral convergence + mean |log|S^| - log|S||, one resolution, over unmasked frames."""
+              mask: Tensor | None = None, num_bins: int | None = None) -> Tensor:
+    """Spectral convergence + mean |log|S^| - log|S||, one resolution, over unmasked frames (and the
+    lowest `num_bins` frequency bins only, if given)."""
     estimate, target, mask = _prepare(estimate, target, mask)
-    estimate_magnitude = _magnitude(estimate, fft_size, hop, window_length)
-    target_magnitude = _magnitude(target, fft_size, hop, window_length)
+    estimate_magnitude = _magnitude(estimate, fft_size, hop, window_length)[..., :num_bins]
+    target_magnitude = _magnitude(target, fft_size, hop, window_length)[..., :num_bins]
     frames = rearrange(_frame_mask(mask, hop, target_magnitude.shape[1]), "n frames -> n frames 1")
     difference = (target_magnitude - estimate_magnitude) * frames
     convergence = (reduce(difference.square(), "n frames f -> n", "sum").sqrt()
@@ -81,11 +82,19 @@ def stft_loss(estimate: Tensor, target: Tensor, fft_size: int, hop: int, window_
 
 
 def multi_resolution_stft_loss(estimate: Tensor, target: Tensor, fft_sizes: Sequence[int],
-                               mask: Tensor | None = None) -> Tensor:
-    """Mean of `stft_loss` over FFT sizes n, each with window n and hop n / 4."""
+                               mask: Tensor | None = None, sample_rate: int = 0,
+                               max_frequency_hz: float = 0.0) -> Tensor:
+    """Mean of `stft_loss` over FFT sizes n, each with window n and hop n / 4; with `max_frequency_hz`
+    (and the `sample_rate`) only the bins up to that frequency are judged."""
     if not fft_sizes:
         raise ValueError("fft_sizes must name at least one FFT size")
-    losses = [stft_loss(estimate, target, size, max(size // 4, 1), size, mask) for size in fft_sizes]
+    if max_frequency_hz > 0 and sample_rate <= 0:
+        raise ValueError("max_frequency_hz needs the sample_rate")
+
+    def bins(size: int) -> int | None:
+        return int(max_frequency_hz * size / sample_rate) + 1 if max_frequency_hz > 0 else None
+
+    losses = [stft_loss(estimate, target, size, max(size // 4, 1), size, mask, bins(size)) for size in fft_sizes]
     return torch.stack(losses).mean()
 
 
@@ -166,14 +175,17 @@ def si_snr(estimate: Tensor, target: Tensor, mask: Tensor | None = None, epsilon
     return values if squeeze else rearrange(values, "(b c) -> b c", b=batch)
 
 
-def low_pass(signal: Tensor, sample_rate: int, cutoff_hz: float, mask: Tensor | None = None) -> Tensor:
+def low_pass(signal: Tensor, sample_rate: int, cutoff_hz: float | Tensor, mask: Tensor | None = None) -> Tensor:
     """(b c t) or (b t) signals with every FFT bin above `cutoff_hz` removed (one FFT over the whole,
-    masked, signal; differentiable). For losses that should only judge the band a codec can match."""
+    masked, signal; differentiable). For losses that should only judge the band a codec can match.
+    `cutoff_hz` may be a (b,) tensor: each signal its own cutoff."""
     if mask is not None:
         signal = signal * (rearrange(mask, "b t -> b 1 t") if signal.ndim == 3 else mask).to(signal.dtype)
     spectrum = torch.fft.rfft(signal.float(), dim=-1)
-    keep = torch.fft.rfftfreq(signal.shape[-1], d=1.0 / sample_rate, device=signal.device) <= cutoff_hz
-    return torch.fft.irfft(spectrum * keep, n=signal.shape[-1], dim=-1)
+    frequencies = torch.fft.rfftfreq(signal.shape[-1], d=1.0 / sample_rate, device=signal.device)
+    if isinstance(cutoff_hz, Tensor):  # (b,) -> (b [1] 1), against (f,)
+        cutoff_hz = cutoff_hz.to(signal.device).reshape(-1, *(1,) * (signal.ndim - 1))
+    return torch.fft.irfft(spectrum * (frequencies <= cutoff_hz), n=signal.shape[-1], dim=-1)
 
 
 def frames_per_second(sample_rate: int, hop: int) -> float:
