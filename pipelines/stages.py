@@ -11,6 +11,7 @@ evaluation run on the main process while the others wait.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -166,7 +167,9 @@ class Run:
     def samples_fingerprint(self) -> str:
         c = self.config
         if c.is_audio:
-            audio = (c.audio.prefix_seconds, c.audio.completions, c.audio.spectrogram_clips, c.audio.classifier.identity())
+            # the classifier's front end draws the spectrograms; which clips its judge trained on is no concern of theirs
+            judge = dataclasses.replace(c.audio.classifier, band_limited_copies=0).identity()
+            audio = (c.audio.prefix_seconds, c.audio.completions, c.audio.spectrogram_clips, judge)
             return fingerprint("samples", self.prior_fingerprint(), c.sampling, audio)
         return fingerprint("samples", self.prior_fingerprint(), c.sampling)
 

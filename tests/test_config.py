@@ -108,3 +108,15 @@ def test_fingerprint_ignores_the_order_a_section_was_written_in(tmp_path):
     assert fingerprint(written.tokenizer) == fingerprint(overridden.tokenizer)
     changed = load_run_config(on_command_line, ["tokenizer.hidden_channels=32"])
     assert fingerprint(changed.tokenizer) != fingerprint(written.tokenizer)
+
+
+def test_the_judge_of_an_audio_run_changes_its_evaluation_not_its_samples():
+    from pipelines.stages import Run
+
+    path = CONFIG_DIR / "pipeline" / "fsdd_cpu.toml"
+    plain = Run(load_run_config(path))
+    banded = Run(load_run_config(path, ["audio.classifier.band_limited_copies=2"]))
+    assert banded.config.audio.classifier.band_limited_copies == 2
+    assert banded.samples_fingerprint() == plain.samples_fingerprint()  # the samples are reused, then judged anew
+    spectrograms = Run(load_run_config(path, ["audio.classifier.hop=64"]))  # the front end draws the spectrograms
+    assert spectrograms.samples_fingerprint() != plain.samples_fingerprint()
