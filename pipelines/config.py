@@ -278,6 +278,9 @@ def fingerprint(*parts: Any) -> str:
 
 
 def _as_json(value: Any) -> Any:
+    """A dataclass as the dict of its fields (json.dumps comes back here for nested ones), less the fields
+    marked `ADDED_LATER` that hold their defaults; anything else as its str."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)
+                if not (f.metadata.get("fingerprint_when_set") and getattr(value, f.name) == f.default)}
     return str(value)

@@ -120,3 +120,15 @@ def test_the_judge_of_an_audio_run_changes_its_evaluation_not_its_samples():
     assert banded.samples_fingerprint() == plain.samples_fingerprint()  # the samples are reused, then judged anew
     spectrograms = Run(load_run_config(path, ["audio.classifier.hop=64"]))  # the front end draws the spectrograms
     assert spectrograms.samples_fingerprint() != plain.samples_fingerprint()
+
+
+def test_a_field_added_later_stays_out_of_fingerprints_at_its_default():
+    import dataclasses
+
+    from tokenizers_vq.audio import AudioVQVAEConfig
+
+    config = AudioVQVAEConfig()
+    older = {name: value for name, value in dataclasses.asdict(config).items() if name != "target_cutoff_hz"}
+    assert fingerprint("tokenizer", config) == fingerprint("tokenizer", older)  # runs from before keep their stages
+    assert fingerprint("tokenizer", dataclasses.replace(config, target_cutoff_hz=2000.0)) != fingerprint("tokenizer", older)
+    assert fingerprint(dataclasses.replace(config, si_snr_cutoff_hz=1500.0)) != fingerprint(config)  # others always count

@@ -38,7 +38,7 @@ from tokenizers_vq.nets.audio_discriminators import (
 )
 from tokenizers_vq.nets.conv1d import ACTIVATIONS, Decoder1d, Encoder1d, check_strides, hop_length
 from tokenizers_vq.quantizers import QUANTIZERS, QuantizerConfig, ResidualVQConfig, VQConfig, build_quantizer
-from tokenizers_vq.quantizers.base import config_from_dict
+from tokenizers_vq.quantizers.base import ADDED_LATER, config_from_dict
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class AudioVQVAEConfig:
     # they ask for quiet (the best a codec can do for SI-SNR where it cannot match the phase); the STFT
     # and mel terms judge only the bins and mel bands below it, where their log scale has something to
     # match. The encoder still hears the whole band. For a judge that hears band-limited speech as speech.
-    target_cutoff_hz: float = 0.0
+    target_cutoff_hz: float = field(default=0.0, metadata=ADDED_LATER)
     stft_weight: float = 1.0
     stft_fft_sizes: tuple[int, ...] = (64, 128, 256, 512)  # window n, hop n / 4
     mel_weight: float = 1.0

@@ -96,6 +96,11 @@ def is_rank_zero() -> bool:
 
 # --- configs ------------------------------------------------------------------------------------
 
+# `field(default=..., metadata=ADDED_LATER)` marks a config field added after runs were fingerprinted
+# (`pipelines.config.fingerprint`): at its default it is left out of stage fingerprints, so a run made
+# before it keeps its stages instead of retraining them after an upgrade.
+ADDED_LATER = {"fingerprint_when_set": True}
+
 
 def config_from_dict(cls, data: dict):
     """Build the frozen dataclass `cls` from a plain (e.g. JSON) dict.
