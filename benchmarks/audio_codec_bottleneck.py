@@ -24,6 +24,7 @@ import torch
 from einops import rearrange, reduce
 
 from pipelines.audio_data import lengths_to_mask, load_audio_dataset
+from pipelines.cli import parse_with_trailing_overrides
 from pipelines.config import load_run_config
 from tokenizers_vq import load_tokenizer
 from tokenizers_vq.audio_losses import si_snr
@@ -122,7 +123,7 @@ def summary(values: torch.Tensor) -> dict:
 
 def main() -> None:
     parser = codec_arguments(__doc__.splitlines()[0])
-    args = parser.parse_args()
+    args = parse_with_trailing_overrides(parser)
     torch.set_num_threads(args.threads)
     run = load_run_config(args.config, args.overrides)
     if not run.is_audio:

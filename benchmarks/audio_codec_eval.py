@@ -24,6 +24,7 @@ import torch
 
 from pipelines import audio_eval
 from pipelines.audio_data import load_audio_dataset
+from pipelines.cli import parse_with_trailing_overrides
 from pipelines.config import load_run_config
 from tokenizers_vq import load_tokenizer
 
@@ -47,7 +48,7 @@ def main() -> None:
     parser.add_argument("--classifier-cache", default="", help="folder to keep the classifier in between runs")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the codec and the classifier run (default: CUDA when there is one)")
-    args = parser.parse_args()
+    args = parse_with_trailing_overrides(parser)
     torch.set_num_threads(args.threads)
 
     config = load_run_config(args.config, args.overrides)

@@ -29,6 +29,7 @@ import torch
 from pipelines import audio_eval
 from pipelines.audio_data import load_audio_dataset
 from pipelines.classifier import classifier_accuracy
+from pipelines.cli import parse_with_trailing_overrides
 from pipelines.config import load_run_config
 
 try:
@@ -50,7 +51,7 @@ def main() -> None:
     parser.add_argument("--min-cutoff", type=float, default=1000.0, help="lowest cutoff of a copy (Hz)")
     parser.add_argument("--out", default="", help="JSON file for the figures (printed either way)")
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    args = parse_with_trailing_overrides(parser)
     torch.set_num_threads(args.threads)
     config = load_run_config(args.config, args.overrides)
     data, rate = load_audio_dataset(config.audio_data), config.audio_data.sample_rate

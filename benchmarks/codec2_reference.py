@@ -36,6 +36,7 @@ from einops import rearrange
 from pipelines import audio_eval
 from pipelines.audio_data import lengths_to_mask, load_audio_dataset
 from pipelines.classifier import classifier_accuracy
+from pipelines.cli import parse_with_trailing_overrides
 from pipelines.config import load_run_config
 from tokenizers_vq.audio_losses import si_snr
 
@@ -105,7 +106,7 @@ def main() -> None:
     parser.add_argument("--max-lag", type=int, default=320, help="samples either way searched for the best lag")
     parser.add_argument("--out", default="", help="JSON file for the figures (printed either way)")
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    args = parse_with_trailing_overrides(parser)
     torch.set_num_threads(args.threads)
     tools = codec2_tools()
     config = load_run_config(args.config, args.overrides)

@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from pipelines import audio_eval
 from pipelines.audio_data import load_audio_dataset
 from pipelines.audio_stages import decode_audio_tokens, silence_after
+from pipelines.cli import parse_with_trailing_overrides
 from pipelines.config import load_run_config
 from pipelines.tokenset import read_manifest
 from tokenizers_vq import load_tokenizer
@@ -69,7 +70,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, as for tokgen")
     parser.add_argument("--out", default="", help="JSON file for the figures (printed either way)")
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    args = parse_with_trailing_overrides(parser)
     torch.set_num_threads(args.threads)
     run_dir, other = Path(args.run_dir), Path(args.tokenizer)
     differ = tokens_differ(run_dir / "tokenizer", other)

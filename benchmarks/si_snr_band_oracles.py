@@ -30,6 +30,7 @@ import torch
 from pipelines import audio_eval
 from pipelines.audio_data import load_audio_dataset
 from pipelines.classifier import classifier_logits, prediction_accuracy
+from pipelines.cli import parse_with_trailing_overrides
 from pipelines.config import load_run_config
 from tokenizers_vq.audio_losses import low_pass, si_snr
 
@@ -80,7 +81,7 @@ def main() -> None:
     parser.add_argument("--classifier-cache", required=True, help="folder to keep the classifier in between runs")
     parser.add_argument("--out", default="", help="JSON file for the figures (printed either way)")
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    args = parse_with_trailing_overrides(parser)
     torch.set_num_threads(args.threads)
     config = load_run_config(args.config, args.overrides)
     data = load_audio_dataset(config.audio_data)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from pipelines.cli import parse_with_trailing_overrides
 from pipelines.code_search import search_codes_in_batches
 from pipelines.compare import load_compare_config, prepare_dataset, split_inputs, two_stage_log_joint
 from pipelines.data import load_image_dataset
@@ -43,7 +44,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="", help="JSON file for the figures (printed either way)")
-    args = parser.parse_args()
+    args = parse_with_trailing_overrides(parser)
     torch.set_num_threads(args.threads)
 
     config = load_compare_config(args.config, args.overrides)

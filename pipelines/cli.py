@@ -149,8 +149,24 @@ def generate_from_prompt(args, tokenizer, prior, tokenset, options, device) -> P
     return continue_image_prompt(args.prompt, tokenizer, prior, tokenset.manifest, args.prompt_rows, out=out, **common)
 
 
+def parse_command_line(argv: list[str] | None = None) -> argparse.Namespace:
+    return parse_with_trailing_overrides(build_parser(), argv)
+
+
+def parse_with_trailing_overrides(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """`parser.parse_args`, except that key=value overrides may also follow the flags (`tokgen run cfg.toml
+    --resume a.b=1`): argparse alone takes positionals only up to the first flag and refuses the rest."""
+    args, extra = parser.parse_known_args(argv)
+    stray = [item for item in extra if item.startswith("-") or "=" not in item or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
