@@ -29,6 +29,26 @@ from pipelines.config import load_run_config
 from tokenizers_vq import load_tokenizer
 
 
+def test_split(data) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An `AudioDataset`'s test split: (n c t) float32 waveforms, their lengths in samples, their labels."""
+    return (torch.from_numpy(np.ascontiguousarray(data.test.waveforms, dtype=np.float32)),
+            torch.as_tensor(data.test.lengths), torch.as_tensor(data.test.labels))
+
+
+def machine(args) -> str:
+    """Where a script ran: the GPU (`args.device`, if the script has one) or the CPU and its thread count."""
+    device = getattr(args, "device", "cpu")
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(device)}, fp32, torch {torch.__version__}"
+    return f"{platform.machine()} CPU, {args.threads} torch thread(s), torch {torch.__version__}"
+
+
+def save_record(record: dict, out: str) -> None:
+    """A script's figures as JSON at `out` (nothing when it is empty: they were printed)."""
+    if out:
+        Path(out).write_text(json.dumps(record, indent=2, default=float))
+
+
 def codec_arguments(description: str) -> argparse.ArgumentParser:
     """The arguments of the scripts that score a trained audio codec on its run's test split."""
     parser = argparse.ArgumentParser(description=description)
@@ -56,9 +76,8 @@ def main() -> None:
         raise SystemExit(f"{args.config} is not an audio run config (no [audio_data] section)")
     data = load_audio_dataset(config.audio_data)
     tokenizer = load_tokenizer(args.tokenizer).eval().to(args.device)
-    waveforms = torch.from_numpy(data.test.waveforms)
-    metrics, _, reconstructions = audio_eval.reconstruction_metrics(
-        tokenizer, waveforms, torch.as_tensor(data.test.lengths))
+    waveforms, lengths, labels = test_split(data)
+    metrics, _, reconstructions = audio_eval.reconstruction_metrics(tokenizer, waveforms, lengths)
     if args.train_clips:
         spread = np.unique(np.linspace(0, len(data.train) - 1, min(args.train_clips, len(data.train))).round()
                            .astype(np.int64))  # every part of the split: FSDD's train clips come grouped by speaker
@@ -72,19 +91,12 @@ def main() -> None:
         features = partial(audio_eval.log_mel_features, config=config.audio.classifier,
                            sample_rate=config.audio_data.sample_rate)
         metrics.update(audio_eval.reconstruction_classifier_metrics(
-            classifier, features(reconstructions), features(waveforms), torch.as_tensor(data.test.labels)))
+            classifier, features(reconstructions), features(waveforms), labels))
     record = {"config": args.config, "tokenizer": args.tokenizer, "overrides": args.overrides,
-              "machine": _machine(args),
+              "machine": machine(args),
               "metrics": metrics}
     print(json.dumps(record, indent=2, default=float))
-    if args.out:
-        Path(args.out).write_text(json.dumps(record, indent=2, default=float))
-
-
-def _machine(args) -> str:
-    if args.device.startswith("cuda"):
-        return f"{torch.cuda.get_device_name(args.device)}, fp32, torch {torch.__version__}"
-    return f"{platform.machine()} CPU, {args.threads} torch thread(s), torch {torch.__version__}"
+    save_record(record, args.out)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import platform
 import shutil
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pipelines import audio_eval
@@ -33,9 +30,11 @@ from pipelines.cli import parse_with_trailing_overrides
 from pipelines.config import load_run_config
 
 try:
+    from benchmarks.audio_codec_eval import machine, save_record, test_split
     from benchmarks.codec2_reference import codec2_decodings, codec2_tools
     from benchmarks.si_snr_band_oracles import CUTOFFS_HZ, ORACLES, oracle_clips
 except ImportError:  # run as a script, `python benchmarks/classifier_band_robustness.py`
+    from audio_codec_eval import machine, save_record, test_split
     from codec2_reference import codec2_decodings, codec2_tools
     from si_snr_band_oracles import CUTOFFS_HZ, ORACLES, oracle_clips
 
@@ -63,13 +62,13 @@ def main() -> None:
     judges = {name: audio_eval.dataset_audio_classifier(Path(args.cache) / name, data, judge_config)[0]
               for name, judge_config in (("plain", plain_config), ("band_limited", band_config))}
 
-    test = torch.from_numpy(np.ascontiguousarray(data.test.waveforms, dtype=np.float32))
-    lengths, labels = torch.as_tensor(data.test.lengths), torch.as_tensor(data.test.labels)
+    test, lengths, labels = test_split(data)
     sets = {"real": test}
     sets.update({f"{oracle} above {cutoff} Hz": oracle_clips(test, lengths, rate, cutoff, oracle)
                  for oracle in ORACLES for cutoff in CUTOFFS_HZ})
     if shutil.which("c2enc") and shutil.which("c2dec") and rate == 8000:
-        sets.update({f"Codec2 {mode}": codec2_decodings(test, lengths, mode, codec2_tools())[0] for mode in CODEC2_MODES})
+        tools = codec2_tools()
+        sets.update({f"Codec2 {mode}": codec2_decodings(test, lengths, mode, tools)[0] for mode in CODEC2_MODES})
     rows = []
     for name, clips in sets.items():
         clip_features = features(clips)
@@ -80,10 +79,8 @@ def main() -> None:
               f"{row['band_limited']:.3f} by the band-limited one")
     record = {"config": args.config, "overrides": args.overrides, "copies": args.copies,
               "min_cutoff_hz": args.min_cutoff, "num_test_clips": len(test),
-              "machine": f"{platform.machine()} CPU, {args.threads} torch thread(s), torch {torch.__version__}",
-              "recognised": rows}
-    if args.out:
-        Path(args.out).write_text(json.dumps(record, indent=2, default=float))
+              "machine": machine(args), "recognised": rows}
+    save_record(record, args.out)
 
 
 if __name__ == "__main__":

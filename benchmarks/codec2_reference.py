@@ -20,8 +20,6 @@ is scored by elsewhere in this project.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import shutil
 import subprocess
 import tempfile
@@ -39,6 +37,11 @@ from pipelines.classifier import classifier_accuracy
 from pipelines.cli import parse_with_trailing_overrides
 from pipelines.config import load_run_config
 from tokenizers_vq.audio_losses import si_snr
+
+try:
+    from benchmarks.audio_codec_eval import machine, save_record, test_split
+except ImportError:  # run as a script, `python benchmarks/codec2_reference.py`
+    from audio_codec_eval import machine, save_record, test_split
 
 MODES = ("3200", "2400", "1600", "1300", "1200", "700C")
 CODEC2_RATE = 8000  # Codec2 codes 8 kHz narrow-band speech only
@@ -114,8 +117,7 @@ def main() -> None:
         raise SystemExit(f"Codec2 codes 8 kHz mono speech; {args.config} has audio_data.sample_rate="
                          f"{config.audio_data.sample_rate}, channels={config.audio_data.channels}")
     data = load_audio_dataset(config.audio_data)
-    waveforms = torch.from_numpy(np.ascontiguousarray(data.test.waveforms, dtype=np.float32))
-    lengths, labels = torch.as_tensor(data.test.lengths), torch.as_tensor(data.test.labels)
+    waveforms, lengths, labels = test_split(data)
     mask = lengths_to_mask(lengths, waveforms.shape[-1])
     classifier, _ = audio_eval.dataset_audio_classifier(args.classifier_cache, data, config.audio.classifier)
     features = partial(audio_eval.log_mel_features, config=config.audio.classifier, sample_rate=CODEC2_RATE)
@@ -141,11 +143,10 @@ def main() -> None:
               f"mel {row['mel_distance']:.3f}, recognised {row['reconstruction_class_accuracy']:.3f}")
     record = {"config": args.config, "overrides": args.overrides, "num_clips": len(waveforms), "max_lag": args.max_lag,
               "codec2": codec2_version(),
-              "machine": f"{platform.machine()} CPU, {args.threads} torch thread(s), torch {torch.__version__}",
+              "machine": machine(args),
               "real_clips_recognised": classifier_accuracy(classifier, real_features, labels),
               "modes": results}
-    if args.out:
-        Path(args.out).write_text(json.dumps(record, indent=2, default=float))
+    save_record(record, args.out)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -32,6 +30,11 @@ from pipelines.config import load_run_config
 from pipelines.tokenset import read_manifest
 from tokenizers_vq import load_tokenizer
 from tokenizers_vq.checkpoint import WEIGHTS_NAME
+
+try:
+    from benchmarks.audio_codec_eval import machine, save_record, test_split
+except ImportError:  # run as a script, `python benchmarks/decoder_swap_eval.py`
+    from audio_codec_eval import machine, save_record, test_split
 
 
 def tokens_differ(run_tokenizer: Path, other_tokenizer: Path) -> list[str]:
@@ -51,14 +54,15 @@ def score_decoders(config, run_dir: Path, tokenizer_dirs: dict[str, Path], devic
     data = load_audio_dataset(config.audio_data)
     classifier, _ = audio_eval.dataset_audio_classifier(run_dir / "classifier", data, config.audio.classifier, device)
     features = partial(audio_eval.log_mel_features, config=config.audio.classifier, sample_rate=manifest.sample_rate)
-    test_features = features(torch.from_numpy(np.ascontiguousarray(data.test.waveforms, dtype=np.float32)))
+    test_waveforms, _, test_labels = test_split(data)
+    test_features = features(test_waveforms)
     scores = {}
     for name, folder in tokenizer_dirs.items():
         tokenizer = load_tokenizer(folder).eval().to(device)
         clips = silence_after(decode_audio_tokens(tokenizer, stored["input_ids"], manifest), stored["num_samples"])
         generator = torch.Generator().manual_seed(config.seed)  # the same Frechet subsample for every decoder
         scores[name] = audio_eval.classifier_metrics(classifier, features(clips), stored["label"], test_features,
-                                                     torch.as_tensor(data.test.labels), generator)
+                                                     test_labels, generator)
     return scores
 
 
@@ -80,11 +84,9 @@ def main() -> None:
     config = load_run_config(args.config, args.overrides)
     scores = score_decoders(config, run_dir, {"run_decoder": run_dir / "tokenizer", "other_decoder": other})
     record = {"config": args.config, "run_dir": str(run_dir), "tokenizer": str(other), "overrides": args.overrides,
-              "machine": f"{platform.machine()} CPU, {args.threads} torch thread(s), torch {torch.__version__}",
-              "metrics": scores}
+              "machine": machine(args), "metrics": scores}
     print(json.dumps(record, indent=2, default=float))
-    if args.out:
-        Path(args.out).write_text(json.dumps(record, indent=2, default=float))
+    save_record(record, args.out)
 
 
 if __name__ == "__main__":

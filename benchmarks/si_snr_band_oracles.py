@@ -18,21 +18,22 @@ clips that the spoken-digit classifier recognises (trained on the train split, o
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 from functools import partial
-from pathlib import Path
 
-import numpy as np
 import torch
 
 from pipelines import audio_eval
-from pipelines.audio_data import load_audio_dataset
-from pipelines.classifier import classifier_logits, prediction_accuracy
+from pipelines.audio_data import lengths_to_mask, load_audio_dataset
+from pipelines.classifier import classifier_accuracy
 from pipelines.cli import parse_with_trailing_overrides
 from pipelines.config import load_run_config
 from tokenizers_vq.audio_losses import low_pass, si_snr
+
+try:
+    from benchmarks.audio_codec_eval import machine, save_record, test_split
+except ImportError:  # run as a script, `python benchmarks/si_snr_band_oracles.py`
+    from audio_codec_eval import machine, save_record, test_split
 
 CUTOFFS_HZ = (500, 1000, 1500, 2000, 3000)
 ORACLES = ("muted", "random_phase")
@@ -86,14 +87,13 @@ def main() -> None:
     config = load_run_config(args.config, args.overrides)
     data = load_audio_dataset(config.audio_data)
     rate = config.audio_data.sample_rate
-    waveforms = torch.from_numpy(np.ascontiguousarray(data.test.waveforms, dtype=np.float32))
-    lengths, labels = torch.as_tensor(data.test.lengths), torch.as_tensor(data.test.labels)
-    mask = torch.arange(waveforms.shape[-1]) < lengths[:, None]
+    waveforms, lengths, labels = test_split(data)
+    mask = lengths_to_mask(lengths, waveforms.shape[-1])
     classifier, _ = audio_eval.dataset_audio_classifier(args.classifier_cache, data, config.audio.classifier)
     features = partial(audio_eval.log_mel_features, config=config.audio.classifier, sample_rate=rate)
 
     def recognised(clips: torch.Tensor) -> float:
-        return prediction_accuracy(classifier_logits(classifier, features(clips)).argmax(dim=-1), labels)
+        return classifier_accuracy(classifier, features(clips), labels)
 
     results = {"real_clips_recognised": recognised(waveforms), "oracles": []}
     for cutoff in CUTOFFS_HZ:
@@ -106,10 +106,8 @@ def main() -> None:
             print(f"{oracle:>12} above {cutoff:4d} Hz: test SI-SNR {row['si_snr_db']:6.2f} dB "
                   f"(median {row['si_snr_db_median']:6.2f}), recognised {row['recognised']:.3f}")
     record = {"config": args.config, "overrides": args.overrides, "num_clips": len(waveforms),
-              "machine": f"{platform.machine()} CPU, {args.threads} torch thread(s), torch {torch.__version__}",
-              "metrics": results}
-    if args.out:
-        Path(args.out).write_text(json.dumps(record, indent=2, default=float))
+              "machine": machine(args), "metrics": results}
+    save_record(record, args.out)
 
 
 if __name__ == "__main__":

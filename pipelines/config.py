@@ -29,6 +29,7 @@ from pipelines.layouts import LAYOUTS
 from pipelines.loop import TrainConfig
 from priors import PRIORS
 from tokenizers_vq import TOKENIZERS
+from tokenizers_vq.quantizers.base import FINGERPRINT_WHEN_SET
 
 # The prior learns these from the token manifest; a user never sets them by hand.
 PRIOR_FIELDS_FROM_MANIFEST = ("vocab_size", "seq_len", "num_classes")
@@ -282,5 +283,5 @@ def _as_json(value: Any) -> Any:
     marked `ADDED_LATER` that hold their defaults; anything else as its str."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)
-                if not (f.metadata.get("fingerprint_when_set") and getattr(value, f.name) == f.default)}
+                if not (f.metadata.get(FINGERPRINT_WHEN_SET) and getattr(value, f.name) == f.default)}
     return str(value)

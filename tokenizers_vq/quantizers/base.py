@@ -99,7 +99,8 @@ def is_rank_zero() -> bool:
 # `field(default=..., metadata=ADDED_LATER)` marks a config field added after runs were fingerprinted
 # (`pipelines.config.fingerprint`): at its default it is left out of stage fingerprints, so a run made
 # before it keeps its stages instead of retraining them after an upgrade.
-ADDED_LATER = {"fingerprint_when_set": True}
+FINGERPRINT_WHEN_SET = "fingerprint_when_set"
+ADDED_LATER = {FINGERPRINT_WHEN_SET: True}
 
 
 def config_from_dict(cls, data: dict):
