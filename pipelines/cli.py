@@ -5,6 +5,8 @@
     tokgen generate RUN_DIR --label 3 --num 16     ad-hoc conditioned samples from a finished run
     tokgen generate RUN_DIR --prompt FILE          continue the beginning of your own image or clip
     tokgen compare CONFIG [key=value ...]          train/evaluate a list of models on one split, one table
+    tokgen compress RUN_DIR --split test           entropy-code a token split with the run's prior (file + bits)
+    tokgen decompress FILE RUN_DIR                 decode such a file: tokens, and WAVs or a PNG grid
 
 CONFIG is a TOML file (see configs/); without one the built-in CPU default runs on the MNIST subset
 bundled with the package. Overrides use dotted keys: `prior_training.max_steps=200`.
@@ -20,6 +22,7 @@ import os
 import sys
 from pathlib import Path
 
+from pipelines.compression import CompressedFileError
 from pipelines.config import ConfigError, load_run_config
 from pipelines.data import DataError
 from pipelines.loop import TrainingDivergedError, release_process_group
@@ -70,7 +73,60 @@ def build_parser() -> argparse.ArgumentParser:
                           help="image prompt: token rows kept from the top (default: half of them)")
     generate.add_argument("--prompt-seconds", type=float, default=None,
                           help="audio prompt: seconds kept from the start (default: the run's audio.prefix_seconds)")
+    compress = subparsers.add_parser("compress", help="entropy-code a run's token split with its prior; report the bits")
+    compress.add_argument("run_dir", type=Path)
+    compress.add_argument("--split", default="test")
+    compress.add_argument("--out", type=Path, default=None, help="default RUN_DIR/compressed/SPLIT.tgac")
+    compress.add_argument("--conditioned", action="store_true", help="code each item under its class label (sent along)")
+    compress.add_argument("--batch-size", type=int, default=64)
+    compress.add_argument("--limit", type=int, default=None, help="only the first N items of the split")
+    decompress = subparsers.add_parser("decompress", help="decode a `tokgen compress` file with the run that wrote it")
+    decompress.add_argument("file", type=Path)
+    decompress.add_argument("run_dir", type=Path)
+    decompress.add_argument("--out", type=Path, default=None, help="folder (default: FILE without its suffix)")
     return parser
+
+
+def compress_command(args) -> Path:
+    from pipelines.compression import compress_split
+
+    path, report = compress_split(args.run_dir, args.split, args.out, args.conditioned, args.batch_size, args.limit)
+    record = report.as_dict()
+    path.with_suffix(".json").write_text(json.dumps(record, indent=2))
+    print(json.dumps(record, indent=2))
+    return path
+
+
+def decompress_command(args) -> Path:
+    """Tokens (`tokens.safetensors`) and what they decode to: one WAV per clip, trimmed, or a PNG grid."""
+    import torch
+    from safetensors.torch import save_file
+
+    from pipelines.compression import CompressedTokens, decompress_file
+    from pipelines.images import save_image_grid
+    from pipelines.stages import decode_tokens, load_matched_pair
+
+    tokens = decompress_file(args.file, args.run_dir, progress=True)
+    compressed = CompressedTokens.from_bytes(args.file.read_bytes(), args.file)
+    out = args.out or args.file.with_suffix("")
+    out.mkdir(parents=True, exist_ok=True)
+    columns = {"input_ids": tokens}
+    for name in ("num_frames", "num_samples", "label"):
+        values = [getattr(item, name) for item in compressed.items]
+        if None not in values:
+            columns[name] = torch.tensor(values, dtype=torch.long)
+    save_file(columns, str(out / "tokens.safetensors"))
+    tokenizer, _, tokenset = load_matched_pair(args.run_dir, "cpu")
+    manifest = tokenset.manifest
+    if manifest.modality != "audio":
+        save_image_grid(decode_tokens(tokenizer, tokens, manifest), out / "decoded.png", nrow=8)
+        return out
+    from pipelines.audio_stages import decode_audio_tokens, write_wavs
+
+    clips = decode_audio_tokens(tokenizer, tokens, manifest)
+    for index, (clip, samples) in enumerate(zip(clips, columns["num_samples"].tolist())):
+        write_wavs(clip[None, :, :samples], [f"{index:05d}"], out, manifest.sample_rate)
+    return out
 
 
 def _split_config_and_overrides(args) -> tuple[str | None, list[str]]:
@@ -176,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {generate_command(args)}")
             finished = True
             return 0
+        if args.verb in ("compress", "decompress"):
+            print(f"wrote {(compress_command if args.verb == 'compress' else decompress_command)(args)}")
+            finished = True
+            return 0
         if args.verb == "compare":
             from pipelines.compare import load_compare_config, run_comparison
 
@@ -190,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"tokgen: config error: {error}", file=sys.stderr)
         return 2
-    except (RunError, DataError, TokenSetError) as error:
+    except (RunError, DataError, TokenSetError, CompressedFileError) as error:
         print(f"tokgen: {error}", file=sys.stderr)
         return 2
     except TrainingDivergedError as error:

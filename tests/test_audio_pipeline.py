@@ -288,3 +288,35 @@ def test_band_energies_see_a_low_pass_filter_as_lost_high_bands():
     assert rows[0, 2] / rows[0, 0] < 1e-3
     assert rows[2, 1] / rows[2, 0] < 1e-3 and rows[2, 2] / rows[2, 0] == pytest.approx(1.0, abs=1e-3)  # 2.5 kHz gone
     assert rows[:, 0].sum() > 0 and rows[1, 0] < 0.01 * rows[2, 0]  # nothing of either tone between 1 and 2 kHz
+
+
+def test_compress_and_decompress_a_test_split(audio_run, tmp_path, capsys):
+    """`tokgen compress` codes the delayed-layout test split with the run's prior, at about its NLL, and
+    `tokgen decompress` gives back the tokens and one WAV per clip at the clip's own length."""
+    run_dir, _ = audio_run
+    out = tmp_path / "test.tgac"
+    assert main(["compress", str(run_dir), "--split", "test", "--out", str(out), "--batch-size", "2"]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    _, prior, tokenset = load_matched_pair(run_dir, "cpu")
+    test = tokenset.tensors("test")
+    assert report["items"] == len(test["input_ids"]) and report["coded_tokens"] == int(test["loss_mask"].sum())
+    assert report["ideal_bits"] <= report["stream_bits"] <= report["ideal_bits"] + 10 * report["items"]
+    assert report["stream_bits"] < report["framed_bits"] < report["file_bits"] == 8 * out.stat().st_size
+    assert report["seconds"] == pytest.approx(float(test["num_samples"].sum()) / RATE)
+    assert main(["decompress", str(out), str(run_dir), "--out", str(tmp_path / "decoded")]) == 0
+    decoded = load_file(str(tmp_path / "decoded" / "tokens.safetensors"))
+    assert torch.equal(decoded["input_ids"], torch.where(test["loss_mask"], test["input_ids"], 0))
+    wavs = sorted((tmp_path / "decoded").glob("*.wav"))
+    assert [soundfile.info(w).frames for w in wavs] == test["num_samples"].tolist()
+
+
+def test_decompress_refuses_a_file_of_another_prior(audio_run, tmp_path, capsys):
+    run_dir, _ = audio_run
+    out = tmp_path / "test.tgac"
+    assert main(["compress", str(run_dir), "--out", str(out), "--limit", "2"]) == 0
+    data = bytearray(out.read_bytes())
+    at = data.index(b'"prior_sha256": "') + len(b'"prior_sha256": "')
+    data[at : at + 4] = b"0000"
+    out.write_bytes(bytes(data))
+    assert main(["decompress", str(out), str(run_dir)]) == 2
+    assert "only the encoder's prior can decode it" in capsys.readouterr().err

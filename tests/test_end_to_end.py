@@ -181,3 +181,18 @@ def test_stage_stopped_by_max_minutes_is_used_and_resume_trains_it_on(tmp_path):
     stage = json.loads(stage_file.read_text())
     assert stage["steps"] == 6 and "stopped_early" not in stage
     assert weights.stat().st_mtime_ns != before
+
+
+def test_compress_an_image_token_split_at_about_its_nll(smoke_run, tmp_path, capsys):
+    out = tmp_path / "test.tgac"
+    assert main(["compress", str(smoke_run), "--out", str(out), "--limit", "6", "--conditioned"]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    _, _, tokenset = load_matched_pair(smoke_run, "cpu")
+    assert report["items"] == 6 and "seconds" not in report  # images: no padding, every token coded
+    assert report["coded_tokens"] == 6 * tokenset.manifest.sequence_length
+    assert report["ideal_bits"] <= report["stream_bits"] <= report["ideal_bits"] + 6 * 10
+    assert main(["decompress", str(out), str(smoke_run)]) == 0
+    decoded = load_file(str(tmp_path / "test" / "tokens.safetensors"))
+    assert torch.equal(decoded["input_ids"], tokenset.tensors("test")["input_ids"][:6])
+    assert decoded["label"].tolist() == tokenset.tensors("test")["label"][:6].tolist()
+    assert (tmp_path / "test" / "decoded.png").read_bytes()[:4] == b"\x89PNG"
