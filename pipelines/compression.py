@@ -5,8 +5,9 @@ into one file and measures what they cost. What a file holds, in order:
 
 - `MAGIC`, a 4-byte big-endian header length, and a JSON header: the sha256 of the prior's weights
   and of the tokenizer's (a file is decoded only by the prior that wrote it), the token layout and
-  sizes, the batch size (decoding redoes the encoder's batches), whether streams were coded under
-  the class label, and the device and dtype that computed the probabilities;
+  sizes, the batch size (decoding redoes the encoder's batches: a batch of one runs other kernels
+  than a batch of many), whether streams were coded under the class label, and the device, dtype and
+  CPU thread count that computed the probabilities (decoding uses as many threads);
 - per item: varints for the real frames and samples of an audio clip (a short clip's padding is
   neither coded nor stored), the label when coded under it, the stream's length, a CRC-32 of the
   item's tokens (decoding under other arithmetic, another device say, is caught, not returned), and
@@ -19,6 +20,7 @@ the two apart, and the header (a few hundred bytes per file) apart again.
 from __future__ import annotations
 
 import json
+import logging
 import struct
 import zlib
 from dataclasses import dataclass
@@ -32,6 +34,8 @@ from pipelines.stages import check_prior_matches_tokens
 from pipelines.tokenset import load_tokenset, sha256_file
 from priors import load_prior
 from priors.entropy_coding import decode_batch, encode_batch, prior_device
+
+logger = logging.getLogger(__name__)
 
 MAGIC = b"TOKGEN-AC1\n"
 FORMAT_VERSION = 1
@@ -165,7 +169,7 @@ def compress(prior, sequences: torch.Tensor, mask: torch.Tensor, header: dict, l
     device = prior_device(prior)
     dtype = next((t.dtype for t in prior.state_dict().values() if t.is_floating_point()), torch.float32)
     header = dict(header, format=FORMAT_VERSION, items=len(sequences), batch_size=batch_size,
-                  conditioned=labels is not None, has_lengths=lengths is not None,
+                  conditioned=labels is not None, has_lengths=lengths is not None, threads=torch.get_num_threads(),
                   device=str(device), dtype=str(dtype).removeprefix("torch."), torch=torch.__version__)
     items = []
     for rows in tqdm(list(_batches(len(sequences), batch_size)), desc="entropy coding", disable=not progress):
@@ -184,16 +188,26 @@ def decompress(prior, compressed: CompressedTokens, mask: torch.Tensor, progress
     """The `(n L)` tokens of `compressed` (0 where `mask` is False), checked against each item's CRC."""
     header, items = compressed.header, compressed.items
     labels = torch.tensor([item.label for item in items]) if header["conditioned"] else None
+    if prior_device(prior).type != torch.device(header["device"]).type:
+        logger.warning("%s was coded on %s; decoding on %s may compute other probabilities (the CRCs will tell)",
+                       path, header["device"], prior_device(prior))
     decoded = []
-    for rows in tqdm(list(_batches(len(items), header["batch_size"])), desc="entropy decoding", disable=not progress):
-        label = None if labels is None else labels[rows]
-        decoded.append(decode_batch(prior, [item.stream for item in items[rows]], mask[rows], label).cpu())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(header["threads"])  # CPU matmuls split their sums by thread: as many as the encoder had
+    try:
+        for rows in tqdm(list(_batches(len(items), header["batch_size"])), desc="entropy decoding",
+                         disable=not progress):
+            label = None if labels is None else labels[rows]
+            decoded.append(decode_batch(prior, [item.stream for item in items[rows]], mask[rows], label).cpu())
+    finally:
+        torch.set_num_threads(threads)
     tokens = torch.cat(decoded) if decoded else torch.zeros(mask.shape, dtype=torch.long)
     for index, item in enumerate(items):
         if tokens_checksum(tokens[index], mask[index]) != item.checksum:
             raise CompressedFileError(
                 f"{path}: item {index} decodes to other tokens than were coded; the probabilities differ from the "
-                f"encoder's (coded on {header['device']} in {header['dtype']} with torch {header['torch']})")
+                f"encoder's (coded on {header['device']} in {header['dtype']}, {header['threads']} thread(s), "
+                f"torch {header['torch']})")
     return tokens
 
 

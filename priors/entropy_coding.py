@@ -6,8 +6,10 @@ codec tokens under a small transformer).
 Encoder and decoder must see bit-identical probabilities, so both run the same step-by-step
 computation over the same batch: the conditioning token, then one token per step with the
 prior's cache (`Stepper`). A batch's rows are coded together but each row writes its own stream;
-decoding a stream needs the batch it was encoded in (same sequences, same order, same device and
-dtype), which `pipelines.compression` records. Positions where a row's mask is False (the padding
+decoding a stream needs the batch it was encoded in (same sequences, same order) and the same
+arithmetic (device, dtype, and on the CPU the thread count: a transformer's sums are split by thread
+and by batch shape, and one differing bit of a probability derails the decoder), which
+`pipelines.compression` records. Positions where a row's mask is False (the padding
 of a short clip) are neither coded nor decoded; the model reads them as token 0, as in training.
 """
 

@@ -129,3 +129,23 @@ def test_token_file_errors_name_the_problem():
             parameter.add_(0.05 * torch.randn_like(parameter))
     with pytest.raises(CompressedFileError, match="decodes to other tokens"):
         decompress(other, CompressedTokens.from_bytes(data), mask)
+
+
+def test_a_file_decodes_under_the_encoders_thread_count():
+    """CPU matmuls split their sums by thread, so a transformer's probabilities depend on the thread
+    count; the file records it and decoding uses it, whatever the process is set to."""
+    torch.manual_seed(0)
+    config_class, model_class = PRIORS["transformer"]
+    prior = model_class(config_class(vocab_size=256, seq_len=60, hidden_size=64, num_layers=2, num_heads=4,
+                                     initializer_range=0.2))
+    tokens = torch.randint(0, 256, (8, 60), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        compressed = CompressedTokens.from_bytes(compress(prior, tokens, mask, {}, batch_size=8).to_bytes())
+        torch.set_num_threads(2)
+        assert torch.equal(decompress(prior, compressed, mask), tokens)
+        assert torch.get_num_threads() == 2  # restored
+    finally:
+        torch.set_num_threads(threads)
