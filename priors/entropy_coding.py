@@ -119,6 +119,13 @@ def _check_batch(prior, sequences: Tensor, mask: Tensor) -> None:
                          f"{tuple(sequences.shape)} and {tuple(mask.shape)}")
 
 
+def _intervals(cdf: Tensor, symbols: Tensor) -> tuple[list[int], list[int], list[int]]:
+    """Each row's symbol share `[low, high)` of its table's total, as Python ints for the coder."""
+    lows = cdf.gather(1, rearrange(symbols, "r -> r 1")).squeeze(1)
+    highs = cdf.gather(1, rearrange(symbols + 1, "r -> r 1")).squeeze(1)
+    return lows.tolist(), highs.tolist(), cdf[:, -1].tolist()
+
+
 @torch.no_grad()
 def encode_batch(prior, sequences: Tensor, mask: Tensor, label: Tensor | None = None) -> list[bytes]:
     """`(b L)` token sequences and `(b L)` bool mask -> one byte string per row (its masked-in tokens)."""
@@ -136,9 +143,7 @@ def encode_batch(prior, sequences: Tensor, mask: Tensor, label: Tensor | None = 
             if bool(coded.any()):
                 cdf = quantized_cdf(log_probs[coded])
                 symbols = sequences[coded, position]
-                lows = cdf.gather(1, rearrange(symbols, "r -> r 1")).squeeze(1).tolist()
-                highs = cdf.gather(1, rearrange(symbols + 1, "r -> r 1")).squeeze(1).tolist()
-                totals = cdf[:, -1].tolist()
+                lows, highs, totals = _intervals(cdf, symbols)
                 for row, low, high, total in zip(coded.nonzero().squeeze(1).tolist(), lows, highs, totals):
                     encoders[row].encode(low, high, total)
             if position + 1 < sequences.shape[1]:
@@ -173,8 +178,7 @@ def decode_batch(prior, streams: list[bytes], mask: Tensor, label: Tensor | None
                                        dtype=torch.long, device=cdf.device)
                 # The symbol whose share [cdf[s], cdf[s+1]) holds the target.
                 symbols = torch.searchsorted(cdf, rearrange(targets, "r -> r 1"), right=True).squeeze(1) - 1
-                lows = cdf.gather(1, rearrange(symbols, "r -> r 1")).squeeze(1).tolist()
-                highs = cdf.gather(1, rearrange(symbols + 1, "r -> r 1")).squeeze(1).tolist()
+                lows, highs, _ = _intervals(cdf, symbols)
                 for row, low, high, total in zip(rows, lows, highs, totals):
                     decoders[row].consume(low, high, total)
                 tokens[coded, position] = symbols
