@@ -27,8 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.audio_codec_eval import machine, save_record
 from pipelines.compression import CompressedTokens, compress_split
+
+try:
+    from benchmarks.audio_codec_eval import machine, save_record
+except ImportError:  # run as a script, `python benchmarks/entropy_coded_bitrate.py`
+    from audio_codec_eval import machine, save_record
 
 
 def clip_rates(path: Path, sample_rate: int) -> dict:

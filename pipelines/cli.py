@@ -102,7 +102,7 @@ def decompress_command(args) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from pipelines.compression import CompressedTokens, decompress_file
+    from pipelines.compression import CompressedTokens, decompress_file, frames_of
     from pipelines.images import save_image_grid
     from pipelines.stages import decode_tokens, load_matched_pair
 
@@ -110,14 +110,16 @@ def decompress_command(args) -> Path:
     compressed = CompressedTokens.from_bytes(args.file.read_bytes(), args.file)
     out = args.out or args.file.with_suffix("")
     out.mkdir(parents=True, exist_ok=True)
+    tokenizer, _, tokenset = load_matched_pair(args.run_dir, "cpu")
+    manifest = tokenset.manifest
     columns = {"input_ids": tokens}
-    for name in ("num_frames", "num_samples", "label"):
+    for name in ("num_samples", "label"):
         values = [getattr(item, name) for item in compressed.items]
         if None not in values:
             columns[name] = torch.tensor(values, dtype=torch.long)
+    if "num_samples" in columns:
+        columns["num_frames"] = frames_of(columns["num_samples"], manifest.hop_length)
     save_file(columns, str(out / "tokens.safetensors"))
-    tokenizer, _, tokenset = load_matched_pair(args.run_dir, "cpu")
-    manifest = tokenset.manifest
     if manifest.modality != "audio":
         save_image_grid(decode_tokens(tokenizer, tokens, manifest), out / "decoded.png", nrow=8)
         return out

@@ -8,8 +8,8 @@ into one file and measures what they cost. What a file holds, in order:
   sizes, the batch size (decoding redoes the encoder's batches: a batch of one runs other kernels
   than a batch of many), whether streams were coded under the class label, and the device, dtype and
   CPU thread count that computed the probabilities (decoding uses as many threads);
-- per item: varints for the real frames and samples of an audio clip (a short clip's padding is
-  neither coded nor stored), the label when coded under it, the stream's length, a CRC-32 of the
+- per item: a varint for the real samples of an audio clip (they give its real frames, so a short
+  clip's padding is neither coded nor stored, and trim the decoded clip), the label when coded under it, the stream's length, a CRC-32 of the
   item's tokens (decoding under other arithmetic, another device say, is caught, not returned), and
   the stream.
 
@@ -71,18 +71,22 @@ def tokens_checksum(tokens: torch.Tensor, mask: torch.Tensor) -> int:
     return zlib.crc32(tokens[mask.bool()].cpu().numpy().astype("<i8").tobytes())
 
 
+def frames_of(num_samples: torch.Tensor, hop_length: int) -> torch.Tensor:
+    """Real frames of clips of `num_samples` samples: as the token export counts them, a partial frame is one."""
+    return -(-num_samples // hop_length)
+
+
 @dataclass
 class Item:
     """One coded sequence: its stream, checksum, and the side information decoding needs."""
 
     stream: bytes
     checksum: int
-    num_frames: int | None = None  # audio: real frames (sets the mask) and samples (trims the clip)
-    num_samples: int | None = None
+    num_samples: int | None = None  # audio: the clip's real length (sets the mask, trims the decoded clip)
     label: int | None = None
 
     def framing(self) -> bytes:
-        fields = [v for v in (self.num_frames, self.num_samples, self.label) if v is not None]
+        fields = [v for v in (self.num_samples, self.label) if v is not None]
         return b"".join(_varint(v) for v in fields) + _varint(len(self.stream)) + struct.pack(">I", self.checksum)
 
 
@@ -114,8 +118,8 @@ class CompressedTokens:
         items = []
         for _ in range(header["items"]):
             fields = {}
-            for name in ("num_frames", "num_samples") if header["has_lengths"] else ():
-                fields[name], offset = _read_varint(data, offset, path)
+            if header["has_lengths"]:
+                fields["num_samples"], offset = _read_varint(data, offset, path)
             if header["conditioned"]:
                 fields["label"], offset = _read_varint(data, offset, path)
             length, offset = _read_varint(data, offset, path)
@@ -163,13 +167,13 @@ def _batches(count: int, batch_size: int):
 
 
 def compress(prior, sequences: torch.Tensor, mask: torch.Tensor, header: dict, labels: torch.Tensor | None = None,
-             lengths: dict[str, torch.Tensor] | None = None, batch_size: int = 64,
+             num_samples: torch.Tensor | None = None, batch_size: int = 64,
              progress: bool = False) -> CompressedTokens:
     """`(n L)` tokens and `(n L)` mask -> a `CompressedTokens`; `header` gets the coding settings added."""
     device = prior_device(prior)
     dtype = next((t.dtype for t in prior.state_dict().values() if t.is_floating_point()), torch.float32)
     header = dict(header, format=FORMAT_VERSION, items=len(sequences), batch_size=batch_size,
-                  conditioned=labels is not None, has_lengths=lengths is not None, threads=torch.get_num_threads(),
+                  conditioned=labels is not None, has_lengths=num_samples is not None, threads=torch.get_num_threads(),
                   device=str(device), dtype=str(dtype).removeprefix("torch."), torch=torch.__version__)
     items = []
     for rows in tqdm(list(_batches(len(sequences), batch_size)), desc="entropy coding", disable=not progress):
@@ -177,9 +181,9 @@ def compress(prior, sequences: torch.Tensor, mask: torch.Tensor, header: dict, l
         streams = encode_batch(prior, sequences[rows], mask[rows], label)
         for offset, stream in enumerate(streams):
             index = rows.start + offset
-            side = {name: int(values[index]) for name, values in (lengths or {}).items()}
             items.append(Item(stream, tokens_checksum(sequences[index], mask[index]),
-                              label=None if labels is None else int(labels[index]), **side))
+                              None if num_samples is None else int(num_samples[index]),
+                              None if labels is None else int(labels[index])))
     return CompressedTokens(header, items)
 
 
@@ -242,10 +246,10 @@ def compress_split(run_dir: str | Path, split: str = "test", out_path: str | Pat
         raise ValueError(f"conditioned coding needs a class-conditional prior and a labelled split; {run_dir} has "
                          f"{prior.config.num_classes} classes and split {split!r} is "
                          f"{'labelled' if 'label' in tensors else 'unlabelled'}")
-    lengths = {name: tensors[name] for name in ("num_frames", "num_samples")} if manifest.has_lengths else None
     header = {"prior_sha256": prior_sha256, "tokenizer_sha256": manifest.tokenizer_sha256, "order": manifest.order,
               "sequence_length": manifest.sequence_length, "vocab_size": manifest.vocab_size, "split": split}
-    compressed = compress(prior, sequences, mask, header, tensors["label"] if conditioned else None, lengths,
+    compressed = compress(prior, sequences, mask, header, tensors["label"] if conditioned else None,
+                          tensors["num_samples"] if manifest.has_lengths else None,
                           batch_size, progress)
     out_path = Path(out_path or run_dir / "compressed" / f"{split}.tgac")
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -279,8 +283,8 @@ def decompress_file(path: str | Path, run_dir: str | Path, progress: bool = Fals
         raise CompressedFileError(f"{path} was coded with the prior of sha256 {compressed.header['prior_sha256']}, "
                                   f"but {run_dir / 'prior'} has {prior_sha256}; only the encoder's prior can decode it")
     if compressed.header["has_lengths"]:
-        num_frames = torch.tensor([item.num_frames for item in compressed.items], dtype=torch.long)
-        mask = tokenset.manifest.valid_token_mask(num_frames)
+        num_samples = torch.tensor([item.num_samples for item in compressed.items], dtype=torch.long)
+        mask = tokenset.manifest.valid_token_mask(frames_of(num_samples, tokenset.manifest.hop_length))
     else:
         mask = torch.ones((len(compressed.items), tokenset.manifest.sequence_length), dtype=torch.bool)
     return decompress(prior, compressed, mask, progress, path)

@@ -306,6 +306,7 @@ def test_compress_and_decompress_a_test_split(audio_run, tmp_path, capsys):
     assert main(["decompress", str(out), str(run_dir), "--out", str(tmp_path / "decoded")]) == 0
     decoded = load_file(str(tmp_path / "decoded" / "tokens.safetensors"))
     assert torch.equal(decoded["input_ids"], torch.where(test["loss_mask"], test["input_ids"], 0))
+    assert torch.equal(decoded["num_frames"], test["num_frames"])  # from the samples, as the export counted them
     wavs = sorted((tmp_path / "decoded").glob("*.wav"))
     assert [soundfile.info(w).frames for w in wavs] == test["num_samples"].tolist()
 

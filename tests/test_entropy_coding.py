@@ -99,8 +99,7 @@ def test_priors_without_exact_next_token_probabilities_are_refused():
 
 def compressed_file(prior):
     tokens, mask, labels = masked_batch()
-    lengths = {"num_frames": mask.sum(1), "num_samples": 10 * mask.sum(1)}
-    compressed = compress(prior, tokens, mask, {"prior_sha256": "x"}, labels, lengths, batch_size=2)
+    compressed = compress(prior, tokens, mask, {"prior_sha256": "x"}, labels, 80 * mask.sum(1) - 3, batch_size=2)
     return tokens, mask, compressed.to_bytes()
 
 
@@ -109,7 +108,7 @@ def test_token_file_round_trip_keeps_side_information():
     tokens, mask, data = compressed_file(prior)
     compressed = CompressedTokens.from_bytes(data)
     assert [item.label for item in compressed.items] == [0, 1, 2, 0, 1]
-    assert [item.num_frames for item in compressed.items] == mask.sum(1).tolist()
+    assert [item.num_samples for item in compressed.items] == (80 * mask.sum(1) - 3).tolist()
     assert compressed.header["batch_size"] == 2 and compressed.header["conditioned"]
     assert torch.equal(decompress(prior, compressed, mask), torch.where(mask, tokens, 0))
 
