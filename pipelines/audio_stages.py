@@ -32,9 +32,11 @@ from safetensors.torch import load_file, save_file
 
 from pipelines import audio_eval, layouts
 from pipelines.audio_data import lengths_to_mask
+from pipelines.compression import compress_split
 from pipelines.generation import class_labels, sample_labelled, sampling_options
 from pipelines.stages import Run, RunError, load_matched_pair, mark_stage_done, module_device, stage_is_current
 from priors import SamplingOptions
+from priors.entropy_coding import can_entropy_code
 
 logger = logging.getLogger(__name__)
 
@@ -249,6 +251,17 @@ def prior_metrics(prior, test: dict, num_classes: int, batch_size: int) -> dict:
     }
 
 
+def entropy_coded_rate(run_dir: Path, batch_size: int) -> dict:
+    """The bits per second the test clips' tokens take once arithmetic-coded under the prior (unconditioned,
+    on the CPU; `tokgen compress`), the round trip checked: what the codec sends, beside `bitrate_bps`."""
+    path, report = compress_split(run_dir, "test", run_dir / "compressed" / "test.tgac", batch_size=batch_size,
+                                  progress=False)
+    figures = report.as_dict()
+    return {"entropy_coded_bits_per_second": figures["stream_bits_per_second"],
+            "entropy_coded_framed_bits_per_second": figures["framed_bits_per_second"],
+            "entropy_coded_bits_per_token": figures["stream_bits_per_token"], "entropy_coded_file": str(path)}
+
+
 def evaluate_audio_run(run: Run) -> dict:
     """`tokgen eval` for an audio run: codec, prior and sample metrics into `metrics.json`."""
     if not run.state.is_main_process:
@@ -268,6 +281,8 @@ def evaluate_audio_run(run: Run) -> dict:
     metrics["tokenizer"] = tokenizer_metrics
     if getattr(prior, "has_density", True):
         metrics["prior"] = prior_metrics(prior, test, manifest.num_classes, config.evaluation.batch_size)
+    if can_entropy_code(prior):
+        metrics["prior"].update(entropy_coded_rate(run.directory, config.evaluation.batch_size))
     samples_dir = run.path("samples")
     if not (samples_dir / "eval_samples.safetensors").is_file():
         raise RunError(f"{samples_dir / 'eval_samples.safetensors'} is missing: run `tokgen sample` first")

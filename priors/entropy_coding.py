@@ -101,6 +101,11 @@ class RecomputingStepper(Stepper):
         return self._log_probs()
 
 
+def can_entropy_code(prior) -> bool:
+    """Whether the prior gives exact next-token probabilities step by step (not the VAE or the GAN)."""
+    return isinstance(prior, (TransformerPrior, RNNPrior, AutoregressiveDensityModel))
+
+
 def make_stepper(prior, label: Tensor | None, rows: int) -> Stepper:
     """The stepper of a prior kind; priors without exact next-token probabilities (VAE, GAN) cannot code."""
     if isinstance(prior, TransformerPrior):

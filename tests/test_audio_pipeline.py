@@ -87,6 +87,9 @@ def test_metrics_hold_finite_audio_figures(audio_run):
     assert 0 <= tokenizer["reconstruction_class_accuracy"] <= 1 and tokenizer["reconstruction_frechet"] >= 0
     prior = metrics["prior"]
     assert prior["padding_masked"] and prior["bits_per_token"] > 0 and math.isfinite(prior["nll_nats_per_item"])
+    # the test tokens arithmetic-coded under the unconditioned prior: near its NLL (under the label, a little lower)
+    assert 0 < prior["entropy_coded_bits_per_token"] < prior["bits_per_token"] + 1
+    assert prior["entropy_coded_bits_per_second"] < prior["entropy_coded_framed_bits_per_second"]
     samples = metrics["samples"]
     assert 0 <= samples["class_accuracy"] <= 1 and 0 <= samples["classifier_test_accuracy"] <= 1
     assert samples["frechet_distance"] >= 0 and samples["frechet_floor"] >= 0
