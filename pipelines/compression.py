@@ -114,6 +114,9 @@ class CompressedTokens:
             raise CompressedFileError(f"{path}: unreadable header ({error})") from None
         if header.get("format") != FORMAT_VERSION:
             raise CompressedFileError(f"{path}: format {header.get('format')!r}, this tokgen reads {FORMAT_VERSION}")
+        missing = sorted({"items", "batch_size", "conditioned", "has_lengths", "threads", "device"} - set(header))
+        if missing:
+            raise CompressedFileError(f"{path}: the header lacks {missing}")
         offset += header_length
         items = []
         for _ in range(header["items"]):

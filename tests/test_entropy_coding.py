@@ -122,6 +122,10 @@ def test_token_file_errors_name_the_problem():
         CompressedTokens.from_bytes(data[:-3], "cut.tgac")
     with pytest.raises(CompressedFileError, match="trailing"):
         CompressedTokens.from_bytes(data + b"\0", "long.tgac")
+    corrupted = bytearray(data)
+    corrupted[-2] ^= 0x10  # a bit inside the last item's stream
+    with pytest.raises(CompressedFileError, match="item 4 decodes to other tokens"):
+        decompress(prior, CompressedTokens.from_bytes(bytes(corrupted)), mask)
     other = make_prior("rnn")
     with torch.no_grad():
         for parameter in other.parameters():
