@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipelines.stages import check_prior_matches_tokens
+from pipelines.stages import RunError, check_prior_matches_tokens
 from pipelines.tokenset import load_tokenset, sha256_file
 from priors import load_prior
-from priors.entropy_coding import decode_batch, encode_batch, prior_device
+from priors.entropy_coding import can_entropy_code, decode_batch, encode_batch, prior_device
 
 logger = logging.getLogger(__name__)
 
@@ -226,6 +226,9 @@ def _run_parts(run_dir: Path):
     prior_dir = run_dir / "prior"
     tokenset = load_tokenset(run_dir / "tokens", tokenizer_dir=run_dir / "tokenizer")
     prior = load_prior(prior_dir).eval()
+    if not can_entropy_code(prior):
+        raise RunError(f"the prior in {prior_dir} is a {type(prior).__name__}, which gives no exact next-token "
+                       "probabilities to entropy-code with (the transformer, the RNN and the autoregressive baselines do)")
     check_prior_matches_tokens(prior, prior_dir, tokenset.manifest)
     return prior, tokenset, sha256_file(prior_dir / "model.safetensors")
 
