@@ -270,7 +270,7 @@ def summarise(metrics: dict) -> dict:
     keys = {
         "tokenizer": ("psnr", "si_snr_db", "stft_distance", "mel_distance", "bitrate_bps", "test_usage",
                       "test_perplexity"),
-        "prior": ("nll_nats_per_item", "bits_per_token"),
+        "prior": ("nll_nats_per_item", "bits_per_token", "entropy_coded_bits_per_second"),
         "samples": ("class_accuracy", "class_accuracy_stderr", "frechet_distance", "frechet_floor", "classifier_test_accuracy"),
     }
     return {group: {k: metrics[group][k] for k in names if k in metrics.get(group, {})}
