@@ -102,16 +102,17 @@ def decompress_command(args) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from pipelines.compression import CompressedTokens, decompress_file, frames_of
+    from pipelines.compression import decompress_file
     from pipelines.images import save_image_grid
-    from pipelines.stages import decode_tokens, load_matched_pair
+    from pipelines.stages import decode_tokens
+    from pipelines.tokenset import frames_of
+    from tokenizers_vq import load_tokenizer
 
-    tokens = decompress_file(args.file, args.run_dir, progress=True)
-    compressed = CompressedTokens.from_bytes(args.file.read_bytes(), args.file)
+    # the token set's manifest was checked against this tokenizer's weights when the file was decoded
+    tokens, compressed, manifest = decompress_file(args.file, args.run_dir, progress=True)
+    tokenizer = load_tokenizer(args.run_dir / "tokenizer").eval()
     out = args.out or args.file.with_suffix("")
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer, _, tokenset = load_matched_pair(args.run_dir, "cpu")
-    manifest = tokenset.manifest
     columns = {"input_ids": tokens}
     for name in ("num_samples", "label"):
         values = [getattr(item, name) for item in compressed.items]

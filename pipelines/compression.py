@@ -25,13 +25,14 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from pipelines.stages import RunError, check_prior_matches_tokens
-from pipelines.tokenset import load_tokenset, sha256_file
+from pipelines.tokenset import Manifest, frames_of, load_tokenset, sha256_file
 from priors import load_prior
 from priors.entropy_coding import can_entropy_code, decode_batch, encode_batch, prior_device
 
@@ -69,11 +70,6 @@ def _read_varint(data: bytes, offset: int, path) -> tuple[int, int]:
 def tokens_checksum(tokens: torch.Tensor, mask: torch.Tensor) -> int:
     """CRC-32 of one item's coded tokens (those where `mask` is True), as little-endian int64."""
     return zlib.crc32(tokens[mask.bool()].cpu().numpy().astype("<i8").tobytes())
-
-
-def frames_of(num_samples: torch.Tensor, hop_length: int) -> torch.Tensor:
-    """Real frames of clips of `num_samples` samples: as the token export counts them, a partial frame is one."""
-    return -(-num_samples // hop_length)
 
 
 @dataclass
@@ -261,7 +257,9 @@ def compress_split(run_dir: str | Path, split: str = "test", out_path: str | Pat
     out_path.parent.mkdir(parents=True, exist_ok=True)
     data = compressed.to_bytes()
     out_path.write_bytes(data)
-    decoded = decompress_file(out_path, run_dir, progress=progress)
+    # Decoded from the bytes as written, by the prior already loaded.
+    decoded = _decode(CompressedTokens.from_bytes(data, out_path), prior, tokenset.manifest, prior_sha256, out_path,
+                      run_dir, progress)
     if not torch.equal(decoded, torch.where(mask, sequences, 0)):
         raise CompressedFileError(f"{out_path}: the round trip changed tokens")  # the CRCs should have said so
     label = tensors["label"] if conditioned else None
@@ -280,17 +278,30 @@ def compress_split(run_dir: str | Path, split: str = "test", out_path: str | Pat
     return out_path, report
 
 
-def decompress_file(path: str | Path, run_dir: str | Path, progress: bool = False) -> torch.Tensor:
-    """The `(n L)` tokens a file holds, decoded with the run's prior (refused if it is not the encoder's)."""
-    path, run_dir = Path(path), Path(run_dir)
-    compressed = CompressedTokens.from_bytes(path.read_bytes(), path)
-    prior, tokenset, prior_sha256 = _run_parts(run_dir)
+def _decode(compressed: CompressedTokens, prior, manifest: Manifest, prior_sha256: str, path, run_dir: Path,
+            progress: bool) -> torch.Tensor:
+    """The `(n L)` tokens of a parsed file, refused unless `prior` (of weights `prior_sha256`) wrote it."""
     if compressed.header["prior_sha256"] != prior_sha256:
         raise CompressedFileError(f"{path} was coded with the prior of sha256 {compressed.header['prior_sha256']}, "
                                   f"but {run_dir / 'prior'} has {prior_sha256}; only the encoder's prior can decode it")
     if compressed.header["has_lengths"]:
         num_samples = torch.tensor([item.num_samples for item in compressed.items], dtype=torch.long)
-        mask = tokenset.manifest.valid_token_mask(frames_of(num_samples, tokenset.manifest.hop_length))
+        mask = manifest.valid_token_mask(frames_of(num_samples, manifest.hop_length))
     else:
-        mask = torch.ones((len(compressed.items), tokenset.manifest.sequence_length), dtype=torch.bool)
+        mask = torch.ones((len(compressed.items), manifest.sequence_length), dtype=torch.bool)
     return decompress(prior, compressed, mask, progress, path)
+
+
+class DecodedFile(NamedTuple):
+    tokens: torch.Tensor  # (n L), 0 at padding
+    compressed: CompressedTokens  # the parsed file: per item its samples and label, if it carries them
+    manifest: Manifest  # of the run's token set
+
+
+def decompress_file(path: str | Path, run_dir: str | Path, progress: bool = False) -> DecodedFile:
+    """The tokens a file holds, decoded with the run's prior (refused if it is not the encoder's)."""
+    path, run_dir = Path(path), Path(run_dir)
+    compressed = CompressedTokens.from_bytes(path.read_bytes(), path)
+    prior, tokenset, prior_sha256 = _run_parts(run_dir)
+    tokens = _decode(compressed, prior, tokenset.manifest, prior_sha256, path, run_dir, progress)
+    return DecodedFile(tokens, compressed, tokenset.manifest)

@@ -280,6 +280,11 @@ def encode_clips(tokenizer, waveforms: np.ndarray, layout: str, batch_size: int,
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.int64)
 
 
+def frames_of(num_samples, hop_length: int):
+    """Real frames of clips of `num_samples` samples (an array or tensor): a partial last frame counts."""
+    return -(-num_samples // hop_length)
+
+
 def iter_shifted_copies(waveforms: np.ndarray, lengths: np.ndarray, copies: int, max_shift: int,
                         seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """`copies` delayed versions of each (c t) clip, one copy of the whole set at a time.
@@ -473,7 +478,7 @@ def export_audio_tokens(tokenizer, tokenizer_dir: str | Path, dataset, out_dir: 
                 tokens, samples = np.concatenate(token_parts), np.concatenate(sample_parts)
                 labels = None if labels is None else np.tile(labels, train_shifted_copies + 1)
             _check_tokens(tokens, sequence_length, vocab_size)
-            lengths = {"num_frames": -(-samples // hop_length), "num_samples": samples}
+            lengths = {"num_frames": frames_of(samples, hop_length), "num_samples": samples}
             token_dataset = _token_dataset(tokens, labels, sequence_length, lengths)
             split_sizes[name] = _write_split(token_dataset, out_dir, name)
     kind, config = _tokenizer_record(tokenizer)
