@@ -6,7 +6,8 @@
     tokgen generate RUN_DIR --prompt FILE          continue the beginning of your own image or clip
     tokgen compare CONFIG [key=value ...]          train/evaluate a list of models on one split, one table
     tokgen compress RUN_DIR --split test           entropy-code a token split with the run's prior (file + bits)
-    tokgen decompress FILE RUN_DIR                 decode such a file: tokens, and WAVs or a PNG grid
+    tokgen compress RUN_DIR --input FILE_OR_DIR... code your own audio or image files into one token file
+    tokgen decompress FILE RUN_DIR                 decode such a file: tokens, and WAVs or PNGs
 
 CONFIG is a TOML file (see configs/); without one the built-in CPU default runs on the MNIST subset
 bundled with the package. Overrides use dotted keys: `prior_training.max_steps=200`.
@@ -73,11 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
                           help="image prompt: token rows kept from the top (default: half of them)")
     generate.add_argument("--prompt-seconds", type=float, default=None,
                           help="audio prompt: seconds kept from the start (default: the run's audio.prefix_seconds)")
-    compress = subparsers.add_parser("compress", help="entropy-code a run's token split with its prior; report the bits")
+    compress = subparsers.add_parser("compress", help="entropy-code a run's token split, or your own files, with its "
+                                     "tokenizer and prior; report the bits")
     compress.add_argument("run_dir", type=Path)
-    compress.add_argument("--split", default="test")
-    compress.add_argument("--out", type=Path, default=None, help="default RUN_DIR/compressed/SPLIT.tgac")
-    compress.add_argument("--conditioned", action="store_true", help="code each item under its class label (sent along)")
+    source = compress.add_mutually_exclusive_group()
+    source.add_argument("--split", default="test", help="a split of the run's own token set (default: test)")
+    source.add_argument("--input", type=Path, nargs="+", default=None,
+                        help="audio (image) files or folders of them, for an audio (image) run: coded through the "
+                        "run's tokenizer; long audio in segments of the run's clip length")
+    compress.add_argument("--out", type=Path, default=None,
+                          help="default RUN_DIR/compressed/SPLIT.tgac (NAME.tgac or files.tgac for --input)")
+    compress.add_argument("--conditioned", action="store_true",
+                          help="a split only: code each item under its class label (sent along)")
     compress.add_argument("--batch-size", type=int, default=64)
     compress.add_argument("--limit", type=int, default=None, help="only the first N items of the split")
     decompress = subparsers.add_parser("decompress", help="decode a `tokgen compress` file with the run that wrote it")
@@ -89,9 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def compress_command(args) -> Path:
     from pipelines.compression import compress_split
+    from pipelines.file_compression import compress_files
 
-    path, report = compress_split(args.run_dir, args.split, args.out, args.conditioned, args.batch_size, args.limit)
-    record = report.as_dict()
+    if args.input is None:
+        path, report = compress_split(args.run_dir, args.split, args.out, args.conditioned, args.batch_size, args.limit)
+        record = report.as_dict()
+    else:
+        if args.conditioned or args.limit is not None:
+            raise SystemExit("--conditioned and --limit apply to a split, not to --input files (which have no labels)")
+        path, report, quality = compress_files(args.run_dir, args.input, args.out, args.batch_size)
+        record = dict(report.as_dict(), decoded=quality)
     path.with_suffix(".json").write_text(json.dumps(record, indent=2))
     print(json.dumps(record, indent=2))
     return path
@@ -109,10 +124,16 @@ def decompress_command(args) -> Path:
     from tokenizers_vq import load_tokenizer
 
     # the token set's manifest was checked against this tokenizer's weights when the file was decoded
-    tokens, compressed, manifest = decompress_file(args.file, args.run_dir, progress=True)
-    tokenizer = load_tokenizer(args.run_dir / "tokenizer").eval()
+    decoded = decompress_file(args.file, args.run_dir, progress=True)
+    tokens, compressed, manifest = decoded
     out = args.out or args.file.with_suffix("")
     out.mkdir(parents=True, exist_ok=True)
+    if "sources" in compressed.header:  # the user's own files (`compress --input`): each back under its name
+        from pipelines.file_compression import write_decoded_files
+
+        write_decoded_files(decoded, args.run_dir, out, args.file)
+        return out
+    tokenizer = load_tokenizer(args.run_dir / "tokenizer").eval()
     columns = {"input_ids": tokens}
     for name in ("num_samples", "label"):
         values = [getattr(item, name) for item in compressed.items]

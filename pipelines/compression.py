@@ -3,7 +3,7 @@
 `priors.entropy_coding` writes one arithmetic-coded stream per item; this module frames the streams
 into one file and measures what they cost. What a file holds, in order:
 
-- `MAGIC`, a 4-byte big-endian header length, and a JSON header: the sha256 of the prior's weights
+- `MAGIC`, a 4-byte big-endian header length, and a deflated (zlib) JSON header: the sha256 of the prior's weights
   and of the tokenizer's (a file is decoded only by the prior that wrote it), the token layout and
   sizes, the batch size (decoding redoes the encoder's batches: a batch of one runs other kernels
   than a batch of many), whether streams were coded under the class label, and the device, dtype and
@@ -39,7 +39,7 @@ from priors.entropy_coding import can_entropy_code, decode_batch, encode_batch, 
 logger = logging.getLogger(__name__)
 
 MAGIC = b"TOKGEN-AC1\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1 stored the header as plain JSON; 2 deflates it (a short file's largest part)
 
 
 class CompressedFileError(ValueError):
@@ -92,7 +92,7 @@ class CompressedTokens:
     items: list[Item]
 
     def to_bytes(self) -> bytes:
-        header = json.dumps(self.header, sort_keys=True).encode()
+        header = zlib.compress(json.dumps(self.header, sort_keys=True, separators=(",", ":")).encode(), 9)
         body = b"".join(item.framing() + item.stream for item in self.items)
         return MAGIC + struct.pack(">I", len(header)) + header + body
 
@@ -104,9 +104,13 @@ class CompressedTokens:
         if len(data) < offset:
             raise CompressedFileError(f"{path}: truncated header")
         (header_length,) = struct.unpack(">I", data[len(MAGIC) : offset])
+        raw = data[offset : offset + header_length]
         try:
-            header = json.loads(data[offset : offset + header_length])
-        except ValueError as error:
+            header = json.loads(zlib.decompress(raw))
+        except (zlib.error, ValueError) as error:
+            if raw.startswith(b"{"):  # format 1 kept it plain
+                raise CompressedFileError(f"{path}: an older tokgen's token file (plain header); this tokgen reads "
+                                          f"format {FORMAT_VERSION}") from None
             raise CompressedFileError(f"{path}: unreadable header ({error})") from None
         if header.get("format") != FORMAT_VERSION:
             raise CompressedFileError(f"{path}: format {header.get('format')!r}, this tokgen reads {FORMAT_VERSION}")
@@ -217,7 +221,7 @@ def decompress(prior, compressed: CompressedTokens, mask: torch.Tensor, progress
 # --- a run's token splits ------------------------------------------------------------------------
 
 
-def _run_parts(run_dir: Path):
+def run_parts(run_dir: Path):
     """The prior and token set of a finished run, refused if they were not made for each other."""
     prior_dir = run_dir / "prior"
     tokenset = load_tokenset(run_dir / "tokens", tokenizer_dir=run_dir / "tokenizer")
@@ -240,42 +244,64 @@ def compress_split(run_dir: str | Path, split: str = "test", out_path: str | Pat
     """Entropy-code a run's token split (the first `limit` items) into `out_path`, decode it again to
     check the round trip, and report the bits."""
     run_dir = Path(run_dir)
-    prior, tokenset, prior_sha256 = _run_parts(run_dir)
+    prior, tokenset, prior_sha256 = run_parts(run_dir)
     manifest = tokenset.manifest
     tensors = {name: values[:limit] for name, values in tokenset.tensors(split).items()}
-    sequences, mask = tensors["input_ids"], _split_mask(tensors)
     if conditioned and ("label" not in tensors or not prior.config.num_classes):
         raise ValueError(f"conditioned coding needs a class-conditional prior and a labelled split; {run_dir} has "
                          f"{prior.config.num_classes} classes and split {split!r} is "
                          f"{'labelled' if 'label' in tensors else 'unlabelled'}")
-    header = {"prior_sha256": prior_sha256, "tokenizer_sha256": manifest.tokenizer_sha256, "order": manifest.order,
-              "sequence_length": manifest.sequence_length, "vocab_size": manifest.vocab_size, "split": split}
-    compressed = compress(prior, sequences, mask, header, tensors["label"] if conditioned else None,
-                          tensors["num_samples"] if manifest.has_lengths else None,
-                          batch_size, progress)
+    coded = TokensToCode(tensors["input_ids"], _split_mask(tensors), tensors["label"] if conditioned else None,
+                         tensors["num_samples"] if manifest.has_lengths else None)
     out_path = Path(out_path or run_dir / "compressed" / f"{split}.tgac")
+    _, report = write_checked(prior, prior_sha256, manifest, coded, {"split": split}, out_path, run_dir,
+                              batch_size, progress)
+    return out_path, report
+
+
+class TokensToCode(NamedTuple):
+    """What a token file codes: `(n L)` sequences and mask, and per item its label and real samples, if any."""
+
+    sequences: torch.Tensor
+    mask: torch.Tensor
+    labels: torch.Tensor | None = None
+    num_samples: torch.Tensor | None = None
+
+
+def write_checked(prior, prior_sha256: str, manifest: Manifest, coded: TokensToCode, header: dict, out_path: Path,
+                  run_dir: Path, batch_size: int, progress: bool) -> tuple[CompressedTokens, CompressionReport]:
+    """Code `coded` into `out_path` (its header: the run's identity, plus `header`), decode the bytes as
+    written with the same prior, refuse any difference, and report the bits."""
+    header = {"prior_sha256": prior_sha256, "tokenizer_sha256": manifest.tokenizer_sha256, "order": manifest.order,
+              "sequence_length": manifest.sequence_length, "vocab_size": manifest.vocab_size, **header}
+    compressed = compress(prior, coded.sequences, coded.mask, header, coded.labels, coded.num_samples, batch_size,
+                          progress)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     data = compressed.to_bytes()
     out_path.write_bytes(data)
-    # Decoded from the bytes as written, by the prior already loaded.
-    decoded = _decode(CompressedTokens.from_bytes(data, out_path), prior, tokenset.manifest, prior_sha256, out_path,
+    decoded = _decode(CompressedTokens.from_bytes(data, out_path), prior, manifest, prior_sha256, out_path,
                       run_dir, progress)
-    if not torch.equal(decoded, torch.where(mask, sequences, 0)):
+    if not torch.equal(decoded, torch.where(coded.mask, coded.sequences, 0)):
         raise CompressedFileError(f"{out_path}: the round trip changed tokens")  # the CRCs should have said so
-    label = tensors["label"] if conditioned else None
+    return compressed, _report(prior, manifest, coded, compressed, len(data), batch_size)
+
+
+def _report(prior, manifest: Manifest, coded: TokensToCode, compressed: CompressedTokens, file_bytes: int,
+            batch_size: int) -> CompressionReport:
+    sequences, mask, labels = coded.sequences, coded.mask, coded.labels
     with torch.no_grad():
-        log_prob = sum(float(prior.log_prob(sequences[rows], None if label is None else label[rows],
+        log_prob = sum(float(prior.log_prob(sequences[rows], None if labels is None else labels[rows],
                                             mask[rows]).sum()) for rows in _batches(len(sequences), batch_size))
-    real_codes = (int(tensors["num_frames"].sum()) * manifest.num_codebooks if manifest.has_lengths
-                  else int(mask.sum()))  # a delayed layout's pads are coded but are no codes
-    stream_bits = 8 * sum(len(item.stream) for item in compressed.items)
-    framed_bits = 8 * sum(len(item.framing()) + len(item.stream) for item in compressed.items)
-    report = CompressionReport(items=len(sequences), tokens=int(mask.sum()), stream_bits=stream_bits,
-                               framed_bits=framed_bits, file_bits=8 * len(data), ideal_bits=-log_prob / np.log(2.0),
-                               raw_bits=real_codes * float(np.log2(manifest.codebook_size)),
-                               seconds=float(tensors["num_samples"].sum()) / manifest.sample_rate
-                               if manifest.has_lengths else None)
-    return out_path, report
+    has_lengths = coded.num_samples is not None
+    real_codes = (int(frames_of(coded.num_samples, manifest.hop_length).sum()) * manifest.num_codebooks
+                  if has_lengths else int(mask.sum()))  # a delayed layout's pads are coded but are no codes
+    return CompressionReport(
+        items=len(sequences), tokens=int(mask.sum()),
+        stream_bits=8 * sum(len(item.stream) for item in compressed.items),
+        framed_bits=8 * sum(len(item.framing()) + len(item.stream) for item in compressed.items),
+        file_bits=8 * file_bytes, ideal_bits=-log_prob / np.log(2.0),
+        raw_bits=real_codes * float(np.log2(manifest.codebook_size)),
+        seconds=float(coded.num_samples.sum()) / manifest.sample_rate if has_lengths else None)
 
 
 def _decode(compressed: CompressedTokens, prior, manifest: Manifest, prior_sha256: str, path, run_dir: Path,
@@ -302,6 +328,6 @@ def decompress_file(path: str | Path, run_dir: str | Path, progress: bool = Fals
     """The tokens a file holds, decoded with the run's prior (refused if it is not the encoder's)."""
     path, run_dir = Path(path), Path(run_dir)
     compressed = CompressedTokens.from_bytes(path.read_bytes(), path)
-    prior, tokenset, prior_sha256 = _run_parts(run_dir)
+    prior, tokenset, prior_sha256 = run_parts(run_dir)
     tokens = _decode(compressed, prior, tokenset.manifest, prior_sha256, path, run_dir, progress)
     return DecodedFile(tokens, compressed, tokenset.manifest)

@@ -19,6 +19,9 @@ import torch
 from safetensors.torch import load_file
 
 from pipelines.cli import main
+from pipelines.audio_data import read_audio_file
+from pipelines.compression import CompressedTokens
+from pipelines.file_compression import _audio_tokens, decode_sources, input_files
 from pipelines.prompting import audio_prompt_tokens, continue_prompt, resolved_run_config
 from pipelines.stages import load_matched_pair
 from priors import SamplingOptions
@@ -318,9 +321,89 @@ def test_decompress_refuses_a_file_of_another_prior(audio_run, tmp_path, capsys)
     run_dir, _ = audio_run
     out = tmp_path / "test.tgac"
     assert main(["compress", str(run_dir), "--out", str(out), "--limit", "2"]) == 0
-    data = bytearray(out.read_bytes())
-    at = data.index(b'"prior_sha256": "') + len(b'"prior_sha256": "')
-    data[at : at + 4] = b"0000"
-    out.write_bytes(bytes(data))
+    compressed = CompressedTokens.from_bytes(out.read_bytes())
+    compressed.header["prior_sha256"] = "0000" + compressed.header["prior_sha256"][4:]
+    out.write_bytes(compressed.to_bytes())
     assert main(["decompress", str(out), str(run_dir)]) == 2
     assert "only the encoder's prior can decode it" in capsys.readouterr().err
+
+
+def test_compress_your_own_files_and_get_them_back(audio_run, tmp_path):
+    """`tokgen compress --input` codes files of any length, rate and channel count (a long one in
+    segments of the run's clip length), and `tokgen decompress` gives each back under its own name,
+    at its length, as the run's tokenizer decodes the codes of the whole file."""
+    run_dir, _ = audio_run
+    long = write_prompt_clip(tmp_path / "long.wav", seconds=0.9)  # 16 kHz stereo: resampled and downmixed
+    folder = write_clips(tmp_path / "folder", per_class=1)  # low/0.wav, mid/0.wav, high/0.wav
+    out = tmp_path / "mine.tgac"
+    assert main(["compress", str(run_dir), "--input", str(long), str(folder), "--out", str(out)]) == 0
+    tokenizer, _, tokenset = load_matched_pair(run_dir, "cpu")
+    manifest = tokenset.manifest
+    window = manifest.token_grid[0] * manifest.hop_length
+    lengths = {"long": round(0.9 * RATE), **{f"{name}/0": round(RATE * 0.12) for name in CLASSES}}
+    header = CompressedTokens.from_bytes(out.read_bytes()).header
+    assert [source["name"] for source in header["sources"]] == ["long", "high/0", "low/0", "mid/0"]
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["items"] == math.ceil(lengths["long"] / window) + 3 > 4  # the long file took several segments
+    assert report["seconds"] == pytest.approx(sum(lengths.values()) / RATE)
+    assert report["ideal_bits"] <= report["stream_bits"] <= report["ideal_bits"] + 10 * report["items"]
+    assert [f["name"] for f in report["decoded"]["files"]] == ["long", "high/0", "low/0", "mid/0"]
+
+    decoded_dir = tmp_path / "decoded"
+    assert main(["decompress", str(out), str(run_dir), "--out", str(decoded_dir)]) == 0
+    for name, samples in lengths.items():
+        assert soundfile.info(decoded_dir / f"{name}.wav").frames == samples
+    codes = load_file(str(decoded_dir / "codes.safetensors"))
+    data_config = resolved_run_config(run_dir).audio_data
+    clip = torch.from_numpy(read_audio_file(long, data_config))
+    expected = tokenizer.encode_chunked(clip[None], chunk_samples=window)[0]
+    assert torch.equal(codes["long"], expected)  # segments and layout undone exactly
+    wav, _ = soundfile.read(decoded_dir / "long.wav", dtype="float32")
+    rendered = tokenizer.decode_chunked(expected[None], chunk_frames=manifest.token_grid[0], length=len(wav))
+    assert np.allclose(wav, rendered[0, 0].numpy(), atol=1e-4)  # 16-bit WAV
+
+
+def test_own_files_come_back_at_their_own_level(audio_run, tmp_path):
+    """A run whose clips were scaled to one peak codes a file at that peak and decodes it at its own."""
+    run_dir, _ = audio_run
+    tokenizer, _, tokenset = load_matched_pair(run_dir, "cpu")
+    levelled = dataclasses.replace(resolved_run_config(run_dir).audio_data, peak_level=0.9)
+    quiet = write_prompt_clip(tmp_path / "quiet.wav", seconds=0.3)  # peak 0.225 after the downmix
+    coded, sources, clips = _audio_tokens(input_files([quiet], {".wav"}, "audio"), tokenizer, tokenset.manifest,
+                                          levelled, progress=False)
+    assert sources[0]["gain"] == pytest.approx(0.225 / 0.9, rel=0.02)
+    assert clips[0].abs().max().item() == pytest.approx(0.9, rel=1e-4)
+    decoded = decode_sources(tokenizer, coded.sequences, sources, tokenset.manifest, "x")[0]
+    direct = tokenizer.decode_chunked(tokenizer.encode_chunked(clips[0][None], chunk_samples=2000),
+                                      chunk_frames=tokenset.manifest.token_grid[0], length=clips[0].shape[-1])
+    assert torch.allclose(decoded, direct[0] * sources[0]["gain"], atol=1e-5)
+
+
+def test_own_files_that_cannot_be_coded_are_refused_by_name(audio_run, tmp_path, capsys):
+    run_dir, _ = audio_run
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, second = (write_prompt_clip(tmp_path / folder / "x.wav", 0.1) for folder in ("a", "b"))
+    assert main(["compress", str(run_dir), "--input", str(first), str(second)]) == 2
+    assert "same name(s) ['x']" in capsys.readouterr().err
+    assert main(["compress", str(run_dir), "--input", str(tmp_path / "missing.wav")]) == 2
+    assert "missing.wav does not exist" in capsys.readouterr().err
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF....WAVEfmt nonsense")
+    assert main(["compress", str(run_dir), "--input", str(first), str(broken)]) == 2
+    assert f"cannot read audio file {broken}" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="apply to a split"):
+        main(["compress", str(run_dir), "--input", str(first), "--conditioned"])
+
+
+def test_a_token_file_cannot_write_outside_its_output_folder(audio_run, tmp_path, capsys):
+    run_dir, _ = audio_run
+    out = tmp_path / "one.tgac"
+    assert main(["compress", str(run_dir), "--input", str(write_prompt_clip(tmp_path / "c.wav", 0.1)),
+                 "--out", str(out)]) == 0
+    compressed = CompressedTokens.from_bytes(out.read_bytes())
+    compressed.header["sources"][0]["name"] = "../escaped"
+    out.write_bytes(compressed.to_bytes())
+    assert main(["decompress", str(out), str(run_dir), "--out", str(tmp_path / "inside")]) == 2
+    assert "'../escaped' is not a relative path inside the output folder" in capsys.readouterr().err
+    assert not (tmp_path / "escaped.wav").exists()

@@ -1,0 +1,230 @@
+"""A finished run as a codec for your own files: `tokgen compress RUN --input PATH...` and back.
+
+`pipelines.compression` codes a run's own token splits. This module takes files the run has never
+seen (EnCodec's `encodec in.wav out.ecdc` with its language model on, in tokgen's terms):
+
+- **Audio**: each file is read as the run's data was (its rate and channels, scaled to its peak
+  level; the factor is stored, so the decoded file comes back at its own level), encoded whole by
+  the run's tokenizer in windows (`encode_chunked`), and cut into segments of the run's clip
+  length, the sequence length the prior models. Each segment is one item of the token file, coded
+  from its own start under the null class: segments share no context, which costs a few bits at
+  each start but lets any segment decode alone. Decompressing joins a file's segments and decodes
+  its codes whole (`decode_chunked`), so segment edges leave no seam in the audio.
+- **Images**: each file is converted as the run's images were (channels, size) and is one item.
+
+The header lists the sources in order: a name, which is where decompressing writes the output (the
+path below the folder given, without suffix, so `a/x.wav` and `b/x.wav` stay apart), and for audio
+the file's samples and its gain. A name read from a file is checked before it becomes a path.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path, PurePosixPath
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from einops import rearrange
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from pipelines import layouts
+from pipelines.audio_data import AUDIO_EXTENSIONS, read_audio_file
+from pipelines.compression import (CompressedFileError, CompressionReport, DecodedFile, TokensToCode, run_parts,
+                                   write_checked)
+from pipelines.data import IMAGE_EXTENSIONS, DataError, decode_image, pil_to_array, to_tensor_images
+from pipelines.images import save_image_grid
+from pipelines.prompting import resolved_run_config
+from pipelines.stages import decode_tokens, module_device
+from pipelines.tokenset import Manifest, encode_images, frames_of
+from tokenizers_vq import load_tokenizer
+
+
+class InputFile(NamedTuple):
+    path: Path
+    name: str  # relative, without suffix: where the decoded output goes
+
+
+def input_files(paths: list[Path], extensions: set[str], kind: str) -> list[InputFile]:
+    """Files as given, and the `extensions` files below each folder given (sorted), with unique names."""
+    found = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in extensions)
+            if not files:
+                raise DataError(f"{path} holds no {kind} files ({', '.join(sorted(extensions))})")
+            found += [InputFile(f, f.relative_to(path).with_suffix("").as_posix()) for f in files]
+        elif path.is_file():
+            found.append(InputFile(path, path.stem))
+        else:
+            raise DataError(f"input {path} does not exist")
+    names = [item.name for item in found]
+    clashes = sorted({name for name in names if names.count(name) > 1})
+    if clashes:
+        raise DataError(f"several inputs would decode to the same name(s) {clashes[:5]}: give files of the same "
+                        "name from their folders (the names then keep the sub-folders)")
+    return found
+
+
+def output_path(folder: Path, name: str, suffix: str, path) -> Path:
+    """Where a source's output goes; a name that would leave `folder` is refused, never followed."""
+    parts = PurePosixPath(name).parts
+    if not name or name.startswith("/") or "\\" in name or ".." in parts or ":" in name:
+        raise CompressedFileError(f"{path}: source name {name!r} is not a relative path inside the output folder")
+    return folder.joinpath(*parts).with_suffix(suffix)
+
+
+def _segment_tokens(codes: torch.Tensor, num_samples: int, manifest: Manifest) -> tuple[list[torch.Tensor], list[int]]:
+    """One file's `(frames q)` codes -> its segments as `(L,)` sequences in the run's layout, and each
+    segment's real samples (the last one's padding frames hold code 0; the mask leaves them out)."""
+    frames, hop = manifest.token_grid[0], manifest.hop_length
+    sequences, samples = [], []
+    for start in range(0, num_samples, frames * hop):
+        segment = codes.new_zeros((frames, codes.shape[-1]))
+        kept = codes[start // hop : start // hop + frames]
+        segment[: len(kept)] = kept
+        sequences.append(layouts.apply_layout(segment[None], manifest.order, manifest.codebook_size)[0])
+        samples.append(min(frames * hop, num_samples - start))
+    return sequences, samples
+
+
+def segments_of(num_samples: int, manifest: Manifest) -> int:
+    return math.ceil(num_samples / (manifest.token_grid[0] * manifest.hop_length))
+
+
+def _audio_tokens(files: list[InputFile], tokenizer, manifest: Manifest, data_config,
+                  progress: bool) -> tuple[TokensToCode, list[dict], list[torch.Tensor]]:
+    """Read and encode audio files -> their segments to code, the sources for the header, and each file
+    as the tokenizer saw it (`(c t)`, after the peak scaling) to score the decoded audio against."""
+    device = module_device(tokenizer)
+    window = manifest.token_grid[0] * manifest.hop_length
+    sequences, samples, sources, clips = [], [], [], []
+    for item in tqdm(files, desc="encode files", disable=not progress):
+        clip = read_audio_file(item.path, data_config)
+        peak = float(np.abs(clip).max(initial=0.0))
+        gain = float(f"{peak / data_config.peak_level:.6g}") if data_config.peak_level and peak > 0 else 1.0
+        clip = torch.from_numpy(clip / np.float32(gain))
+        codes = tokenizer.encode_chunked(clip[None].to(device), chunk_samples=window).cpu()
+        codes = codes[0] if codes.ndim == 3 else rearrange(codes[0], "frames -> frames 1")
+        segments, lengths = _segment_tokens(codes, clip.shape[-1], manifest)
+        sequences += segments
+        samples += lengths
+        sources.append({"name": item.name, "num_samples": clip.shape[-1], "gain": gain})
+        clips.append(clip)
+    num_samples = torch.tensor(samples, dtype=torch.long)
+    mask = manifest.valid_token_mask(frames_of(num_samples, manifest.hop_length))
+    return TokensToCode(torch.stack(sequences), mask, num_samples=num_samples), sources, clips
+
+
+def _image_tokens(files: list[InputFile], tokenizer, manifest: Manifest,
+                  progress: bool) -> tuple[TokensToCode, list[dict], torch.Tensor]:
+    channels, height, width = manifest.image_shape
+    images = np.stack([pil_to_array(decode_image(str(item.path), str(item.path)), channels, (width, height))
+                       for item in files])
+    tokens = torch.from_numpy(encode_images(tokenizer, images, 64, module_device(tokenizer), progress, "files"))
+    sources = [{"name": item.name} for item in files]
+    return TokensToCode(tokens, torch.ones_like(tokens, dtype=torch.bool)), sources, to_tensor_images(images)
+
+
+def compress_files(run_dir: str | Path, inputs: list[Path], out_path: str | Path | None = None,
+                   batch_size: int = 64, progress: bool = True) -> tuple[Path, CompressionReport, dict]:
+    """Code audio or image files (or folders of them) with a finished run's tokenizer and prior into one
+    token file; decode it again to check, and report the bits and how close the decoded files come."""
+    run_dir = Path(run_dir)
+    prior, tokenset, prior_sha256 = run_parts(run_dir)
+    manifest = tokenset.manifest
+    tokenizer = load_tokenizer(run_dir / "tokenizer").eval()
+    audio = manifest.modality == "audio"
+    files = input_files(inputs, AUDIO_EXTENSIONS if audio else IMAGE_EXTENSIONS, "audio" if audio else "image")
+    if audio:
+        coded, sources, originals = _audio_tokens(files, tokenizer, manifest, resolved_run_config(run_dir).audio_data,
+                                                  progress)
+    else:
+        coded, sources, originals = _image_tokens(files, tokenizer, manifest, progress)
+    default = f"{files[0].name.replace('/', '_')}.tgac" if len(files) == 1 else "files.tgac"
+    out_path = Path(out_path or run_dir / "compressed" / default)
+    header = {"modality": manifest.modality, "sources": sources}
+    _, report = write_checked(prior, prior_sha256, manifest, coded, header, out_path, run_dir, batch_size, progress)
+    decoded = decode_sources(tokenizer, coded.sequences, sources, manifest, out_path)
+    quality = (_audio_quality(decoded, originals, sources, manifest.sample_rate) if audio
+               else _image_quality(torch.cat(decoded), originals, sources))
+    return out_path, report, quality
+
+
+# --- tokens -> files ------------------------------------------------------------------------------
+
+
+def decode_sources(tokenizer, tokens: torch.Tensor, sources: list[dict], manifest: Manifest,
+                   path) -> list[torch.Tensor]:
+    """A file's `(items L)` tokens -> per source its audio `(c t)` at its own level, or its image `(1 c h w)`."""
+    if manifest.modality != "audio":
+        if len(sources) != len(tokens):
+            raise CompressedFileError(f"{path}: {len(sources)} sources but {len(tokens)} items")
+        return list(decode_tokens(tokenizer, tokens, manifest).split(1))
+    device, clips = module_device(tokenizer), []
+    for source, codes in zip(sources, _source_codes(tokens, sources, manifest, path)):
+        # the real frames only: the last segment's padding codes would colour the file's last samples
+        codes = codes[None] if manifest.num_codebooks > 1 else rearrange(codes, "frames 1 -> 1 frames")
+        clip = tokenizer.decode_chunked(codes.to(device), chunk_frames=manifest.token_grid[0],
+                                        length=source["num_samples"])
+        clips.append(clip[0].float().cpu() * source["gain"])
+    return clips
+
+
+def write_decoded_files(decoded: DecodedFile, run_dir: Path, out: Path, path) -> list[Path]:
+    """Each source's output (`NAME.wav` or `NAME.png`) under `out`, and `codes.safetensors`: the codes of
+    every source, `(frames q)` for a clip, `(h w q)` for an image, keyed by name, for downstream models."""
+    from pipelines.audio_stages import write_wavs
+
+    manifest, sources = decoded.manifest, decoded.compressed.header["sources"]
+    targets = [output_path(out, source["name"], ".wav" if manifest.modality == "audio" else ".png", path)
+               for source in sources]
+    tokenizer = load_tokenizer(run_dir / "tokenizer").eval()
+    outputs = decode_sources(tokenizer, decoded.tokens, sources, manifest, path)
+    codes = _source_codes(decoded.tokens, sources, manifest, path)
+    for target, output in zip(targets, outputs):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if manifest.modality == "audio":
+            write_wavs(output[None], [target.stem], target.parent, manifest.sample_rate)
+        else:
+            save_image_grid(output, target, nrow=1, padding=0)
+    save_file({source["name"]: code.contiguous() for source, code in zip(sources, codes)}, str(out / "codes.safetensors"))
+    return targets
+
+
+def _source_codes(tokens: torch.Tensor, sources: list[dict], manifest: Manifest, path) -> list[torch.Tensor]:
+    """Each source's codes: `(frames q)` of a clip, its segments joined and its padding dropped; `(h w q)` of an image."""
+    if manifest.modality != "audio":
+        grid = rearrange(tokens, "n (h w q) -> n h w q", h=manifest.token_grid[0], q=manifest.num_codebooks)
+        return list(grid)
+    counts = [segments_of(source["num_samples"], manifest) for source in sources]
+    if sum(counts) != len(tokens):
+        raise CompressedFileError(f"{path}: its sources need {sum(counts)} segments, but it holds {len(tokens)} items")
+    frames = manifest.token_grid[0]
+    codes = layouts.undo_layout(tokens, manifest.order, frames, manifest.num_codebooks, manifest.codebook_size, fill=0)
+    return [rearrange(segments, "segments frames q -> (segments frames) q")[: frames_of(source["num_samples"],
+                                                                                      manifest.hop_length)]
+            for source, segments in zip(sources, codes.split(counts))]
+
+
+# --- how close the decoded files come -------------------------------------------------------------
+
+
+def _audio_quality(decoded: list[torch.Tensor], originals: list[torch.Tensor], sources: list[dict],
+                   sample_rate: int) -> dict:
+    from tokenizers_vq.audio_losses import si_snr
+
+    per_file = []
+    for clip, original, source in zip(decoded, originals, sources):
+        value = si_snr(clip[None], original[None] * source["gain"])
+        per_file.append({"name": source["name"], "seconds": clip.shape[-1] / sample_rate,
+                         "si_snr_db": float(value.mean())})
+    return {"si_snr_db": float(np.mean([f["si_snr_db"] for f in per_file])), "files": per_file}
+
+
+def _image_quality(decoded: torch.Tensor, originals: torch.Tensor, sources: list[dict]) -> dict:
+    # PSNR over [0, 255] pixels of the image as the run's tokenizer saw it (its size and channels)
+    error = ((decoded.clamp(-1, 1) - originals) * 127.5).pow(2).flatten(1).mean(1)
+    psnr = (10 * torch.log10(255.0**2 / error.clamp_min(1e-10))).tolist()
+    return {"psnr_db": float(np.mean(psnr)), "files": [{"name": s["name"], "psnr_db": p} for s, p in zip(sources, psnr)]}
