@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from pipelines.cli import main
 from pipelines.audio_data import read_audio_file
 from pipelines.compression import CompressedTokens
-from pipelines.file_compression import _audio_tokens, decode_sources, input_files
+from pipelines.file_compression import _audio_tokens, decode_sources, gain_curve, input_files
 from pipelines.prompting import audio_prompt_tokens, continue_prompt, resolved_run_config
 from pipelines.stages import load_matched_pair
 from priors import SamplingOptions
@@ -364,19 +364,28 @@ def test_compress_your_own_files_and_get_them_back(audio_run, tmp_path):
 
 
 def test_own_files_come_back_at_their_own_level(audio_run, tmp_path):
-    """A run whose clips were scaled to one peak codes a file at that peak and decodes it at its own."""
+    """A run whose clips were scaled to one peak codes each segment of a file near that peak (a quiet
+    stretch raised, within 30 dB of the loudest) and decodes the file at its own levels."""
     run_dir, _ = audio_run
     tokenizer, _, tokenset = load_matched_pair(run_dir, "cpu")
+    manifest = tokenset.manifest
+    window = manifest.token_grid[0] * manifest.hop_length
     levelled = dataclasses.replace(resolved_run_config(run_dir).audio_data, peak_level=0.9)
-    quiet = write_prompt_clip(tmp_path / "quiet.wav", seconds=0.3)  # peak 0.225 after the downmix
-    coded, sources, clips = _audio_tokens(input_files([quiet], {".wav"}, "audio"), tokenizer, tokenset.manifest,
-                                          levelled, progress=False)
-    assert sources[0]["gain"] == pytest.approx(0.225 / 0.9, rel=0.02)
-    assert clips[0].abs().max().item() == pytest.approx(0.9, rel=1e-4)
-    decoded = decode_sources(tokenizer, coded.sequences, sources, tokenset.manifest, "x")[0]
-    direct = tokenizer.decode_chunked(tokenizer.encode_chunked(clips[0][None], chunk_samples=2000),
-                                      chunk_frames=tokenset.manifest.token_grid[0], length=clips[0].shape[-1])
-    assert torch.allclose(decoded, direct[0] * sources[0]["gain"], atol=1e-5)
+    t = np.arange(4 * window) / RATE
+    envelope = np.repeat([0.5, 0.05, 0.5, 1e-4], window)  # loud, 20 dB quieter, loud, near silence
+    soundfile.write(tmp_path / "levels.wav", (envelope * np.sin(2 * np.pi * 300 * t)).astype(np.float32), RATE)
+    coded, sources, clips = _audio_tokens(input_files([tmp_path / "levels.wav"], {".wav"}, "audio"), tokenizer,
+                                          manifest, levelled, progress=False)
+    assert sources[0]["gains_db"] == [-5, -25, -5, -35]  # 0.5 / 0.9 is -5.1 dB; the silence stops 30 dB down
+    curve = gain_curve(sources[0]["gains_db"], 4 * window, window)
+    assert curve[window // 2] == pytest.approx(10 ** (-5 / 20)) and curve[3 * window // 2] == pytest.approx(10 ** (-25 / 20))
+    # no step: the largest change between neighbouring samples is the 30 dB fall spread over a segment
+    assert np.abs(np.diff(20 * np.log10(curve))).max() == pytest.approx(30 / window, rel=0.01)
+    decoded = decode_sources(tokenizer, coded.sequences, sources, manifest, "x")[0]
+    scaled = clips[0] / torch.from_numpy(curve)
+    direct = tokenizer.decode_chunked(tokenizer.encode_chunked(scaled[None], chunk_samples=window),
+                                      chunk_frames=manifest.token_grid[0], length=4 * window)
+    assert torch.allclose(decoded, direct[0] * torch.from_numpy(curve), atol=1e-5)
 
 
 def test_own_files_that_cannot_be_coded_are_refused_by_name(audio_run, tmp_path, capsys):
