@@ -16,7 +16,6 @@ of a short clip) are neither coded nor decoded; the model reads them as token 0,
 from __future__ import annotations
 
 import torch
-import transformers
 from einops import rearrange
 from torch import Tensor
 
@@ -44,10 +43,10 @@ class Stepper:
 
 
 class TransformerStepper(Stepper):
-    """The transformer prior with a KV cache, as its sampler runs it."""
+    """The transformer prior with its KV cache, as its sampler runs it eagerly."""
 
     def __init__(self, prior: TransformerPrior, label: Tensor | None, rows: int):
-        self.prior, self.cache, self.position = prior, transformers.DynamicCache(), 0
+        self.prior, self.cache, self.position = prior, prior.new_kv_cache(), 0
         self.cond = prior.condition_tokens(label, rows, prior_device(prior))
 
     def _step(self, ids: Tensor) -> Tensor:

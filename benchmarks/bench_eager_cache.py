@@ -1,0 +1,80 @@
+"""Eager sampling with a preallocated (static) KV cache against a growing (dynamic) one, on finished runs.
+
+    python benchmarks/bench_eager_cache.py runs/mnist_cpu runs/fsdd_cpu --num 1000 --threads 2 --out cache.json
+
+Without `torch.compile` (every CPU run, and CUDA with `compile_sampling` off) the transformer prior
+decodes token by token eagerly. transformers' `DynamicCache` appends each step's keys and values by
+concatenation, copying the whole cache every step; a `StaticCache` writes them in place. For each
+run's prior this draws `--num` class-conditional sequences under guidance (the sample stage's
+setting) with each cache from the same seed, reports the seconds and tokens per second of each, and
+how many sequences both drew alike: the two caches sum attention in another order, so a draw that
+falls on a rounding edge may differ, and the sequence goes its own way from there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from einops import rearrange
+
+from priors import SamplingOptions, load_prior
+from priors.decode import DecodeRequest, decode_cached
+
+try:
+    from benchmarks.audio_codec_eval import machine, save_record
+except ImportError:  # run as a script
+    from audio_codec_eval import machine, save_record
+
+
+def draw(prior, cache, num: int, guidance: float) -> tuple[float, torch.Tensor]:
+    labels = torch.arange(num) % max(prior.config.num_classes, 1) if prior.config.num_classes else None
+    cond = prior.condition_tokens(labels, num, "cpu")
+    guided = labels is not None and guidance != 1.0
+    if guided:
+        cond = torch.cat([cond, torch.full_like(cond, prior.config.null_token)])
+    output = torch.empty((num, prior.config.seq_len), dtype=torch.long)
+    request = DecodeRequest(rearrange(cond, "r -> r 1"), output, 0, guided, SamplingOptions(guidance_scale=guidance),
+                            torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    with torch.no_grad():
+        tokens = decode_cached(prior._next_log_probs, cache, request)
+    return time.perf_counter() - start, tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="finished runs with a transformer prior")
+    parser.add_argument("--num", type=int, default=1000)
+    parser.add_argument("--guidance", type=float, default=2.0)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    record = {"machine": machine(args), "date": datetime.date.today().isoformat(), "num": args.num,
+              "guidance": args.guidance, "runs": {}}
+    for run in args.runs:
+        prior = load_prior(run / "prior").eval()
+        dynamic_seconds, dynamic = draw(prior, transformers.DynamicCache(), args.num, args.guidance)
+        static_seconds, static = draw(prior, prior.new_kv_cache(), args.num, args.guidance)
+        tokens = args.num * prior.config.seq_len
+        result = {"sequence_length": prior.config.seq_len, "dynamic_seconds": dynamic_seconds,
+                  "static_seconds": static_seconds, "dynamic_tokens_per_second": tokens / dynamic_seconds,
+                  "static_tokens_per_second": tokens / static_seconds, "speedup": dynamic_seconds / static_seconds,
+                  "same_tokens": bool(torch.equal(dynamic, static)),
+                  "identical_sequences": float((dynamic == static).all(dim=1).float().mean())}
+        record["runs"][str(run)] = result
+        print(f"{run}: {args.num} x {prior.config.seq_len} tokens, dynamic {dynamic_seconds:.2f} s, static "
+              f"{static_seconds:.2f} s ({result['speedup']:.2f}x), identical sequences: "
+              f"{100 * result['identical_sequences']:.1f}%")
+    save_record(record, args.out)
+    print(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
