@@ -12,7 +12,10 @@
 # after long fine-tunes, and the config's prior codes 2-level tokens in 4.8-5.5 bits of 8. From scratch in
 # MINUTES the codecs are weaker; the comparison between level counts, at one training time, is the point.
 # About MINUTES + PRIOR_MINUTES + 3 minutes in all (export, 300 guided samples, the judge, the coding): it fits a
-# 15-minute device budget with the machine's start. Carry .whl and .data/fsdd.npz. What comes back: the log, every metrics.json and the bit-rate JSON (no weights).
+# 15-minute device budget with the machine's start. Carry .whl and .data/fsdd.npz. What comes back: the log, every
+# metrics.json and the bit-rate JSON, and one codec's weights in parts (below); keep them in a git-ignored folder:
+#   cat levels_N.model.safetensors.part_* > .data/fsdd_codec_levels_N/model.safetensors
+#   tar xzf levels.tar.gz runs/levels_N/tokenizer/config.json && cp runs/levels_N/tokenizer/config.json .data/fsdd_codec_levels_N/
 set -u
 : "${OUT:?set OUT to the folder the results go to}"
 : "${DATA:=.data}"
@@ -52,6 +55,20 @@ done
 if ((${#finished[@]})); then
     python benchmarks/entropy_coded_bitrate.py "${finished[@]}" --batch-size 300 --threads 8 --modes unconditioned \
         --out "$OUT/entropy_coded_levels.json" 2>&1 | tee -a "$log"
+fi
+# The codec that comes back, in 15 MB parts (a later session joins them with cat and trains on from it with
+# tokenizer_init): the best test SI-SNR among the runs whose coded rate, framing included, is at most
+# MAX_CODED_BPS (default 1600: the issue's target read as a coded rate), else the best of all.
+best=$(python3 -c "import json, pathlib, sys
+rows = []
+for run in sys.argv[2:]:
+    m = json.loads((pathlib.Path(run) / 'metrics.json').read_text())
+    rate = m['prior'].get('entropy_coded_framed_bits_per_second', m['tokenizer']['bitrate_bps'])
+    rows.append((rate <= float(sys.argv[1]), m['tokenizer']['si_snr_db'], run))
+print(max(rows)[2] if rows else '')" "${MAX_CODED_BPS:-1600}" "${finished[@]}")
+if [[ -n "$best" ]]; then
+    echo "codec that comes back: $best" | tee -a "$log"
+    split -b 15M "$best/tokenizer/model.safetensors" "$OUT/$(basename "$best").model.safetensors.part_"
 fi
 tar czf "$OUT/levels.tar.gz" --exclude=checkpoints --exclude=tokens --exclude='*.safetensors' --exclude=wav \
     --exclude=completions --exclude=compressed -C "$OUT" runs 2>>"$log" && rm -rf "$runs"
