@@ -1,0 +1,107 @@
+"""What an analysis-by-synthesis encoder buys a finished audio run: the same decoder and bit rate, codes
+searched for the waveform (`tokenizers_vq.audio_code_search`).
+
+    python benchmarks/audio_code_search.py runs/fsdd_cpu --clips 100 --sweeps 2 --candidates 8 --out search.json
+
+On `--clips` test clips spread over the split (0: all), as the run holds them (its peak level), this
+scores the reconstructions of the encoder's codes and of the searched codes after each sweep: SI-SNR
+(mean and median), STFT and mel distances, the share the run's spoken-digit classifier recognises,
+and what the run's prior would spend on the codes (its NLL, in bits per second and per token: the
+entropy-coded rate to within about 1%, BENCHMARKS.md). The search minimises squared waveform error,
+so what it does to the classifier and to the prior is measured, not assumed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipelines import audio_eval, layouts
+from pipelines.audio_data import load_audio_dataset, lengths_to_mask
+from pipelines.classifier import classifier_logits
+from pipelines.prompting import resolved_run_config
+from pipelines.stages import load_matched_pair
+from tokenizers_vq.audio_code_search import search_codes
+
+try:
+    from benchmarks.audio_codec_eval import machine, save_record
+except ImportError:  # run as a script
+    from audio_codec_eval import machine, save_record
+
+
+def score(codes, tokenizer, prior, manifest, clips, lengths, labels, judge) -> dict:
+    """Waveform figures, recognition and the prior's cost of one set of `(n frames q)` codes."""
+    with torch.no_grad():
+        decoded = tokenizer.decode(codes if tokenizer.num_codebooks > 1 else codes[..., 0], length=clips.shape[-1])
+    decoded = decoded.float() * lengths_to_mask(lengths, clips.shape[-1])[:, None]
+    figures = audio_eval.waveform_metrics(decoded, clips, lengths, manifest.sample_rate)
+    classifier, features = judge
+    predictions = classifier_logits(classifier, features(decoded)).argmax(dim=-1)
+    figures["recognised"] = float((predictions == labels).float().mean())
+    sequences = layouts.apply_layout(codes, manifest.order, manifest.codebook_size)
+    mask = manifest.valid_token_mask(-(-lengths // manifest.hop_length))
+    with torch.no_grad():
+        bits = -sum(float(prior.log_prob(sequences[i : i + 64], None, mask[i : i + 64]).sum())
+                    for i in range(0, len(sequences), 64)) / np.log(2.0)
+    figures.update(prior_bits_per_second=bits * manifest.sample_rate / float(lengths.sum()),
+                   prior_bits_per_token=bits / float(mask.sum()))
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path, help="a finished audio run (tokenizer, tokens, prior, classifier)")
+    parser.add_argument("--data", default=None, help="the run's audio data path, if it has moved")
+    parser.add_argument("--clips", type=int, default=100, help="test clips spread over the split; 0: all")
+    parser.add_argument("--sweeps", type=int, default=2)
+    parser.add_argument("--candidates", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    config = resolved_run_config(args.run)
+    data_config = config.audio_data if args.data is None else dataclasses.replace(config.audio_data, path=args.data)
+    tokenizer, prior, tokenset = load_matched_pair(args.run, "cpu")
+    manifest, dataset = tokenset.manifest, load_audio_dataset(data_config)
+    test = dataset.test
+    chosen = (np.arange(len(test)) if not args.clips or args.clips >= len(test)
+              else np.linspace(0, len(test) - 1, args.clips).round().astype(int))
+    clips, lengths = torch.from_numpy(test.waveforms[chosen]), torch.from_numpy(test.lengths[chosen])
+    labels = torch.from_numpy(test.labels[chosen])
+    classifier, _ = audio_eval.dataset_audio_classifier(args.run / "classifier", dataset, config.audio.classifier)
+    judge = classifier, partial(audio_eval.log_mel_features, config=config.audio.classifier,
+                                sample_rate=manifest.sample_rate)
+    parts = (tokenizer, prior, manifest, clips, lengths, labels, judge)
+    record = {"run": str(args.run), "machine": machine(args), "date": datetime.date.today().isoformat(),
+              "clips": len(chosen), "candidates": args.candidates, "sweeps": {}}
+
+    def report(name: str, figures: dict) -> None:
+        print(f"{name:>16}: SI-SNR {figures['si_snr_db']:.2f} dB (median {figures['si_snr_db_median']:.2f}), STFT "
+              f"{figures['stft_distance']:.3f}, mel {figures['mel_distance']:.3f}, recognised "
+              f"{100 * figures['recognised']:.1f}%, prior {figures['prior_bits_per_second']:.0f} bit/s "
+              f"({figures['prior_bits_per_token']:.2f} bits/token)", flush=True)
+
+    codes = search_codes(tokenizer, clips, lengths, sweeps=0).codes
+    record["sweeps"]["0"] = figures = score(codes, *parts)
+    report("encoder's codes", figures)
+    for sweep in range(1, args.sweeps + 1):  # one sweep at a time, each from the last one's codes
+        started = time.perf_counter()
+        result = search_codes(tokenizer, clips, lengths, args.candidates, 1, progress=True, initial=codes)
+        seconds, codes = time.perf_counter() - started, result.codes
+        figures = score(codes, *parts)
+        figures.update(changed_positions=float(result.changed.float().mean()), sweep_seconds=seconds)
+        record["sweeps"][str(sweep)] = figures
+        report(f"{sweep} sweep(s)", figures)
+        save_record(record, args.out)  # kept after every sweep: a long search may be stopped
+    save_record(record, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Analysis-by-synthesis code search for the audio codec: it only ever lowers a clip's waveform error,
+keeps the encoder's codes where it has no choice, and leaves padding frames alone."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from tokenizers_vq.audio import AudioVQVAE, AudioVQVAEConfig
+from tokenizers_vq.audio_code_search import search_codes
+from tokenizers_vq.quantizers import LFQConfig, ResidualVQConfig, VQConfig
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_codec(**overrides) -> AudioVQVAE:
+    config = AudioVQVAEConfig(
+        hidden_channels=4, strides=(2, 4), embedding_dim=8,
+        quantizer=ResidualVQConfig(num_quantizers=2, quantizer=VQConfig(codebook_size=16, seed=1)),
+        stft_fft_sizes=(32, 64), mel_fft_size=256, mel_hop=64, num_mels=16)
+    torch.manual_seed(0)
+    return AudioVQVAE(dataclasses.replace(config, **overrides)).eval()
+
+
+def tones(batch=3, length=400) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    t = torch.arange(length) / 8000
+    frequencies = 200 + 600 * torch.rand(batch, 1, 1, generator=generator)
+    return 0.5 * torch.sin(2 * math.pi * frequencies * t) + 0.05 * torch.randn(batch, 1, length, generator=generator)
+
+
+def waveform_errors(codec, codes, clips, lengths) -> torch.Tensor:
+    decoded = codec.decode(codes if codec.num_codebooks > 1 else codes[..., 0], length=clips.shape[-1])
+    mask = (torch.arange(clips.shape[-1]) < lengths[:, None])[:, None]
+    return ((decoded - clips).square() * mask).sum(dim=(1, 2))
+
+
+def test_search_finds_closer_codes_and_never_a_worse_clip():
+    codec, clips = tiny_codec(), tones()
+    lengths = torch.tensor([400, 300, 250])
+    result = search_codes(codec, clips, lengths, candidates=4, sweeps=2)
+    assert torch.all(result.error <= result.start_error * (1 + 1e-5))
+    assert torch.all(result.error < 0.99 * result.start_error)  # an untrained codec leaves plenty to find
+    assert int(result.changed.sum()) > 0
+    # the errors are those of decoding the codes, over each clip's real samples only
+    assert torch.allclose(result.error, waveform_errors(codec, result.codes, clips, lengths), rtol=1e-4)
+    start = codec.encode(clips)
+    assert torch.allclose(result.start_error, waveform_errors(codec, start, clips, lengths), rtol=1e-4)
+    # padding frames (past a clip's real samples) keep the encoder's codes
+    frames = -(-lengths // codec.hop_length)
+    for row, real in enumerate(frames.tolist()):
+        assert torch.equal(result.codes[row, real:], start[row, real:])
+
+
+def test_one_candidate_or_no_sweep_keeps_the_encoders_codes():
+    codec, clips = tiny_codec(), tones()
+    lengths = torch.full((3,), 400)
+    for kwargs in ({"candidates": 1, "sweeps": 1}, {"candidates": 8, "sweeps": 0}):
+        result = search_codes(codec, clips, lengths, **kwargs)
+        assert torch.equal(result.codes, codec.encode(clips)) and int(result.changed.sum()) == 0
+        assert torch.equal(result.error, result.start_error)
+
+
+@pytest.mark.parametrize("quantizer", [VQConfig(codebook_size=16, seed=1), LFQConfig(bits=4)])
+def test_single_level_quantizers_are_searched_too(quantizer):
+    codec, clips = tiny_codec(quantizer=quantizer), tones()
+    result = search_codes(codec, clips, torch.full((3,), 400), candidates=4)
+    assert result.codes.shape == (3, 50, 1)
+    assert torch.all(result.error <= result.start_error * (1 + 1e-5)) and int(result.changed.sum()) > 0
+
+
+def test_bad_search_settings_are_refused():
+    with pytest.raises(ValueError, match="candidates >= 1"):
+        search_codes(tiny_codec(), tones(), torch.full((3,), 400), candidates=0)
+
+
+def test_a_second_sweep_from_the_first_ones_codes_goes_on_from_them():
+    codec, clips = tiny_codec(), tones()
+    lengths = torch.full((3,), 400)
+    once = search_codes(codec, clips, lengths, candidates=4, sweeps=1)
+    on = search_codes(codec, clips, lengths, candidates=4, sweeps=1, initial=once.codes)
+    twice = search_codes(codec, clips, lengths, candidates=4, sweeps=2)
+    assert torch.equal(on.codes, twice.codes)
+    assert torch.equal(on.start_error, once.start_error) and torch.all(on.error <= once.error * (1 + 1e-5))
