@@ -14,6 +14,7 @@ so what it does to the classifier and to the prior is measured, not assumed.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import time
@@ -62,6 +63,7 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=100, help="test clips spread over the split; 0: all")
     parser.add_argument("--sweeps", type=int, default=2)
     parser.add_argument("--candidates", type=int, default=8)
+    parser.add_argument("--device", default="cpu", help="where the codec decodes its candidates (cuda on a GPU)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", default="")
     args = parser.parse_args()
@@ -69,6 +71,7 @@ def main() -> None:
     config = resolved_run_config(args.run)
     data_config = config.audio_data if args.data is None else dataclasses.replace(config.audio_data, path=args.data)
     tokenizer, prior, tokenset = load_matched_pair(args.run, "cpu")
+    searcher = tokenizer if args.device == "cpu" else copy.deepcopy(tokenizer).to(args.device)
     manifest, dataset = tokenset.manifest, load_audio_dataset(data_config)
     test = dataset.test
     chosen = (np.arange(len(test)) if not args.clips or args.clips >= len(test)
@@ -88,12 +91,12 @@ def main() -> None:
               f"{100 * figures['recognised']:.1f}%, prior {figures['prior_bits_per_second']:.0f} bit/s "
               f"({figures['prior_bits_per_token']:.2f} bits/token)", flush=True)
 
-    codes = search_codes(tokenizer, clips, lengths, sweeps=0).codes
+    codes = search_codes(searcher, clips, lengths, sweeps=0).codes
     record["sweeps"]["0"] = figures = score(codes, *parts)
     report("encoder's codes", figures)
     for sweep in range(1, args.sweeps + 1):  # one sweep at a time, each from the last one's codes
         started = time.perf_counter()
-        result = search_codes(tokenizer, clips, lengths, args.candidates, 1, progress=True, initial=codes)
+        result = search_codes(searcher, clips, lengths, args.candidates, 1, progress=True, initial=codes)
         seconds, codes = time.perf_counter() - started, result.codes
         figures = score(codes, *parts)
         figures.update(changed_positions=float(result.changed.float().mean()), sweep_seconds=seconds)

@@ -5,7 +5,7 @@
 # benchmarks/entropy_coded_bitrate.py on each: bits per second of the arithmetic-coded test tokens beside the
 # plain rate (100 frames/s x levels x 8 bits), and the codec's test SI-SNR. Run from the repo root:
 #
-#   LEVELS="2 3 4" STEPS=1200 MINUTES=4 PRIOR_STEPS=1500 PRIOR_MINUTES=1.5 OUT=/tmp/out DATA=.data bash benchmarks/device_entropy_coded_levels.sh
+#   LEVELS="2 3 4" STEPS=1200 MINUTES=4 PRIOR_STEPS=1500 PRIOR_MINUTES=1.5 SEARCH_SWEEPS=1 OUT=/tmp/out DATA=.data bash benchmarks/device_entropy_coded_levels.sh
 #   OUT=/tmp/out DATA=.data bash benchmarks/device_entropy_coded_levels.sh --quick   # CPU smoke run
 #
 # Earlier codecs (BENCHMARKS.md, "What bits and loss weights buy"): 2, 3 and 4 levels gave 7.9, 9.2 and 9.9 dB
@@ -69,6 +69,14 @@ print(max(rows)[2] if rows else '')" "${MAX_CODED_BPS:-1600}" "${finished[@]}")
 if [[ -n "$best" ]]; then
     echo "codec that comes back: $best" | tee -a "$log"
     split -b 15M "$best/tokenizer/model.safetensors" "$OUT/$(basename "$best").model.safetensors.part_"
+fi
+# SEARCH_SWEEPS > 0: the analysis-by-synthesis encoder (benchmarks/audio_code_search.py) on that codec, every test
+# clip, its candidates decoded on the GPU: the same decoder and plain rate, codes searched for the waveform.
+if [[ "${SEARCH_SWEEPS:-0}" != 0 && -n "$best" ]]; then
+    device=cuda
+    ((quick)) && device=cpu
+    python benchmarks/audio_code_search.py "$best" --clips "${SEARCH_CLIPS:-0}" --sweeps "$SEARCH_SWEEPS" --device "$device" \
+        --threads 8 --out "$OUT/code_search.json" 2>&1 | grep -v "code search:" | tee -a "$log"
 fi
 tar czf "$OUT/levels.tar.gz" --exclude=checkpoints --exclude=tokens --exclude='*.safetensors' --exclude=wav \
     --exclude=completions --exclude=compressed -C "$OUT" runs 2>>"$log" && rm -rf "$runs"
