@@ -7,8 +7,9 @@ On `--clips` test clips spread over the split (0: all), as the run holds them (i
 scores the reconstructions of the encoder's codes and of the searched codes after each sweep: SI-SNR
 (mean and median), STFT and mel distances, the share the run's spoken-digit classifier recognises,
 and what the run's prior would spend on the codes (its NLL, in bits per second and per token: the
-entropy-coded rate to within about 1%, BENCHMARKS.md). The search minimises squared waveform error,
-so what it does to the classifier and to the prior is measured, not assumed.
+entropy-coded rate to within about 1%, BENCHMARKS.md). The search minimises squared waveform error
+(plus `--rate-weight` x the prior's bits, if given), so what it does to the classifier and to the
+prior is measured, not assumed.
 """
 
 from __future__ import annotations
@@ -56,6 +57,14 @@ def score(codes, tokenizer, prior, manifest, clips, lengths, labels, judge) -> d
     return figures
 
 
+def prior_bits(prior, manifest, lengths: torch.Tensor, codes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """`(m frames q)` codes of the clips `rows` -> `(m,)` bits the prior would spend on them."""
+    sequences = layouts.apply_layout(codes.cpu(), manifest.order, manifest.codebook_size)
+    mask = manifest.valid_token_mask(-(-lengths[rows.cpu()] // manifest.hop_length))
+    with torch.no_grad():
+        return -prior.log_prob(sequences, None, mask) / np.log(2.0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="a finished audio run (tokenizer, tokens, prior, classifier)")
@@ -63,6 +72,8 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=100, help="test clips spread over the split; 0: all")
     parser.add_argument("--sweeps", type=int, default=2)
     parser.add_argument("--candidates", type=int, default=8)
+    parser.add_argument("--rate-weight", type=float, default=0.0,
+                        help="> 0: judge candidates by squared error + this x the prior's bits (rate-distortion)")
     parser.add_argument("--device", default="cpu", help="where the codec decodes its candidates (cuda on a GPU)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", default="")
@@ -83,7 +94,8 @@ def main() -> None:
                                 sample_rate=manifest.sample_rate)
     parts = (tokenizer, prior, manifest, clips, lengths, labels, judge)
     record = {"run": str(args.run), "machine": machine(args), "date": datetime.date.today().isoformat(),
-              "clips": len(chosen), "candidates": args.candidates, "sweeps": {}}
+              "clips": len(chosen), "candidates": args.candidates, "rate_weight": args.rate_weight, "sweeps": {}}
+    rate = partial(prior_bits, prior, manifest, lengths) if args.rate_weight > 0 else None
 
     def report(name: str, figures: dict) -> None:
         print(f"{name:>16}: SI-SNR {figures['si_snr_db']:.2f} dB (median {figures['si_snr_db_median']:.2f}), STFT "
@@ -96,7 +108,8 @@ def main() -> None:
     report("encoder's codes", figures)
     for sweep in range(1, args.sweeps + 1):  # one sweep at a time, each from the last one's codes
         started = time.perf_counter()
-        result = search_codes(searcher, clips, lengths, args.candidates, 1, progress=True, initial=codes)
+        result = search_codes(searcher, clips, lengths, args.candidates, 1, progress=True, initial=codes, rate=rate,
+                              rate_weight=args.rate_weight)
         seconds, codes = time.perf_counter() - started, result.codes
         figures = score(codes, *parts)
         figures.update(changed_positions=float(result.changed.float().mean()), sweep_seconds=seconds)

@@ -89,3 +89,19 @@ def test_a_second_sweep_from_the_first_ones_codes_goes_on_from_them():
     twice = search_codes(codec, clips, lengths, candidates=4, sweeps=2)
     assert torch.equal(on.codes, twice.codes)
     assert torch.equal(on.start_error, once.start_error) and torch.all(on.error <= once.error * (1 + 1e-5))
+
+
+def test_a_rate_term_trades_error_for_bits():
+    """Weighing each code's cost pulls the search towards the cheap codes: here code 0 of every level
+    is free and any other costs a bit, so a heavy weight keeps more zeros than the search without it."""
+    codec, clips = tiny_codec(), tones()
+    lengths = torch.full((3,), 400)
+
+    def bits(codes, rows):
+        return (codes != 0).flatten(1).sum(dim=1).float()
+
+    plain = search_codes(codec, clips, lengths, candidates=16, sweeps=1)
+    costly = search_codes(codec, clips, lengths, candidates=16, sweeps=1, rate=bits, rate_weight=1e3)
+    assert int((costly.codes == 0).sum()) > int((plain.codes == 0).sum())
+    unweighted = search_codes(codec, clips, lengths, candidates=16, sweeps=1, rate=bits, rate_weight=0.0)
+    assert torch.equal(unweighted.codes, plain.codes)

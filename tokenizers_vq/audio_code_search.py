@@ -18,7 +18,7 @@ level) and LFQ (whose nearest codes are those a few sign flips away), up to `MAX
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from einops import rearrange, repeat
@@ -52,10 +52,16 @@ def _as_grid(codes: Tensor) -> Tensor:
 
 @torch.no_grad()
 def search_codes(tokenizer, clips: Tensor, lengths: Tensor, candidates: int = 8, sweeps: int = 1,
-                 batch_size: int = 256, progress: bool = False, initial: Tensor | None = None) -> SearchedCodes:
+                 batch_size: int = 256, progress: bool = False, initial: Tensor | None = None,
+                 rate: Callable[[Tensor, Tensor], Tensor] | None = None, rate_weight: float = 0.0) -> SearchedCodes:
     """`(n c t)` clips with `(n,)` real lengths -> their codes after `sweeps` sweeps of the search, from
     the encoder's codes or from `initial` ones (a previous search's, to sweep on). `start_error` and
-    `changed` are against the encoder's codes either way."""
+    `changed` are against the encoder's codes either way.
+
+    With `rate` (`(m frames q)` codes of the clips `rows` `(m,)` -> `(m,)` bits, e.g. a prior's NLL) and
+    `rate_weight` > 0, a candidate is judged by error + rate_weight x bits instead (rate-distortion
+    optimised): then that sum never rises, and the error alone may.
+    """
     if candidates < 1 or sweeps < 0:
         raise ValueError(f"need candidates >= 1 and sweeps >= 0, got {candidates} and {sweeps}")
     device = next(tokenizer.parameters()).device
@@ -92,8 +98,13 @@ def search_codes(tokenizer, clips: Tensor, lengths: Tensor, candidates: int = 8,
         ranked[missing, -1] = current[missing]  # the current code always competes: the error never rises
         trial = repeat(codes[rows], "r frames q -> (r k) frames q", k=k).clone()
         trial[:, f, level] = rearrange(ranked, "r k -> (r k)")
-        trial_errors = rearrange(errors(trial, repeat(rows, "r -> (r k)", k=k)), "(r k) -> r k", k=k)
-        codes[rows, f, level] = ranked.gather(1, trial_errors.argmin(dim=1, keepdim=True)).squeeze(1)
+        trial_rows = repeat(rows, "r -> (r k)", k=k)
+        cost = errors(trial, trial_rows)
+        if rate is not None and rate_weight > 0:
+            cost = cost + rate_weight * torch.cat([rate(trial[i : i + batch_size], trial_rows[i : i + batch_size])
+                                                   for i in range(0, len(trial), batch_size)]).to(cost)
+        best = rearrange(cost, "(r k) -> r k", k=k).argmin(dim=1, keepdim=True)
+        codes[rows, f, level] = ranked.gather(1, best).squeeze(1)
     error = errors(codes, everyone) if steps or initial is not None else start_error
     changed = (codes != start_codes).flatten(1).sum(dim=1)
     return SearchedCodes(codes.cpu(), start_error.cpu(), error.cpu(), changed.cpu())
