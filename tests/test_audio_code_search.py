@@ -1,15 +1,13 @@
 """Analysis-by-synthesis code search for the audio codec: it only ever lowers a clip's waveform error,
 keeps the encoder's codes where it has no choice, and leaves padding frames alone."""
 
-import dataclasses
-import math
-
 import pytest
 import torch
 
-from tokenizers_vq.audio import AudioVQVAE, AudioVQVAEConfig
+from helpers.tiny_audio import audio, tiny_config
+from tokenizers_vq.audio import AudioVQVAE
 from tokenizers_vq.audio_code_search import search_codes
-from tokenizers_vq.quantizers import LFQConfig, ResidualVQConfig, VQConfig
+from tokenizers_vq.quantizers import LFQConfig, VQConfig
 
 
 @pytest.fixture(autouse=True)
@@ -21,19 +19,12 @@ def one_thread():
 
 
 def tiny_codec(**overrides) -> AudioVQVAE:
-    config = AudioVQVAEConfig(
-        hidden_channels=4, strides=(2, 4), embedding_dim=8,
-        quantizer=ResidualVQConfig(num_quantizers=2, quantizer=VQConfig(codebook_size=16, seed=1)),
-        stft_fft_sizes=(32, 64), mel_fft_size=256, mel_hop=64, num_mels=16)
     torch.manual_seed(0)
-    return AudioVQVAE(dataclasses.replace(config, **overrides)).eval()
+    return AudioVQVAE(tiny_config(**overrides)).eval()
 
 
 def tones(batch=3, length=400) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(0)
-    t = torch.arange(length) / 8000
-    frequencies = 200 + 600 * torch.rand(batch, 1, 1, generator=generator)
-    return 0.5 * torch.sin(2 * math.pi * frequencies * t) + 0.05 * torch.randn(batch, 1, length, generator=generator)
+    return audio(batch, length)
 
 
 def waveform_errors(codec, codes, clips, lengths) -> torch.Tensor:

@@ -22,8 +22,9 @@ from tokenizers_vq.audio_losses import (
 from tokenizers_vq.nets.audio_discriminators import AudioDiscriminatorConfig, feature_matching_loss
 from tokenizers_vq.nets import conv1d
 from tokenizers_vq.nets.conv1d import Encoder1d, Snake1d
-from tokenizers_vq.quantizers import ResidualVQConfig, VQConfig
+from tokenizers_vq.quantizers import VQConfig
 from helpers.optimize import adam_steps
+from helpers.tiny_audio import audio, tiny_config
 
 
 @pytest.fixture(autouse=True)
@@ -33,22 +34,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def tiny_config(**overrides) -> AudioVQVAEConfig:
-    config = AudioVQVAEConfig(
-        hidden_channels=4, strides=(2, 4), embedding_dim=8,
-        quantizer=ResidualVQConfig(num_quantizers=2, quantizer=VQConfig(codebook_size=16, seed=1)),
-        stft_fft_sizes=(32, 64), mel_fft_size=256, mel_hop=64, num_mels=16,
-    )
-    return dataclasses.replace(config, **overrides)
-
-
-def audio(batch=2, length=800, seed=0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    t = torch.arange(length) / 8000
-    frequencies = 200 + 600 * torch.rand(batch, 1, 1, generator=generator)
-    return 0.5 * torch.sin(2 * math.pi * frequencies * t) + 0.05 * torch.randn(batch, 1, length, generator=generator)
 
 
 # --- shapes ---------------------------------------------------------------------------------------
