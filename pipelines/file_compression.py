@@ -182,6 +182,7 @@ def compress_files(run_dir: str | Path, inputs: list[Path], out_path: str | Path
 def decode_sources(tokenizer, tokens: torch.Tensor, sources: list[dict], manifest: Manifest,
                    path) -> list[torch.Tensor]:
     """A file's `(items L)` tokens -> per source its audio `(c t)` at its own level, or its image `(1 c h w)`."""
+    check_sources(sources, manifest, path)
     if manifest.modality != "audio":
         if len(sources) != len(tokens):
             raise CompressedFileError(f"{path}: {len(sources)} sources but {len(tokens)} items")
@@ -204,6 +205,7 @@ def write_decoded_files(decoded: DecodedFile, run_dir: Path, out: Path, path) ->
     from pipelines.audio_stages import write_wavs
 
     manifest, sources = decoded.manifest, decoded.compressed.header["sources"]
+    check_sources(sources, manifest, path)
     targets = [output_path(out, source["name"], ".wav" if manifest.modality == "audio" else ".png", path)
                for source in sources]
     tokenizer = load_tokenizer(run_dir / "tokenizer").eval()
@@ -217,6 +219,24 @@ def write_decoded_files(decoded: DecodedFile, run_dir: Path, out: Path, path) ->
             save_image_grid(output, target, nrow=1, padding=0)
     save_file({source["name"]: code.contiguous() for source, code in zip(sources, codes)}, str(out / "codes.safetensors"))
     return targets
+
+
+def check_sources(sources, manifest: Manifest, path) -> None:
+    """The header's source list as `compress_files` writes it, or a `CompressedFileError` naming the file."""
+    window = manifest.token_grid[0] * manifest.hop_length if manifest.modality == "audio" else 0
+
+    def fits(source) -> bool:
+        if not isinstance(source, dict) or not isinstance(source.get("name"), str):
+            return False
+        if not window:
+            return True
+        samples, gains = source.get("num_samples"), source.get("gains_db")
+        return (isinstance(samples, int) and samples > 0 and isinstance(gains, list)
+                and len(gains) == math.ceil(samples / window) and all(isinstance(g, int) for g in gains))
+
+    if not isinstance(sources, list) or not all(map(fits, sources)):
+        raise CompressedFileError(f"{path}: its list of sources is malformed (each needs a name"
+                                  f"{', its samples and one whole-dB gain per segment' if window else ''})")
 
 
 def _source_codes(tokens: torch.Tensor, sources: list[dict], manifest: Manifest, path) -> list[torch.Tensor]:

@@ -416,3 +416,7 @@ def test_a_token_file_cannot_write_outside_its_output_folder(audio_run, tmp_path
     assert main(["decompress", str(out), str(run_dir), "--out", str(tmp_path / "inside")]) == 2
     assert "'../escaped' is not a relative path inside the output folder" in capsys.readouterr().err
     assert not (tmp_path / "escaped.wav").exists()
+    compressed.header["sources"][0] = {"name": "c", "num_samples": 800}  # its gains left out
+    out.write_bytes(compressed.to_bytes())
+    assert main(["decompress", str(out), str(run_dir), "--out", str(tmp_path / "inside")]) == 2
+    assert "its list of sources is malformed" in capsys.readouterr().err
