@@ -30,6 +30,7 @@ from pipelines.audio_data import load_audio_dataset, lengths_to_mask
 from pipelines.classifier import classifier_logits
 from pipelines.prompting import resolved_run_config
 from pipelines.stages import load_matched_pair
+from pipelines.tokenset import frames_of
 from tokenizers_vq.audio_code_search import search_codes
 
 try:
@@ -48,7 +49,7 @@ def score(codes, tokenizer, prior, manifest, clips, lengths, labels, judge) -> d
     predictions = classifier_logits(classifier, features(decoded)).argmax(dim=-1)
     figures["recognised"] = float((predictions == labels).float().mean())
     sequences = layouts.apply_layout(codes, manifest.order, manifest.codebook_size)
-    mask = manifest.valid_token_mask(-(-lengths // manifest.hop_length))
+    mask = manifest.valid_token_mask(frames_of(lengths, manifest.hop_length))
     with torch.no_grad():
         bits = -sum(float(prior.log_prob(sequences[i : i + 64], None, mask[i : i + 64]).sum())
                     for i in range(0, len(sequences), 64)) / np.log(2.0)
@@ -60,7 +61,7 @@ def score(codes, tokenizer, prior, manifest, clips, lengths, labels, judge) -> d
 def prior_bits(prior, manifest, lengths: torch.Tensor, codes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """`(m frames q)` codes of the clips `rows` -> `(m,)` bits the prior would spend on them."""
     sequences = layouts.apply_layout(codes.cpu(), manifest.order, manifest.codebook_size)
-    mask = manifest.valid_token_mask(-(-lengths[rows.cpu()] // manifest.hop_length))
+    mask = manifest.valid_token_mask(frames_of(lengths[rows.cpu()], manifest.hop_length))
     with torch.no_grad():
         return -prior.log_prob(sequences, None, mask) / np.log(2.0)
 

@@ -21,10 +21,8 @@ from pathlib import Path
 
 import torch
 import transformers
-from einops import rearrange
 
 from priors import SamplingOptions, load_prior
-from priors.decode import DecodeRequest, decode_cached
 
 try:
     from benchmarks.audio_codec_eval import machine, save_record
@@ -32,18 +30,13 @@ except ImportError:  # run as a script
     from audio_codec_eval import machine, save_record
 
 
-def draw(prior, cache, num: int, guidance: float) -> tuple[float, torch.Tensor]:
-    labels = torch.arange(num) % max(prior.config.num_classes, 1) if prior.config.num_classes else None
-    cond = prior.condition_tokens(labels, num, "cpu")
-    guided = labels is not None and guidance != 1.0
-    if guided:
-        cond = torch.cat([cond, torch.full_like(cond, prior.config.null_token)])
-    output = torch.empty((num, prior.config.seq_len), dtype=torch.long)
-    request = DecodeRequest(rearrange(cond, "r -> r 1"), output, 0, guided, SamplingOptions(guidance_scale=guidance),
-                            torch.Generator().manual_seed(0))
+def draw(prior, make_cache, num: int, guidance: float) -> tuple[float, torch.Tensor]:
+    """`prior.sample` of `num` guided class-conditional sequences, eagerly, with the KV caches `make_cache` makes."""
+    labels = torch.arange(num) % prior.config.num_classes if prior.config.num_classes else None
+    prior.new_kv_cache = make_cache  # the sampler asks the prior for its cache: this instance's, for the test
     start = time.perf_counter()
-    with torch.no_grad():
-        tokens = decode_cached(prior._next_log_probs, cache, request)
+    tokens = prior.sample(num, label=labels, options=SamplingOptions(guidance_scale=guidance),
+                          generator=torch.Generator().manual_seed(0), compile=False)
     return time.perf_counter() - start, tokens
 
 
@@ -60,8 +53,9 @@ def main() -> None:
               "guidance": args.guidance, "runs": {}}
     for run in args.runs:
         prior = load_prior(run / "prior").eval()
-        dynamic_seconds, dynamic = draw(prior, transformers.DynamicCache(), args.num, args.guidance)
-        static_seconds, static = draw(prior, prior.new_kv_cache(), args.num, args.guidance)
+        own_cache = prior.new_kv_cache  # the static one, before `draw` swaps it
+        dynamic_seconds, dynamic = draw(prior, transformers.DynamicCache, args.num, args.guidance)
+        static_seconds, static = draw(prior, own_cache, args.num, args.guidance)
         tokens = args.num * prior.config.seq_len
         result = {"sequence_length": prior.config.seq_len, "dynamic_seconds": dynamic_seconds,
                   "static_seconds": static_seconds, "dynamic_tokens_per_second": tokens / dynamic_seconds,

@@ -84,19 +84,24 @@ def output_path(folder: Path, name: str, suffix: str, path) -> Path:
 def _segment_tokens(codes: torch.Tensor, num_samples: int, manifest: Manifest) -> tuple[list[torch.Tensor], list[int]]:
     """One file's `(frames q)` codes -> its segments as `(L,)` sequences in the run's layout, and each
     segment's real samples (the last one's padding frames hold code 0; the mask leaves them out)."""
-    frames, hop = manifest.token_grid[0], manifest.hop_length
+    frames, hop, window = manifest.token_grid[0], manifest.hop_length, segment_samples(manifest)
     sequences, samples = [], []
-    for start in range(0, num_samples, frames * hop):
+    for start in range(0, num_samples, window):
         segment = codes.new_zeros((frames, codes.shape[-1]))
         kept = codes[start // hop : start // hop + frames]
         segment[: len(kept)] = kept
         sequences.append(layouts.apply_layout(segment[None], manifest.order, manifest.codebook_size)[0])
-        samples.append(min(frames * hop, num_samples - start))
+        samples.append(min(window, num_samples - start))
     return sequences, samples
 
 
+def segment_samples(manifest: Manifest) -> int:
+    """Samples in one segment of a long clip: the run's clip length, in whole frames."""
+    return manifest.token_grid[0] * manifest.hop_length
+
+
 def segments_of(num_samples: int, manifest: Manifest) -> int:
-    return math.ceil(num_samples / (manifest.token_grid[0] * manifest.hop_length))
+    return math.ceil(num_samples / segment_samples(manifest))
 
 
 def segment_gains_db(clip: np.ndarray, window: int, level: float) -> list[int]:
@@ -122,8 +127,7 @@ def _audio_tokens(files: list[InputFile], tokenizer, manifest: Manifest, data_co
                   progress: bool) -> tuple[TokensToCode, list[dict], list[torch.Tensor]]:
     """Read and encode audio files -> their segments to code, the sources for the header, and each file
     as read (`(c t)`) to score the decoded audio against."""
-    device = module_device(tokenizer)
-    window = manifest.token_grid[0] * manifest.hop_length
+    device, window = module_device(tokenizer), segment_samples(manifest)
     sequences, samples, sources, clips = [], [], [], []
     for item in tqdm(files, desc="encode files", disable=not progress):
         clip = read_audio_file(item.path, data_config)
@@ -183,17 +187,20 @@ def decode_sources(tokenizer, tokens: torch.Tensor, sources: list[dict], manifes
                    path) -> list[torch.Tensor]:
     """A file's `(items L)` tokens -> per source its audio `(c t)` at its own level, or its image `(1 c h w)`."""
     check_sources(sources, manifest, path)
+    return _render(tokenizer, _source_codes(tokens, sources, manifest, path), sources, manifest)
+
+
+def _render(tokenizer, codes: list[torch.Tensor], sources: list[dict], manifest: Manifest) -> list[torch.Tensor]:
+    """Each source's codes (`_source_codes`) -> its audio `(c t)` at its own level, or its image `(1 c h w)`."""
     if manifest.modality != "audio":
-        if len(sources) != len(tokens):
-            raise CompressedFileError(f"{path}: {len(sources)} sources but {len(tokens)} items")
+        tokens = rearrange(torch.stack(codes), "n h w q -> n (h w q)")
         return list(decode_tokens(tokenizer, tokens, manifest).split(1))
-    device, clips = module_device(tokenizer), []
-    for source, codes in zip(sources, _source_codes(tokens, sources, manifest, path)):
+    device, window, clips = module_device(tokenizer), segment_samples(manifest), []
+    for source, clip_codes in zip(sources, codes):
         # the real frames only: the last segment's padding codes would colour the file's last samples
-        codes = codes[None] if manifest.num_codebooks > 1 else rearrange(codes, "frames 1 -> 1 frames")
-        clip = tokenizer.decode_chunked(codes.to(device), chunk_frames=manifest.token_grid[0],
+        clip_codes = clip_codes[None] if manifest.num_codebooks > 1 else rearrange(clip_codes, "frames 1 -> 1 frames")
+        clip = tokenizer.decode_chunked(clip_codes.to(device), chunk_frames=manifest.token_grid[0],
                                         length=source["num_samples"])
-        window = manifest.token_grid[0] * manifest.hop_length
         curve = torch.from_numpy(gain_curve(source["gains_db"], source["num_samples"], window))
         clips.append(clip[0].float().cpu() * curve)
     return clips
@@ -208,9 +215,8 @@ def write_decoded_files(decoded: DecodedFile, run_dir: Path, out: Path, path) ->
     check_sources(sources, manifest, path)
     targets = [output_path(out, source["name"], ".wav" if manifest.modality == "audio" else ".png", path)
                for source in sources]
-    tokenizer = load_tokenizer(run_dir / "tokenizer").eval()
-    outputs = decode_sources(tokenizer, decoded.tokens, sources, manifest, path)
     codes = _source_codes(decoded.tokens, sources, manifest, path)
+    outputs = _render(load_tokenizer(run_dir / "tokenizer").eval(), codes, sources, manifest)
     for target, output in zip(targets, outputs):
         target.parent.mkdir(parents=True, exist_ok=True)
         if manifest.modality == "audio":
@@ -223,27 +229,28 @@ def write_decoded_files(decoded: DecodedFile, run_dir: Path, out: Path, path) ->
 
 def check_sources(sources, manifest: Manifest, path) -> None:
     """The header's source list as `compress_files` writes it, or a `CompressedFileError` naming the file."""
-    window = manifest.token_grid[0] * manifest.hop_length if manifest.modality == "audio" else 0
+    audio = manifest.modality == "audio"
 
     def fits(source) -> bool:
         if not isinstance(source, dict) or not isinstance(source.get("name"), str):
             return False
-        if not window:
+        if not audio:
             return True
         samples, gains = source.get("num_samples"), source.get("gains_db")
         return (isinstance(samples, int) and samples > 0 and isinstance(gains, list)
-                and len(gains) == math.ceil(samples / window) and all(isinstance(g, int) for g in gains))
+                and len(gains) == segments_of(samples, manifest) and all(isinstance(g, int) for g in gains))
 
     if not isinstance(sources, list) or not all(map(fits, sources)):
         raise CompressedFileError(f"{path}: its list of sources is malformed (each needs a name"
-                                  f"{', its samples and one whole-dB gain per segment' if window else ''})")
+                                  f"{', its samples and one whole-dB gain per segment' if audio else ''})")
 
 
 def _source_codes(tokens: torch.Tensor, sources: list[dict], manifest: Manifest, path) -> list[torch.Tensor]:
     """Each source's codes: `(frames q)` of a clip, its segments joined and its padding dropped; `(h w q)` of an image."""
     if manifest.modality != "audio":
-        grid = rearrange(tokens, "n (h w q) -> n h w q", h=manifest.token_grid[0], q=manifest.num_codebooks)
-        return list(grid)
+        if len(sources) != len(tokens):
+            raise CompressedFileError(f"{path}: {len(sources)} sources but {len(tokens)} items")
+        return list(rearrange(tokens, "n (h w q) -> n h w q", h=manifest.token_grid[0], q=manifest.num_codebooks))
     counts = [segments_of(source["num_samples"], manifest) for source in sources]
     if sum(counts) != len(tokens):
         raise CompressedFileError(f"{path}: its sources need {sum(counts)} segments, but it holds {len(tokens)} items")

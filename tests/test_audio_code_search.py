@@ -10,12 +10,7 @@ from tokenizers_vq.audio_code_search import search_codes
 from tokenizers_vq.quantizers import LFQConfig, VQConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_codec(**overrides) -> AudioVQVAE:

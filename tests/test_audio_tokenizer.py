@@ -27,13 +27,7 @@ from helpers.optimize import adam_steps
 from helpers.tiny_audio import audio, tiny_config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: a second thread only adds synchronisation, badly so on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # --- shapes ---------------------------------------------------------------------------------------
