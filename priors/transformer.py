@@ -217,7 +217,7 @@ class TransformerPrior(nn.Module):
         return F.linear(hidden, self._image_head()).float().log_softmax(dim=-1)
 
     def new_kv_cache(self) -> transformers.StaticCache:
-        """A KV cache preallocated for one whole sequence. Eager decoding with it is 2.1-2.8x faster on the
+        """A KV cache preallocated for one whole sequence. Eager sampling with it is 1.5-2.7x faster on the
         CPU than with a `DynamicCache`, which grows by concatenation at every step, and draws the same
         sequences from the same seed but for a draw on a rounding edge (99.9-100% of them; BENCHMARKS.md,
         "Speed on the CPU")."""
