@@ -58,8 +58,10 @@ def score(codes, tokenizer, prior, manifest, clips, lengths, labels, judge) -> d
     return figures
 
 
-def prior_bits(prior, manifest, lengths: torch.Tensor, codes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """`(m frames q)` codes of the clips `rows` -> `(m,)` bits the prior would spend on them."""
+def prior_bits(prior, manifest, lengths: torch.Tensor, codes: torch.Tensor, rows: torch.Tensor,
+               at: torch.Tensor | None = None) -> torch.Tensor:
+    """`(m frames q)` codes of the clips `rows` -> `(m,)` bits the prior would spend on them (each clip is
+    one sequence of the prior, so whichever frame `at` changed, the whole clip is scored)."""
     sequences = layouts.apply_layout(codes.cpu(), manifest.order, manifest.codebook_size)
     mask = manifest.valid_token_mask(frames_of(lengths[rows.cpu()], manifest.hop_length))
     with torch.no_grad():

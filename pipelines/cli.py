@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
                           help="a split only: code each item under its class label (sent along)")
     compress.add_argument("--batch-size", type=int, default=64)
     compress.add_argument("--limit", type=int, default=None, help="only the first N items of the split")
+    compress.add_argument("--search-sweeps", type=int, default=0,
+                          help="--input audio: sweeps of a search for the codes that decode closest to each file "
+                          "(slower encoding; same decoder and plain bit rate)")
+    compress.add_argument("--search-candidates", type=int, default=8, help="nearest codes tried at each position")
+    compress.add_argument("--rate-weight", type=float, default=0.0,
+                          help="with --search-sweeps: also weigh the prior's bits (squared-error units per bit)")
     decompress = subparsers.add_parser("decompress", help="decode a `tokgen compress` file with the run that wrote it")
     decompress.add_argument("file", type=Path)
     decompress.add_argument("run_dir", type=Path)
@@ -98,14 +104,22 @@ def build_parser() -> argparse.ArgumentParser:
 def compress_command(args) -> Path:
     from pipelines.compression import compress_split
     from pipelines.file_compression import compress_files
+    from pipelines.searched_encoding import CodeSearch
 
     if args.input is None:
+        if args.search_sweeps or args.rate_weight:
+            raise SystemExit("--search-sweeps and --rate-weight apply to --input audio files, not to a split's stored tokens")
         path, report = compress_split(args.run_dir, args.split, args.out, args.conditioned, args.batch_size, args.limit)
         record = report.as_dict()
     else:
         if args.conditioned or args.limit is not None:
             raise SystemExit("--conditioned and --limit apply to a split, not to --input files (which have no labels)")
-        path, report, quality = compress_files(args.run_dir, args.input, args.out, args.batch_size)
+        search = CodeSearch(args.search_sweeps, args.search_candidates, args.rate_weight)
+        try:
+            search.check()
+        except ValueError as error:
+            raise SystemExit(f"tokgen compress: {error}") from None
+        path, report, quality = compress_files(args.run_dir, args.input, args.out, args.batch_size, search=search)
         record = dict(report.as_dict(), decoded=quality)
     path.with_suffix(".json").write_text(json.dumps(record, indent=2))
     print(json.dumps(record, indent=2))

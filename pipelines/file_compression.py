@@ -10,7 +10,9 @@ seen (EnCodec's `encodec in.wav out.ecdc` with its language model on, in tokgen'
   is encoded whole by the run's tokenizer in windows (`encode_chunked`). Each segment's tokens are one
   item of the token file, coded from its own start under the null class: segments share no
   context, but any one decodes alone. Decompressing joins a file's segments, decodes its codes whole
-  (`decode_chunked`), so segment edges leave no seam, and multiplies the curve back in.
+  (`decode_chunked`), so segment edges leave no seam, and multiplies the curve back in. With
+  `search` (`--search-sweeps`), the codes are searched by synthesis rather than taken from the
+  encoder (`pipelines.searched_encoding`): closer audio for the same decoder, slower to encode.
 - **Images**: each file is converted as the run's images were (channels, size) and is one item.
 
 The header lists the sources in order: a name, which is where decompressing writes the output (the
@@ -42,7 +44,8 @@ from pipelines.compression import (CompressedFileError, CompressionReport, Decod
 from pipelines.data import IMAGE_EXTENSIONS, DataError, decode_image, pil_to_array, to_tensor_images
 from pipelines.images import save_image_grid
 from pipelines.prompting import resolved_run_config
-from pipelines.stages import decode_tokens, module_device
+from pipelines.searched_encoding import CodeSearch, searched_codes
+from pipelines.stages import RunError, decode_tokens, module_device
 from pipelines.tokenset import Manifest, encode_images, frames_of
 from tokenizers_vq import load_tokenizer
 
@@ -123,26 +126,36 @@ def gain_curve(gains_db: list[int], num_samples: int, window: int) -> np.ndarray
     return (10.0 ** (np.interp(np.arange(num_samples), centres, gains_db) / 20)).astype(np.float32)
 
 
-def _audio_tokens(files: list[InputFile], tokenizer, manifest: Manifest, data_config,
-                  progress: bool) -> tuple[TokensToCode, list[dict], list[torch.Tensor]]:
-    """Read and encode audio files -> their segments to code, the sources for the header, and each file
-    as read (`(c t)`) to score the decoded audio against."""
+def _audio_tokens(files: list[InputFile], tokenizer, manifest: Manifest, data_config, progress: bool,
+                  search: CodeSearch = CodeSearch(), prior=None) -> tuple[TokensToCode, list[dict], list[torch.Tensor]]:
+    """Read and encode audio files (searching their codes if `search.sweeps`) -> their segments to code,
+    the sources for the header, and each file as read (`(c t)`) to score the decoded audio against."""
     device, window = module_device(tokenizer), segment_samples(manifest)
-    sequences, samples, sources, clips = [], [], [], []
-    for item in tqdm(files, desc="encode files", disable=not progress):
+    sources, clips, levelled = [], [], []
+    for item in tqdm(files, desc="read files", disable=not progress):
         clip = read_audio_file(item.path, data_config)
         gains_db = segment_gains_db(clip, window, data_config.peak_level)
-        levelled = torch.from_numpy(clip / gain_curve(gains_db, clip.shape[-1], window))
-        codes = tokenizer.encode_chunked(levelled[None].to(device), chunk_samples=window).cpu()
-        codes = codes[0] if codes.ndim == 3 else rearrange(codes[0], "frames -> frames 1")
-        segments, lengths = _segment_tokens(codes, clip.shape[-1], manifest)
-        sequences += segments
-        samples += lengths
+        levelled.append(torch.from_numpy(clip / gain_curve(gains_db, clip.shape[-1], window)))
         sources.append({"name": item.name, "num_samples": clip.shape[-1], "gains_db": gains_db})
         clips.append(torch.from_numpy(clip))
+    if search.sweeps:
+        codes = searched_codes(tokenizer, prior, manifest, levelled, search, progress)
+    else:
+        codes = [_as_grid(tokenizer.encode_chunked(clip[None].to(device), chunk_samples=window).cpu()[0])
+                 for clip in tqdm(levelled, desc="encode files", disable=not progress)]
+    sequences, samples = [], []
+    for file_codes, clip in zip(codes, clips):
+        segments, lengths = _segment_tokens(file_codes, clip.shape[-1], manifest)
+        sequences += segments
+        samples += lengths
     num_samples = torch.tensor(samples, dtype=torch.long)
     mask = manifest.valid_token_mask(frames_of(num_samples, manifest.hop_length))
     return TokensToCode(torch.stack(sequences), mask, num_samples=num_samples), sources, clips
+
+
+def _as_grid(codes: torch.Tensor) -> torch.Tensor:
+    """One file's codes `(frames)` or `(frames q)` -> `(frames q)`."""
+    return codes if codes.ndim == 2 else rearrange(codes, "frames -> frames 1")
 
 
 def _image_tokens(files: list[InputFile], tokenizer, manifest: Manifest,
@@ -156,10 +169,13 @@ def _image_tokens(files: list[InputFile], tokenizer, manifest: Manifest,
 
 
 def compress_files(run_dir: str | Path, inputs: list[Path], out_path: str | Path | None = None,
-                   batch_size: int = 64, progress: bool = True) -> tuple[Path, CompressionReport, dict]:
+                   batch_size: int = 64, progress: bool = True,
+                   search: CodeSearch = CodeSearch()) -> tuple[Path, CompressionReport, dict]:
     """Code audio or image files (or folders of them) with a finished run's tokenizer and prior into one
-    token file; decode it again to check, and report the bits and how close the decoded files come."""
+    token file; decode it again to check, and report the bits and how close the decoded files come.
+    Audio codes can be searched by synthesis first (`search`, `pipelines.searched_encoding`)."""
     run_dir = Path(run_dir)
+    search.check()
     prior, tokenset, prior_sha256 = run_parts(run_dir)
     manifest = tokenset.manifest
     tokenizer = load_tokenizer(run_dir / "tokenizer").eval()
@@ -167,7 +183,9 @@ def compress_files(run_dir: str | Path, inputs: list[Path], out_path: str | Path
     files = input_files(inputs, AUDIO_EXTENSIONS if audio else IMAGE_EXTENSIONS, "audio" if audio else "image")
     if audio:
         coded, sources, originals = _audio_tokens(files, tokenizer, manifest, resolved_run_config(run_dir).audio_data,
-                                                  progress)
+                                                  progress, search, prior)
+    elif search.sweeps:
+        raise RunError(f"{run_dir} is an image run: code search (--search-sweeps) is for audio runs")
     else:
         coded, sources, originals = _image_tokens(files, tokenizer, manifest, progress)
     default = f"{files[0].name.replace('/', '_')}.tgac" if len(files) == 1 else "files.tgac"
@@ -177,6 +195,8 @@ def compress_files(run_dir: str | Path, inputs: list[Path], out_path: str | Path
     decoded = decode_sources(tokenizer, coded.sequences, sources, manifest, out_path)
     quality = (_audio_quality(decoded, originals, sources, manifest.sample_rate) if audio
                else _image_quality(torch.cat(decoded), originals, sources))
+    if search.sweeps:
+        quality["code_search"] = search._asdict()
     return out_path, report, quality
 
 

@@ -83,7 +83,7 @@ def test_a_rate_term_trades_error_for_bits():
     codec, clips = tiny_codec(), tones()
     lengths = torch.full((3,), 400)
 
-    def bits(codes, rows):
+    def bits(codes, rows, at):
         return (codes != 0).flatten(1).sum(dim=1).float()
 
     plain = search_codes(codec, clips, lengths, candidates=16, sweeps=1)
@@ -91,3 +91,65 @@ def test_a_rate_term_trades_error_for_bits():
     assert int((costly.codes == 0).sum()) > int((plain.codes == 0).sum())
     unweighted = search_codes(codec, clips, lengths, candidates=16, sweeps=1, rate=bits, rate_weight=0.0)
     assert torch.equal(unweighted.codes, plain.codes)
+
+
+def test_the_decoders_reach_bounds_what_one_code_changes():
+    """`decoder_reach_frames` is worked out from the layers; a code changed at frame f must leave every
+    decoded sample outside frames f - reach .. f + reach as it was, and reach that far on some side."""
+    codec = tiny_codec()
+    reach, hop = codec.decoder_reach_frames, codec.hop_length
+    codes = torch.randint(0, 16, (4, 120, 2), generator=torch.Generator().manual_seed(0))
+    changed = codes.clone()
+    changed[:, 60, 0] = (changed[:, 60, 0] + 1) % 16
+    moved = (codec.decode(changed) - codec.decode(codes)).abs().amax(dim=(0, 1)).nonzero().squeeze(1) // hop
+    assert int(moved.min()) >= 60 - reach and int(moved.max()) <= 60 + reach
+    assert max(60 - int(moved.min()), int(moved.max()) - 60) == reach
+
+
+def test_window_errors_rank_candidates_as_whole_clip_errors_do():
+    """A candidate's error in its window differs from its whole clip's error by the same amount for
+    every candidate: the samples it cannot reach."""
+    from tokenizers_vq.audio_code_search import _Waveforms
+
+    codec, clips = tiny_codec(), tones(batch=2, length=2000)
+    lengths = torch.tensor([2000, 1500])
+    codes = codec.encode(clips)
+    waveforms = _Waveforms(codec, clips, lengths, codes.shape[1], batch_size=64)
+    rows, at = torch.tensor([0, 0, 1, 1]), torch.tensor([3, 120, 100, 180])  # near the start, inside, near the end
+    ranked = torch.randint(0, 16, (4, 5), generator=torch.Generator().manual_seed(1))
+    windowed = waveforms.window_errors(codes, rows, at, 1, ranked, codec.decoder_reach_frames)
+    for p in range(4):
+        trial = codes[rows[p]].repeat(5, 1, 1)
+        trial[:, at[p], 1] = ranked[p]
+        whole = waveform_errors(codec, trial, clips[rows[p]].expand(5, -1, -1), lengths[rows[p]].expand(5))
+        assert torch.allclose(whole - whole[0], windowed[p] - windowed[p, 0], atol=1e-4)
+
+
+def test_long_clips_are_searched_in_windows_alone_or_together():
+    codec, clips = tiny_codec(), tones(batch=2, length=2400)  # 300 frames, far beyond the decoder's reach
+    lengths = torch.tensor([2400, 1700])
+    together = search_codes(codec, clips, lengths, candidates=4)
+    assert torch.all(together.error < 0.99 * together.start_error)
+    assert torch.allclose(together.error, waveform_errors(codec, together.codes, clips, lengths), rtol=1e-4)
+    alone = search_codes(codec, clips[1:], lengths[1:], candidates=4)
+    assert torch.equal(alone.codes[0], together.codes[1])
+
+
+def test_a_rate_over_spans_of_frames_never_raises_the_weighted_cost():
+    """With bits that add up over spans of frames (a prior coding a long file segment by segment), codes
+    a span apart are searched together, and error + weight x bits still never rises."""
+    codec, clips = tiny_codec(), tones(batch=2, length=2400)
+    lengths = torch.full((2,), 2400)
+    span, weight = 50, 0.05
+
+    def bits(codes, rows, at):  # code 0 is free; any other costs a bit, counted in `at`'s span only
+        start = (at // span * span)[:, None] + torch.arange(span)
+        return (codes.gather(1, start[..., None].expand(-1, -1, codes.shape[-1])) != 0).flatten(1).sum(dim=1).float()
+
+    def total(codes):
+        return (codes != 0).flatten(1).sum(dim=1).float()
+
+    result = search_codes(codec, clips, lengths, candidates=8, rate=bits, rate_weight=weight, rate_span=span)
+    start = codec.encode(clips)
+    assert torch.all(result.error + weight * total(result.codes) <= (result.start_error + weight * total(start)) * (1 + 1e-5))
+    assert int((result.codes == 0).sum()) > int((start == 0).sum())

@@ -21,8 +21,10 @@ from safetensors.torch import load_file
 from pipelines.cli import main
 from pipelines.audio_data import read_audio_file
 from pipelines.compression import CompressedTokens
-from pipelines.file_compression import _audio_tokens, decode_sources, gain_curve, input_files
+from pipelines.compression import run_parts
+from pipelines.file_compression import _audio_tokens, decode_sources, gain_curve, input_files, segment_samples
 from pipelines.prompting import audio_prompt_tokens, continue_prompt, resolved_run_config
+from pipelines.searched_encoding import segment_bits
 from pipelines.stages import load_matched_pair
 from priors import SamplingOptions
 
@@ -420,3 +422,46 @@ def test_a_token_file_cannot_write_outside_its_output_folder(audio_run, tmp_path
     out.write_bytes(compressed.to_bytes())
     assert main(["decompress", str(out), str(run_dir), "--out", str(tmp_path / "inside")]) == 2
     assert "its list of sources is malformed" in capsys.readouterr().err
+
+
+def test_searched_codes_decode_closer_for_the_bits_the_coder_spends(audio_run, tmp_path):
+    """`--search-sweeps` gives codes whose decode is closer to the levelled file than the encoder's, and
+    the rate it weighs (`segment_bits`) is what the token file's prior spends on the file's segments."""
+    run_dir, _ = audio_run
+    long = write_prompt_clip(tmp_path / "long.wav", seconds=0.9)
+    tokenizer, _, tokenset = load_matched_pair(run_dir, "cpu")
+    manifest = tokenset.manifest
+    clip = torch.from_numpy(read_audio_file(long, resolved_run_config(run_dir).audio_data))
+
+    def error(codes, out):  # against the file as the codec saw it, each segment at the run's level
+        gains = CompressedTokens.from_bytes(out.read_bytes()).header["sources"][0]["gains_db"]
+        levelled = clip / torch.from_numpy(gain_curve(gains, clip.shape[-1], segment_samples(manifest)))
+        decoded = tokenizer.decode_chunked(codes[None], chunk_frames=manifest.token_grid[0], length=clip.shape[-1])
+        return float((decoded[0] - levelled).square().sum())
+
+    errors, reports = {}, {}
+    for name, flags in {"plain": [], "searched": ["--search-sweeps", "1", "--search-candidates", "4"],
+                        "weighed": ["--search-sweeps", "1", "--rate-weight", "0.5"]}.items():
+        out = tmp_path / f"{name}.tgac"
+        assert main(["compress", str(run_dir), "--input", str(long), "--out", str(out), *flags]) == 0
+        assert main(["decompress", str(out), str(run_dir), "--out", str(tmp_path / name)]) == 0
+        codes = load_file(str(tmp_path / name / "codes.safetensors"))["long"]
+        errors[name], reports[name] = error(codes, out), json.loads(out.with_suffix(".json").read_text())
+    assert errors["searched"] < errors["plain"] - 0.01  # the smoke run's codec leaves little to find
+    assert reports["searched"]["decoded"]["code_search"] == {"sweeps": 1, "candidates": 4, "rate_weight": 0.0}
+
+    prior, _, _ = run_parts(run_dir)
+    codes = load_file(str(tmp_path / "weighed" / "codes.safetensors"))["long"]
+    frames = torch.tensor([len(codes)])
+    starts = torch.arange(0, len(codes), manifest.token_grid[0])
+    bits = segment_bits(prior, manifest, frames)(codes[None].expand(len(starts), -1, -1), torch.zeros_like(starts), starts)
+    assert float(bits.sum()) == pytest.approx(reports["weighed"]["ideal_bits"], rel=1e-4)
+
+
+def test_bad_code_search_settings_are_refused(audio_run, tmp_path):
+    run_dir, _ = audio_run
+    clip = write_prompt_clip(tmp_path / "c.wav", 0.1)
+    with pytest.raises(SystemExit, match="candidates >= 1"):
+        main(["compress", str(run_dir), "--input", str(clip), "--search-sweeps", "1", "--search-candidates", "0"])
+    with pytest.raises(SystemExit, match="apply to --input audio files"):
+        main(["compress", str(run_dir), "--search-sweeps", "1"])

@@ -216,6 +216,11 @@ class AudioVQVAE(PretrainedTokenizer, nn.Module):
         """Input samples that one latent frame depends on."""
         return self.encoder.receptive_field
 
+    @property
+    def decoder_reach_frames(self) -> int:
+        """Code frames on either side of its own that one decoded sample depends on."""
+        return self.decoder.reach_frames
+
     def token_grid(self, input_shape: tuple[int, int]) -> tuple[int]:
         """(c, t) of one clip -> (frames,) = (ceil(t / hop),)."""
         channels, length = input_shape
@@ -343,13 +348,12 @@ class AudioVQVAE(PretrainedTokenizer, nn.Module):
         """`decode` in windows of `chunk_frames` frames, each decoded with `overlap_frames` of context.
 
         The kept samples of each window are concatenated (no cross-fade). They equal those of the
-        whole decode (up to float rounding) when the overlap covers the decoder's reach; the
-        default, the encoder's receptive field in frames, does, since the decoder mirrors the
-        encoder. With less overlap, samples near chunk edges differ. Up to `windows_per_batch`
-        windows are decoded together.
+        whole decode (up to float rounding) when the overlap covers the decoder's reach, the default
+        (`decoder_reach_frames`). With less overlap, samples near chunk edges differ. Up to
+        `windows_per_batch` windows are decoded together.
         """
         if overlap_frames is None:
-            overlap_frames = math.ceil(self.receptive_field / self.hop_length)
+            overlap_frames = self.decoder_reach_frames
         if chunk_frames < 1 or overlap_frames < 0:
             raise ValueError("chunk_frames must be positive and overlap_frames >= 0")
         spans = chunk_spans(tokens.shape[1], chunk_frames, overlap_frames)

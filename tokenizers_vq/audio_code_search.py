@@ -10,9 +10,11 @@ gives the decoded clip the least squared error over its real samples, the other 
 The current code is always a candidate, so no clip's error ever rises, and the decoder, the token
 format and the bit rate are unchanged: only the encoder searches.
 
-The search decodes `candidates` whole clips per code position, so it costs about
-`frames x levels x candidates` decodes per clip per sweep; a second sweep gains less than the first
-(BENCHMARKS.md). Any quantiser whose codes can all be looked up is searched: VQ, residual VQ (level by
+A code changes only the decoded samples within the decoder's reach of its frame, so each candidate is
+decoded in a window around it (`4 x reach + 1` frames, exactly as the whole clip would decode there),
+and codes further apart than twice the reach are searched together: a sweep costs about
+`frames x levels x candidates` window decodes however long the clip, in `2 x reach + 1` batched
+steps per level. A second sweep gains less than the first (BENCHMARKS.md). Any quantiser whose codes can all be looked up is searched: VQ, residual VQ (level by
 level) and LFQ (whose nearest codes are those a few sign flips away), up to `MAX_CODEBOOK` codes a level.
 """
 
@@ -53,58 +55,117 @@ def _as_grid(codes: Tensor) -> Tensor:
 @torch.no_grad()
 def search_codes(tokenizer, clips: Tensor, lengths: Tensor, candidates: int = 8, sweeps: int = 1,
                  batch_size: int = 256, progress: bool = False, initial: Tensor | None = None,
-                 rate: Callable[[Tensor, Tensor], Tensor] | None = None, rate_weight: float = 0.0) -> SearchedCodes:
+                 rate: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None, rate_weight: float = 0.0,
+                 rate_span: int | None = None) -> SearchedCodes:
     """`(n c t)` clips with `(n,)` real lengths -> their codes after `sweeps` sweeps of the search, from
     the encoder's codes or from `initial` ones (a previous search's, to sweep on). `start_error` and
     `changed` are against the encoder's codes either way.
 
-    With `rate` (`(m frames q)` codes of the clips `rows` `(m,)` -> `(m,)` bits, e.g. a prior's NLL) and
-    `rate_weight` > 0, a candidate is judged by error + rate_weight x bits instead (rate-distortion
-    optimised): then that sum never rises, and the error alone may.
+    With `rate` (`(m frames q)` codes of the clips `rows` `(m,)`, each differing from the current codes
+    at most at its frame of `at` `(m,)` -> `(m,)` bits that such a change can move, e.g. a prior's NLL)
+    and `rate_weight` > 0, a candidate is judged by error + rate_weight x bits instead (rate-distortion
+    optimised): then that sum never rises, and the error alone may. `rate_span` is how many frames
+    apart two changes must lie for their bits to add up (the prior's sequence, e.g.; default: the
+    whole clip, so each clip is searched one code at a time).
     """
     if candidates < 1 or sweeps < 0:
         raise ValueError(f"need candidates >= 1 and sweeps >= 0, got {candidates} and {sweeps}")
     device = next(tokenizer.parameters()).device
     clips, lengths = clips.to(device).float(), torch.as_tensor(lengths, device=device)
     tables = [table.to(device) for table in _code_tables(tokenizer.quantizer)]
-    single = tokenizer.num_codebooks == 1  # `decode` then takes (n frames)
-    samples = clips.shape[-1]
-    weights = rearrange(torch.arange(samples, device=device) < rearrange(lengths, "n -> n 1"), "n t -> n 1 t").float()
-
-    def errors(codes: Tensor, rows: Tensor) -> Tensor:
-        """Squared error over real samples of each `(m frames q)` code grid for the clips `rows` `(m,)`."""
-        out = []
-        for start in range(0, len(codes), batch_size):
-            part, which = codes[start : start + batch_size], rows[start : start + batch_size]
-            decoded = tokenizer.decode(part[..., 0] if single else part, length=samples).float()
-            out.append(((decoded - clips[which]).square() * weights[which]).sum(dim=(1, 2)))
-        return torch.cat(out)
-
     latents = tokenizer._latents(clips)
     start_codes = _as_grid(tokenizer.quantizer.to_indices(latents))
     codes = start_codes.clone() if initial is None else _as_grid(initial).to(device).clone()
+    waveforms = _Waveforms(tokenizer, clips, lengths, codes.shape[1], batch_size)
+    start_error = waveforms.errors(start_codes)
+    weighing = rate is not None and rate_weight > 0
+    reach = tokenizer.decoder_reach_frames
+    stride = max(2 * reach + 1, (rate_span or codes.shape[1]) if weighing else 0)
     frames = -(-lengths // tokenizer.hop_length)
-    everyone = torch.arange(len(clips), device=device)
-    start_error = errors(start_codes, everyone)
     k = min(candidates, tables[0].shape[0])
-    steps = [(f, level) for _ in range(sweeps) for f in range(int(frames.max()) if len(frames) else 0) for level in range(len(tables))]
-    for f, level in tqdm(steps, desc="code search", disable=not progress):
-        rows = (frames > f).nonzero().squeeze(1)  # clips that have a real frame f
-        current = codes[rows, f, level]
-        frame_codes = sum(table[codes[rows, f, j]] for j, table in enumerate(tables))
-        target = latents[rows, f] - (frame_codes - tables[level][current])
-        ranked = torch.cdist(target, tables[level]).topk(k, largest=False).indices  # (r k)
-        missing = ~(ranked == rearrange(current, "r -> r 1")).any(dim=1)
+    steps = [(offset, level) for _ in range(sweeps) for offset in range(min(stride, int(frames.max()) if len(frames) else 0))
+             for level in range(len(tables))]
+    for offset, level in tqdm(steps, desc="code search", disable=not progress):
+        rows, at = _positions(frames, offset, stride)
+        current = codes[rows, at, level]
+        frame_codes = sum(table[codes[rows, at, j]] for j, table in enumerate(tables))
+        target = latents[rows, at] - (frame_codes - tables[level][current])
+        ranked = torch.cdist(target[:, None], tables[level])[:, 0].topk(k, largest=False).indices  # (p k)
+        missing = ~(ranked == rearrange(current, "p -> p 1")).any(dim=1)
         ranked[missing, -1] = current[missing]  # the current code always competes: the error never rises
-        trial = repeat(codes[rows], "r frames q -> (r k) frames q", k=k).clone()
-        trial[:, f, level] = rearrange(ranked, "r k -> (r k)")
-        trial_rows = repeat(rows, "r -> (r k)", k=k)
-        cost = errors(trial, trial_rows)
-        if rate is not None and rate_weight > 0:
-            cost = cost + rate_weight * torch.cat([rate(trial[i : i + batch_size], trial_rows[i : i + batch_size])
-                                                   for i in range(0, len(trial), batch_size)]).to(cost)
-        best = rearrange(cost, "(r k) -> r k", k=k).argmin(dim=1, keepdim=True)
-        codes[rows, f, level] = ranked.gather(1, best).squeeze(1)
-    error = errors(codes, everyone) if steps or initial is not None else start_error
+        cost = waveforms.window_errors(codes, rows, at, level, ranked, reach)
+        if weighing:
+            trial = repeat(codes[rows], "p frames q -> (p k) frames q", k=k).clone()
+            trial_rows, trial_at = repeat(rows, "p -> (p k)", k=k), repeat(at, "p -> (p k)", k=k)
+            trial[torch.arange(len(trial), device=device), trial_at, level] = rearrange(ranked, "p k -> (p k)")
+            bits = torch.cat([rate(trial[i : i + batch_size], trial_rows[i : i + batch_size], trial_at[i : i + batch_size])
+                              for i in range(0, len(trial), batch_size)])
+            cost = cost + rate_weight * rearrange(bits.to(cost), "(p k) -> p k", k=k)
+        codes[rows, at, level] = ranked.gather(1, cost.argmin(dim=1, keepdim=True)).squeeze(1)
+    error = waveforms.errors(codes) if steps or initial is not None else start_error
     changed = (codes != start_codes).flatten(1).sum(dim=1)
     return SearchedCodes(codes.cpu(), start_error.cpu(), error.cpu(), changed.cpu())
+
+
+def _positions(frames: Tensor, offset: int, stride: int) -> tuple[Tensor, Tensor]:
+    """The code positions searched together: in every clip, each real frame `offset`, `offset + stride`, ...
+    -> `(p,)` clip rows and `(p,)` frames."""
+    starts = torch.arange(offset, int(frames.max()), stride, device=frames.device)
+    rows, which = (rearrange(frames, "n -> n 1") > starts).nonzero(as_tuple=True)
+    return rows, starts[which]
+
+
+class _Waveforms:
+    """The clips, zero-padded to whole frames, and their real-sample weights: the squared error of decoded
+    codes, whole or in windows around the code that changes."""
+
+    def __init__(self, tokenizer, clips: Tensor, lengths: Tensor, grid_frames: int, batch_size: int):
+        self.tokenizer, self.hop, self.batch_size = tokenizer, tokenizer.hop_length, batch_size
+        samples = grid_frames * self.hop
+        self.clips = torch.nn.functional.pad(clips, (0, samples - clips.shape[-1]))
+        self.weights = (torch.arange(samples, device=clips.device) < rearrange(lengths, "n -> n 1")).float()
+
+    def _decode(self, codes: Tensor) -> Tensor:
+        return self.tokenizer.decode(codes[..., 0] if self.tokenizer.num_codebooks == 1 else codes).float()
+
+    def errors(self, codes: Tensor) -> Tensor:
+        """`(n frames q)` codes of every clip -> `(n,)` squared errors over real samples, decoded whole."""
+        out = []
+        for start in range(0, len(codes), self.batch_size):
+            part = slice(start, start + self.batch_size)
+            squared = (self._decode(codes[part]) - self.clips[part]).square()
+            out.append((squared * rearrange(self.weights[part], "n t -> n 1 t")).sum(dim=(1, 2)))
+        return torch.cat(out)
+
+    def window_errors(self, codes: Tensor, rows: Tensor, at: Tensor, level: int, ranked: Tensor, reach: int) -> Tensor:
+        """`(p k)` errors of the clips `rows` with their code `(at, level)` set to each of `ranked`.
+
+        A code changes the decoded samples of its frame and `reach` frames each side, so only those are
+        scored (the rest is the same for every candidate), and they come out exactly as in a decode of
+        the whole clip when the codes `2 x reach` frames each side are decoded with them. So a long
+        clip costs each candidate the same short decode, and changes more than `2 x reach` frames apart
+        change disjoint samples: their gains add up, and they can be searched together.
+        """
+        grid, hop, k = codes.shape[1], self.hop, ranked.shape[1]
+        low, high = (at - 2 * reach).clamp(min=0), (at + 2 * reach + 1).clamp(max=grid)
+        cost = torch.empty(ranked.shape, device=codes.device)
+        for width in (high - low).unique().tolist():  # windows clipped by a clip's edge come in other widths
+            group = (high - low == width).nonzero().squeeze(1)
+            g_rows, g_at, g_low = rows[group], at[group], low[group]
+            trial = repeat(codes[rearrange(g_rows, "g -> g 1"), rearrange(g_low, "g -> g 1") + torch.arange(width, device=codes.device)],
+                           "g w q -> g k w q", k=k).clone()
+            trial[torch.arange(len(group), device=codes.device)[:, None], torch.arange(k, device=codes.device),
+                  rearrange(g_at - g_low, "g -> g 1"), level] = ranked[group]
+            trial = rearrange(trial, "g k w q -> (g k) w q")
+            samples = rearrange(g_low * hop, "g -> g 1") + torch.arange(width * hop, device=codes.device)  # (g L)
+            scored = (samples >= rearrange((g_at - reach).clamp(min=0) * hop, "g -> g 1")) \
+                & (samples < rearrange((g_at + reach + 1) * hop, "g -> g 1"))
+            target = rearrange(self.clips[rearrange(g_rows, "g -> g 1"), :, samples], "g t c -> g c t")
+            weight = rearrange(self.weights[rearrange(g_rows, "g -> g 1"), samples] * scored, "g t -> g 1 t")
+            out = []
+            for start in range(0, len(trial), self.batch_size):
+                part = slice(start, start + self.batch_size)
+                which = torch.arange(len(trial), device=codes.device)[part] // k
+                out.append(((self._decode(trial[part]) - target[which]).square() * weight[which]).sum(dim=(1, 2)))
+            cost[group] = rearrange(torch.cat(out), "(g k) -> g k", k=k)
+        return cost

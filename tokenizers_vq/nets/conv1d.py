@@ -227,6 +227,7 @@ class Decoder1d(nn.Module):
             _maybe_weight_norm(nn.Conv1d(channels, out_channels, KERNEL_SIZE, padding=KERNEL_SIZE // 2), weight_norm),
         ]
         self.layers = nn.Sequential(*layers)
+        self.reach_frames = decoder_reach_frames(self.layers, self.hop_length)
 
     def forward(self, z: Tensor) -> Tensor:
         return self.layers(z)
@@ -248,3 +249,25 @@ def receptive_field(layers: nn.Sequential) -> int:
         elif isinstance(layer, nn.Conv1d):
             field += (layer.kernel_size[0] - 1) * layer.dilation[0] * jump
     return field
+
+
+def decoder_reach_frames(layers: nn.Sequential, hop: int) -> int:
+    """Input frames on either side of its own that one output sample of a decoder stack may depend on.
+
+    Walks the stack from the output back, keeping the interval of the current layer's input positions
+    that the output samples of one frame depend on: a centred convolution of kernel k and dilation d
+    widens it by (k - 1) * d / 2 each side; a trimmed transposed convolution of stride s maps output
+    position u to the inputs i with 0 <= u + left - i * s < 2s.
+    """
+    frame = 4 * hop  # any frame away from the edges: the interval is relative to it
+    low, high = frame * hop, frame * hop + hop - 1
+    for layer in reversed(layers):
+        if isinstance(layer, ResidualUnit1d):
+            layer = layer.residual[1]
+        if isinstance(layer, Upsample1d):
+            stride, left = layer.stride, (layer.stride + 1) // 2
+            low, high = -((-(low + left - 2 * stride + 1)) // stride), (high + left) // stride
+        elif isinstance(layer, nn.Conv1d):
+            span = (layer.kernel_size[0] - 1) * layer.dilation[0] // 2
+            low, high = low - span, high + span
+    return max(frame - low, high - frame)
