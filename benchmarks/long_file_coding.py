@@ -13,7 +13,8 @@ bits per second of the streams, with the per-item framing, and of the whole file
 and the SI-SNR of the decoded files against the files as read. For the long files the SI-SNR is also
 given over each clip's stretch of its speaker's file, the same 300 stretches as the separate clips:
 a long file is scaled to the run's peak level as a whole, so its quieter clips reach the codec
-quieter than they do alone.
+quieter than they do alone. With `--search-sweeps` the codes are searched by synthesis
+(`pipelines.searched_encoding`), and `--forms long` codes only the long files.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pipelines.audio_data import read_audio_file
 from pipelines.compression import decompress_file
 from pipelines.file_compression import compress_files, decode_sources
 from pipelines.prompting import resolved_run_config
+from pipelines.searched_encoding import CodeSearch
 from tokenizers_vq import load_tokenizer
 from tokenizers_vq.audio_losses import si_snr
 
@@ -76,9 +78,9 @@ def si_snr_by_clip(run_dir: Path, token_file: Path, long_dir: Path, lengths: dic
     return np.array(snrs)
 
 
-def code(run_dir: Path, folder: Path, out: Path) -> dict:
+def code(run_dir: Path, folder: Path, out: Path, search: CodeSearch) -> dict:
     start = time.perf_counter()
-    _, report, quality = compress_files(run_dir, [folder], out, progress=False)
+    _, report, quality = compress_files(run_dir, [folder], out, progress=bool(search.sweeps), search=search)
     record = report.as_dict()
     snrs = np.array([f["si_snr_db"] for f in quality["files"]])
     record.update(files=len(snrs), si_snr_db=float(snrs.mean()), si_snr_db_median=float(np.median(snrs)),
@@ -95,14 +97,21 @@ def main() -> None:
     parser.add_argument("run", type=Path, help="a finished audio run trained on FSDD")
     parser.add_argument("--fsdd", type=Path, required=True, help="the FSDD npz")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--forms", choices=["both", "long"], default="both", help="long: the long files only")
+    parser.add_argument("--search-sweeps", type=int, default=0, help="search the codes by synthesis (0: the encoder's)")
+    parser.add_argument("--search-candidates", type=int, default=8)
+    parser.add_argument("--rate-weight", type=float, default=0.0, help="weigh the prior's bits in the search")
     parser.add_argument("--out", default="", help="JSON file for the figures (printed either way)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    record = {"run": str(args.run), "machine": machine(args), "date": datetime.date.today().isoformat()}
+    search = CodeSearch(args.search_sweeps, args.search_candidates, args.rate_weight)
+    record = {"run": str(args.run), "machine": machine(args), "date": datetime.date.today().isoformat(),
+              "code_search": search._asdict()}
     with tempfile.TemporaryDirectory() as scratch:
         clips_dir, long_dir, lengths = write_test_split(args.fsdd, Path(scratch))
-        record["separate_clips"] = code(args.run, clips_dir, Path(scratch) / "clips.tgac")
-        record["one_file_per_speaker"] = long = code(args.run, long_dir, Path(scratch) / "long.tgac")
+        if args.forms == "both":
+            record["separate_clips"] = code(args.run, clips_dir, Path(scratch) / "clips.tgac", search)
+        record["one_file_per_speaker"] = long = code(args.run, long_dir, Path(scratch) / "long.tgac", search)
         by_clip = si_snr_by_clip(args.run, Path(scratch) / "long.tgac", long_dir, lengths)
         long.update(si_snr_db_by_clip=float(by_clip.mean()), si_snr_db_by_clip_median=float(np.median(by_clip)))
         print(f"long files, over each clip's stretch: SI-SNR {by_clip.mean():.2f} dB (median {np.median(by_clip):.2f})")
