@@ -14,8 +14,9 @@ A code changes only the decoded samples within the decoder's reach of its frame,
 decoded in a window around it (`4 x reach + 1` frames, exactly as the whole clip would decode there),
 and codes further apart than twice the reach are searched together: a sweep costs about
 `frames x levels x candidates` window decodes however long the clip, in `2 x reach + 1` batched
-steps per level. A second sweep gains less than the first (BENCHMARKS.md). Any quantiser whose codes can all be looked up is searched: VQ, residual VQ (level by
-level) and LFQ (whose nearest codes are those a few sign flips away), up to `MAX_CODEBOOK` codes a level.
+steps per level. A second sweep gains less than the first (BENCHMARKS.md). Any quantiser whose codes
+can all be looked up is searched: VQ, residual VQ (level by level) and LFQ (whose nearest codes are
+those a few sign flips away), up to `MAX_CODEBOOK` codes a level.
 """
 
 from __future__ import annotations

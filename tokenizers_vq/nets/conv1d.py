@@ -259,7 +259,7 @@ def decoder_reach_frames(layers: nn.Sequential, hop: int) -> int:
     widens it by (k - 1) * d / 2 each side; a trimmed transposed convolution of stride s maps output
     position u to the inputs i with 0 <= u + left - i * s < 2s.
     """
-    frame = 4 * hop  # any frame away from the edges: the interval is relative to it
+    frame = 4 * hop  # any frame will do (the walk ignores edges); the interval is found relative to it
     low, high = frame * hop, frame * hop + hop - 1
     for layer in reversed(layers):
         if isinstance(layer, ResidualUnit1d):
