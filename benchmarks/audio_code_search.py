@@ -48,13 +48,12 @@ def score(codes, tokenizer, prior, manifest, clips, lengths, labels, judge) -> d
     classifier, features = judge
     predictions = classifier_logits(classifier, features(decoded)).argmax(dim=-1)
     figures["recognised"] = float((predictions == labels).float().mean())
-    sequences = layouts.apply_layout(codes, manifest.order, manifest.codebook_size)
-    mask = manifest.valid_token_mask(frames_of(lengths, manifest.hop_length))
-    with torch.no_grad():
-        bits = -sum(float(prior.log_prob(sequences[i : i + 64], None, mask[i : i + 64]).sum())
-                    for i in range(0, len(sequences), 64)) / np.log(2.0)
+    rows = torch.arange(len(codes))
+    bits = sum(float(prior_bits(prior, manifest, lengths, codes[part], rows[part]).sum())
+               for part in rows.split(64))
+    tokens = float(manifest.valid_token_mask(frames_of(lengths, manifest.hop_length)).sum())
     figures.update(prior_bits_per_second=bits * manifest.sample_rate / float(lengths.sum()),
-                   prior_bits_per_token=bits / float(mask.sum()))
+                   prior_bits_per_token=bits / tokens)
     return figures
 
 

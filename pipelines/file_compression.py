@@ -141,7 +141,7 @@ def _audio_tokens(files: list[InputFile], tokenizer, manifest: Manifest, data_co
     if search.sweeps:
         codes = searched_codes(tokenizer, prior, manifest, levelled, search, progress)
     else:
-        codes = [_as_grid(tokenizer.encode_chunked(clip[None].to(device), chunk_samples=window).cpu()[0])
+        codes = [layouts.as_grid(tokenizer.encode_chunked(clip[None].to(device), chunk_samples=window).cpu())[0]
                  for clip in tqdm(levelled, desc="encode files", disable=not progress)]
     sequences, samples = [], []
     for file_codes, clip in zip(codes, clips):
@@ -151,11 +151,6 @@ def _audio_tokens(files: list[InputFile], tokenizer, manifest: Manifest, data_co
     num_samples = torch.tensor(samples, dtype=torch.long)
     mask = manifest.valid_token_mask(frames_of(num_samples, manifest.hop_length))
     return TokensToCode(torch.stack(sequences), mask, num_samples=num_samples), sources, clips
-
-
-def _as_grid(codes: torch.Tensor) -> torch.Tensor:
-    """One file's codes `(frames)` or `(frames q)` -> `(frames q)`."""
-    return codes if codes.ndim == 2 else rearrange(codes, "frames -> frames 1")
 
 
 def _image_tokens(files: list[InputFile], tokenizer, manifest: Manifest,

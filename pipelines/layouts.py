@@ -61,7 +61,7 @@ def prefix_length(layout: str, prefix_frames: int, num_codebooks: int) -> int:
     return prefix_frames * num_codebooks
 
 
-def _as_grid(tokens: Tensor) -> Tensor:
+def as_grid(tokens: Tensor) -> Tensor:
     """(b frames) or (b frames q) -> (b frames q)."""
     if tokens.ndim == 2:
         return rearrange(tokens, "b frames -> b frames 1")
@@ -73,7 +73,7 @@ def _as_grid(tokens: Tensor) -> Tensor:
 def apply_layout(tokens: Tensor, layout: str, codebook_size: int) -> Tensor:
     """(b frames) or (b frames q) codes -> (b L) sequence in `layout`."""
     check_layout(layout)
-    grid = _as_grid(tokens)
+    grid = as_grid(tokens)
     batch, frames, num_codebooks = grid.shape
     if layout == "flattened" or num_codebooks == 1:  # one codebook: nothing to delay
         return rearrange(grid, "b frames q -> b (frames q)")
