@@ -84,18 +84,16 @@ def output_path(folder: Path, name: str, suffix: str, path) -> Path:
     return folder.joinpath(*parts).with_suffix(suffix)
 
 
-def _segment_tokens(codes: torch.Tensor, num_samples: int, manifest: Manifest) -> tuple[list[torch.Tensor], list[int]]:
-    """One file's `(frames q)` codes -> its segments as `(L,)` sequences in the run's layout, and each
-    segment's real samples (the last one's padding frames hold code 0; the mask leaves them out)."""
+def _segment_tokens(codes: torch.Tensor, num_samples: int, manifest: Manifest) -> tuple[torch.Tensor, list[int]]:
+    """One file's `(frames q)` codes -> its segments as `(segments L)` sequences in the run's layout, and
+    each segment's real samples (the last one's padding frames hold code 0; the mask leaves them out)."""
     frames, hop, window = manifest.token_grid[0], manifest.hop_length, segment_samples(manifest)
-    sequences, samples = [], []
-    for start in range(0, num_samples, window):
-        segment = codes.new_zeros((frames, codes.shape[-1]))
-        kept = codes[start // hop : start // hop + frames]
-        segment[: len(kept)] = kept
-        sequences.append(layouts.apply_layout(segment[None], manifest.order, manifest.codebook_size)[0])
-        samples.append(min(window, num_samples - start))
-    return sequences, samples
+    starts = torch.arange(0, num_samples, window)
+    first = starts // hop
+    windows = layouts.frame_windows(codes[None].expand(len(starts), -1, -1), first,
+                                     (len(codes) - first).clamp(max=frames), frames)
+    samples = (num_samples - starts).clamp(max=window)
+    return layouts.apply_layout(windows, manifest.order, manifest.codebook_size), samples.tolist()
 
 
 def segment_samples(manifest: Manifest) -> int:
@@ -146,11 +144,11 @@ def _audio_tokens(files: list[InputFile], tokenizer, manifest: Manifest, data_co
     sequences, samples = [], []
     for file_codes, clip in zip(codes, clips):
         segments, lengths = _segment_tokens(file_codes, clip.shape[-1], manifest)
-        sequences += segments
+        sequences.append(segments)
         samples += lengths
     num_samples = torch.tensor(samples, dtype=torch.long)
     mask = manifest.valid_token_mask(frames_of(num_samples, manifest.hop_length))
-    return TokensToCode(torch.stack(sequences), mask, num_samples=num_samples), sources, clips
+    return TokensToCode(torch.cat(sequences), mask, num_samples=num_samples), sources, clips
 
 
 def _image_tokens(files: list[InputFile], tokenizer, manifest: Manifest,

@@ -70,6 +70,16 @@ def as_grid(tokens: Tensor) -> Tensor:
     return tokens
 
 
+def frame_windows(codes: Tensor, start: Tensor, real: Tensor, frames: int) -> Tensor:
+    """(m T q) codes -> (m frames q): each row's `frames` codes from frame `start[row]`, those from its
+    `real[row]`-th on (past the row's audio, or past T) set to code 0, as a clip's padding frames are.
+    How a long file is cut into the prior's fixed-length sequences."""
+    offsets = torch.arange(frames, device=codes.device)
+    positions = rearrange(start, "m -> m 1") + offsets
+    window = codes.gather(1, repeat(positions.clamp(max=codes.shape[1] - 1), "m s -> m s q", q=codes.shape[-1]))
+    return window.masked_fill(rearrange(offsets >= rearrange(real, "m -> m 1"), "m s -> m s 1"), 0)
+
+
 def apply_layout(tokens: Tensor, layout: str, codebook_size: int) -> Tensor:
     """(b frames) or (b frames q) codes -> (b L) sequence in `layout`."""
     check_layout(layout)

@@ -15,7 +15,6 @@ import math
 from typing import NamedTuple
 
 import torch
-from einops import rearrange
 
 from pipelines import layouts
 from pipelines.stages import module_device
@@ -44,13 +43,11 @@ def segment_bits(prior, manifest: Manifest, frames: torch.Tensor):
 
     @torch.no_grad()
     def bits(codes: torch.Tensor, rows: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
-        start = rearrange(at // segment * segment, "m -> m 1")
-        positions = start + torch.arange(segment, device=codes.device)
-        window = codes.gather(1, rearrange(positions.clamp(max=codes.shape[1] - 1), "m s -> m s 1").expand(-1, -1, codes.shape[-1]))
-        real = (rearrange(frames.to(codes.device)[rows], "m -> m 1") - start).clamp(0, segment)
-        window = window.masked_fill(rearrange(positions - start >= real, "m s -> m s 1"), 0)
+        start = at // segment * segment
+        real = (frames.to(codes.device)[rows] - start).clamp(0, segment)
+        window = layouts.frame_windows(codes, start, real, segment)
         sequences = layouts.apply_layout(window.cpu(), manifest.order, manifest.codebook_size)
-        mask = manifest.valid_token_mask(real[:, 0].cpu())
+        mask = manifest.valid_token_mask(real.cpu())
         return -prior.log_prob(sequences.to(device), None, mask.to(device)) / math.log(2.0)
 
     return bits

@@ -58,6 +58,16 @@ def test_valid_token_mask_covers_real_frames_only():
     assert delayed.tolist() == [[True, True, True, True, False, True, False, False, False, False]]
 
 
+def test_frame_windows_cut_segments_and_zero_what_lies_past_the_audio():
+    codes = torch.arange(1, 15).reshape(1, 7, 2).expand(3, -1, -1)  # frame f holds codes (2f + 1, 2f + 2)
+    windows = layouts.frame_windows(codes, start=torch.tensor([0, 3, 6]), real=torch.tensor([3, 2, 1]), frames=3)
+    assert windows.tolist() == [
+        [[1, 2], [3, 4], [5, 6]],
+        [[7, 8], [9, 10], [0, 0]],  # frames 3 and 4 real, frame 5 past the row's audio
+        [[13, 14], [0, 0], [0, 0]],  # frame 6 real, the rest past the codes' end
+    ]
+
+
 def _priors(vocab_size, seq_len):
     yield TransformerPrior(TransformerPriorConfig(vocab_size=vocab_size, seq_len=seq_len, num_classes=3,
                                                   hidden_size=16, num_layers=2, num_heads=2))
