@@ -34,7 +34,7 @@ from pipelines import audio_eval, layouts
 from pipelines.audio_data import lengths_to_mask
 from pipelines.compression import compress_split
 from pipelines.generation import class_labels, sample_labelled, sampling_options
-from pipelines.stages import Run, RunError, load_matched_pair, mark_stage_done, module_device, stage_is_current
+from pipelines.stages import Run, RunError, load_matched_pair, module_device, write_run_metrics
 from priors import SamplingOptions
 from priors.entropy_coding import can_entropy_code
 
@@ -119,22 +119,9 @@ def plot_spectrograms(rows: list[tuple[str, torch.Tensor]], path: Path, sample_r
 # --- sample stage ---------------------------------------------------------------------------------
 
 
-def sample_audio_stage(run: Run, force: bool = False) -> Path:
-    """`tokgen sample` for an audio run: WAVs per class, spectrograms, completions, evaluation samples."""
-    out_dir = run.path("samples")
-    stage_fingerprint = run.samples_fingerprint()
-    if not force and stage_is_current(out_dir, stage_fingerprint):
-        logger.info("samples: reusing %s", out_dir)
-        return out_dir
-    if run.state.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        record = generate_audio_samples(run, out_dir, run.state.device)
-        mark_stage_done(out_dir, stage_fingerprint, **record)
-    run.state.wait_for_everyone()
-    return out_dir
-
-
 def generate_audio_samples(run: Run, out_dir: Path, device) -> dict:
+    """The sample stage of an audio run (`generation.sample_stage`): WAVs per class, spectrograms,
+    completions, evaluation samples; returns what stage.json records."""
     config, audio = run.config.sampling, run.config.audio
     tokenizer, prior, tokenset = load_matched_pair(run.directory, device)
     manifest = tokenset.manifest
@@ -300,16 +287,8 @@ def evaluate_audio_run(run: Run) -> dict:
             classifier, features(reconstructions), test_features, test["label"]))
         metrics["samples"] = {**quality, "num_samples": len(samples), "guidance_scale": config.sampling.guidance_scale,
                               **{f"classifier_{k}": v for k, v in info.items() if isinstance(v, (int, float))}}
-    record = json.loads((samples_dir / "stage.json").read_text()) if (samples_dir / "stage.json").is_file() else {}
-    for key in ("sampled_tokens_per_second", "generated_audio_seconds_per_second"):
-        if key in record:
-            metrics.setdefault("samples", {})[key] = record[key]
-    metrics["evaluation_seconds"] = time.perf_counter() - started
-    path = run.path("metrics.json")
-    path.write_text(json.dumps(metrics, indent=2, default=float))
-    logger.info("metrics written to %s", path)
-    run.state.wait_for_everyone()
-    return metrics
+    return write_run_metrics(run, metrics, samples_dir,
+                             ("sampled_tokens_per_second", "generated_audio_seconds_per_second"), started)
 
 
 # --- ad-hoc generation (`tokgen generate RUN_DIR --label 3` on an audio run) ----------------------

@@ -27,7 +27,7 @@ from pipelines.evaluate import (codebook_metrics, nll_metrics, reconstruction_fr
                                 sample_quality)
 from pipelines.generation import load_eval_samples
 from pipelines.images import plot_code_histogram, reconstruction_grid
-from pipelines.stages import Run, decode_tokens, load_matched_pair, module_device
+from pipelines.stages import Run, decode_tokens, load_matched_pair, module_device, write_run_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -136,12 +136,4 @@ def evaluate_run(run: Run) -> dict:
             "guidance_scale": config.sampling.guidance_scale,
             **{f"classifier_{k}": v for k, v in classifier_info.items() if isinstance(v, (int, float))},
         }
-    stage_record = json.loads((samples_dir / "stage.json").read_text()) if (samples_dir / "stage.json").is_file() else {}
-    if "sampled_tokens_per_second" in stage_record:
-        metrics.setdefault("samples", {})["sampled_tokens_per_second"] = stage_record["sampled_tokens_per_second"]
-    metrics["evaluation_seconds"] = time.perf_counter() - started
-    path = run.path("metrics.json")
-    path.write_text(json.dumps(metrics, indent=2, default=float))
-    logger.info("metrics written to %s", path)
-    run.state.wait_for_everyone()
-    return metrics
+    return write_run_metrics(run, metrics, samples_dir, ("sampled_tokens_per_second",), started)

@@ -46,10 +46,8 @@ def class_labels(num_classes: int, per_class: int, device) -> torch.Tensor:
 
 
 def sample_stage(run: Run, force: bool = False) -> Path:
-    if run.config.is_audio:  # WAVs and spectrograms instead of image grids; same reuse rules
-        from pipelines.audio_stages import sample_audio_stage  # imports this module
-
-        return sample_audio_stage(run, force=force)
+    """`tokgen sample`: image grids, or for an audio run WAVs per class, spectrograms and completions; both
+    with the evaluation's samples."""
     out_dir = run.path("samples")
     stage_fingerprint = run.samples_fingerprint()
     if not force and stage_is_current(out_dir, stage_fingerprint):
@@ -57,7 +55,12 @@ def sample_stage(run: Run, force: bool = False) -> Path:
         return out_dir
     if run.state.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
-        record = generate_run_samples(run.directory, run.config.sampling, out_dir, run.state.device)
+        if run.config.is_audio:
+            from pipelines.audio_stages import generate_audio_samples  # that module imports this one
+
+            record = generate_audio_samples(run, out_dir, run.state.device)
+        else:
+            record = generate_run_samples(run.directory, run.config.sampling, out_dir, run.state.device)
         mark_stage_done(out_dir, stage_fingerprint, **record)
     run.state.wait_for_everyone()
     return out_dir

@@ -65,6 +65,22 @@ def stage_is_current(directory: Path, stage_fingerprint: str, resume: bool = Fal
     return True
 
 
+def write_run_metrics(run: Run, metrics: dict, samples_dir: Path, sample_stage_keys: tuple[str, ...],
+                      started: float) -> dict:
+    """Write `metrics.json`, adding the sampling speeds the samples stage recorded (`sample_stage_keys`) and
+    the evaluation's time since `started`; every process waits for it."""
+    record = read_stage(samples_dir) or {}
+    for key in sample_stage_keys:
+        if key in record:
+            metrics.setdefault("samples", {})[key] = record[key]
+    metrics["evaluation_seconds"] = time.perf_counter() - started
+    path = run.path("metrics.json")
+    path.write_text(json.dumps(metrics, indent=2, default=float))
+    logger.info("metrics written to %s", path)
+    run.state.wait_for_everyone()
+    return metrics
+
+
 def training_record(result: TrainResult, config) -> dict:
     """What stage.json says about a training: its steps and metrics, and whether max_minutes cut it short."""
     record = {"steps": result.steps, "final_metrics": result.final_metrics}
