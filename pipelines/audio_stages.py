@@ -287,8 +287,8 @@ def evaluate_audio_run(run: Run) -> dict:
             classifier, features(reconstructions), test_features, test["label"]))
         metrics["samples"] = {**quality, "num_samples": len(samples), "guidance_scale": config.sampling.guidance_scale,
                               **{f"classifier_{k}": v for k, v in info.items() if isinstance(v, (int, float))}}
-    return write_run_metrics(run, metrics, samples_dir,
-                             ("sampled_tokens_per_second", "generated_audio_seconds_per_second"), started)
+    return write_run_metrics(run, metrics, ("sampled_tokens_per_second", "generated_audio_seconds_per_second"),
+                             started)
 
 
 # --- ad-hoc generation (`tokgen generate RUN_DIR --label 3` on an audio run) ----------------------

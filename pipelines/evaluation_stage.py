@@ -136,4 +136,4 @@ def evaluate_run(run: Run) -> dict:
             "guidance_scale": config.sampling.guidance_scale,
             **{f"classifier_{k}": v for k, v in classifier_info.items() if isinstance(v, (int, float))},
         }
-    return write_run_metrics(run, metrics, samples_dir, ("sampled_tokens_per_second",), started)
+    return write_run_metrics(run, metrics, ("sampled_tokens_per_second",), started)

@@ -65,11 +65,10 @@ def stage_is_current(directory: Path, stage_fingerprint: str, resume: bool = Fal
     return True
 
 
-def write_run_metrics(run: Run, metrics: dict, samples_dir: Path, sample_stage_keys: tuple[str, ...],
-                      started: float) -> dict:
+def write_run_metrics(run: Run, metrics: dict, sample_stage_keys: tuple[str, ...], started: float) -> dict:
     """Write `metrics.json`, adding the sampling speeds the samples stage recorded (`sample_stage_keys`) and
     the evaluation's time since `started`; every process waits for it."""
-    record = read_stage(samples_dir) or {}
+    record = read_stage(run.path("samples")) or {}
     for key in sample_stage_keys:
         if key in record:
             metrics.setdefault("samples", {})[key] = record[key]
