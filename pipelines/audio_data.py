@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from pipelines.config_tables import build_dataclass
 from pipelines.data import DataError, balanced_subset
 
 logger = logging.getLogger(__name__)
@@ -75,11 +76,7 @@ class AudioDataConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "AudioDataConfig":
-        valid = sorted(f.name for f in dataclasses.fields(cls))
-        unknown = sorted(set(data) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown audio data config key(s) {unknown}; valid keys: {', '.join(valid)}")
-        return cls(**data)
+        return build_dataclass(cls, data, "audio_data")
 
     @property
     def clip_samples(self) -> int:

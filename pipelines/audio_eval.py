@@ -25,6 +25,7 @@ from einops import rearrange, reduce
 from pipelines.audio_data import lengths_to_mask
 from pipelines.classifier import (ClassifierConfig, accuracy_by_class, classifier_accuracy, classifier_logits,
                                  load_or_train_classifier, prediction_accuracy)
+from pipelines.config_tables import build_dataclass
 from pipelines.evaluate import codebook_metrics, reconstruction_frechet, sample_quality
 from tokenizers_vq.audio_losses import low_pass, mel_filterbank, mel_loss, multi_resolution_stft_loss, si_snr
 
@@ -72,14 +73,7 @@ class SpokenDigitClassifierConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "SpokenDigitClassifierConfig":
-        valid = sorted(f.name for f in dataclasses.fields(cls))
-        unknown = sorted(set(data) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown audio classifier key(s) {unknown}; valid keys: {', '.join(valid)}")
-        values = dict(data)
-        if isinstance(values.get("network"), dict):
-            values["network"] = ClassifierConfig.from_dict(values["network"])
-        return cls(**values)
+        return build_dataclass(cls, data, "audio.classifier")
 
 
 @torch.no_grad()

@@ -30,6 +30,8 @@ from einops import rearrange
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pipelines.config_tables import build_dataclass
+
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
@@ -58,14 +60,7 @@ class ClassifierConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ClassifierConfig":
-        names = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown ClassifierConfig key(s) {unknown}; valid keys: {sorted(names)}")
-        values = dict(data)
-        if "channels" in values:
-            values["channels"] = tuple(values["channels"])
-        return cls(**values)
+        return build_dataclass(cls, data, "classifier")
 
 
 def as_image_tensor(images) -> torch.Tensor:

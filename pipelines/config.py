@@ -16,7 +16,6 @@ import hashlib
 import importlib.resources
 import json
 import tomllib
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 from pipelines.audio_data import AudioDataConfig
 from pipelines.audio_eval import SpokenDigitClassifierConfig
 from pipelines.classifier import ClassifierConfig
+from pipelines.config_tables import ConfigError, build_dataclass
 from pipelines.data import DataConfig
 from pipelines.layouts import LAYOUTS
 from pipelines.loop import TrainConfig
@@ -34,42 +34,6 @@ from tokenizers_vq.quantizers.base import FINGERPRINT_WHEN_SET
 # The prior learns these from the token manifest; a user never sets them by hand.
 PRIOR_FIELDS_FROM_MANIFEST = ("vocab_size", "seq_len", "num_classes")
 DEFAULT_CONFIG = "default_run.toml"
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be turned into a valid run config."""
-
-
-def _valid_keys_message(cls) -> str:
-    return ", ".join(sorted(f.name for f in dataclasses.fields(cls)))
-
-
-def build_dataclass(cls, data: dict, where: str):
-    """Build dataclass `cls` from a plain dict, recursing into nested dataclass fields.
-
-    Rejects unknown keys (naming the section and the valid keys) and turns TOML lists into tuples
-    where the field is a tuple.
-    """
-    if not isinstance(data, dict):
-        raise ConfigError(f"[{where}] must be a table of keys, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in [{where}]; valid keys: {_valid_keys_message(cls)}")
-    values = {}
-    for key, value in data.items():
-        hint = hints[key]
-        origin = typing.get_origin(hint)
-        if dataclasses.is_dataclass(hint):
-            value = build_dataclass(hint, value, f"{where}.{key}")
-        elif (hint is tuple or origin is tuple) and isinstance(value, list):
-            value = tuple(value)
-        values[key] = value
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"[{where}]: {error}") from error
 
 
 @dataclass(frozen=True)

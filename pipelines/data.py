@@ -28,6 +28,8 @@ import torch
 from einops import rearrange
 from PIL import Image, UnidentifiedImageError
 
+from pipelines.config_tables import build_dataclass
+
 logger = logging.getLogger(__name__)
 
 SOURCES = ("bundled", "npz", "imagefolder", "hf", "cifar10_jpeg")
@@ -71,11 +73,7 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "DataConfig":
-        valid = sorted(f.name for f in dataclasses.fields(cls))
-        unknown = sorted(set(data) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown data config key(s) {unknown}; valid keys: {', '.join(valid)}")
-        return cls(**data)
+        return build_dataclass(cls, data, "data")
 
 
 class JpegImages:

@@ -42,6 +42,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from pipelines.config_tables import build_dataclass
 from pipelines.train_state import checkpoint_step, restore_checkpoint, save_checkpoint
 from pipelines.weight_average import WeightAverage
 
@@ -124,17 +125,8 @@ class TrainConfig:
         return f"{type(self).__name__}({', '.join(fields)})"
 
     @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(names))
-        if unknown:
-            raise ValueError(f"unknown TrainConfig key(s) {unknown}; valid keys: {', '.join(sorted(names))}")
-        values = dict(d)
-        if "betas" in values:
-            values["betas"] = tuple(values["betas"])
-        if "group_learning_rates" in values:
-            values["group_learning_rates"] = dict(values["group_learning_rates"])
-        return cls(**values)
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        return build_dataclass(cls, data, "training")
 
 
 class TrainResult(NamedTuple):

@@ -17,7 +17,6 @@ Image Generation" (LlamaGen: Llama blocks, class token, classifier-free guidance
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import json
 import logging
@@ -31,6 +30,7 @@ import transformers
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
+from priors.baselines.common import config_from_dict
 from priors.decode import DecodeRequest, decode_cached, decode_recompute
 from priors.sampling import SamplingOptions
 from priors.token_nll import mean_token_nll, nll_metrics
@@ -72,11 +72,7 @@ class TransformerPriorConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TransformerPriorConfig":
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - valid)
-        if unknown:
-            raise ValueError(f"unknown TransformerPriorConfig key(s) {unknown}; valid keys: {', '.join(sorted(valid))}")
-        return cls(**data)
+        return config_from_dict(cls, data)
 
     @property
     def null_token(self) -> int:

@@ -187,7 +187,8 @@ def test_peak_level_scales_every_clip_from_its_whole_recording(tmp_path):
 
 
 def test_config_rejects_unknown_keys_and_bad_values():
-    with pytest.raises(ValueError, match="unknown audio data config key"):
+    unknown_key = r"unknown key\(s\) \[.clip_secs.\] in \[audio_data\]; valid keys:.*clip_seconds"
+    with pytest.raises(ValueError, match=unknown_key):
         AudioDataConfig.from_dict({"source": "fsdd", "path": "x.npz", "clip_secs": 1.0})
     with pytest.raises(ValueError, match="source"):
         AudioDataConfig(source="wav", path="x")

@@ -40,7 +40,7 @@ def write_png(path, size=(8, 8), value=0, mode="L"):
 
 
 def test_config_rejects_unknown_keys_and_lists_valid_ones():
-    with pytest.raises(ValueError, match="unknown data config key.*'sorce'.*valid keys:.*source"):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['sorce'\] in \[data\]; valid keys:.*source"):
         DataConfig.from_dict({"sorce": "npz"})
     assert DataConfig.from_dict({"source": "npz", "path": "x.npz"}).path == "x.npz"
     with pytest.raises(ValueError, match="data.source must be one of"):

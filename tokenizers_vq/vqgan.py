@@ -34,6 +34,7 @@ from tokenizers_vq.losses import (
     reconstruction_loss,
 )
 from tokenizers_vq.nets.discriminators import DiscriminatorConfig, build_discriminator
+from tokenizers_vq.quantizers.base import config_from_dict
 from tokenizers_vq.checkpoint import PretrainedTokenizer
 from tokenizers_vq.vqvae import VQVAE, TokenizerOutput, VQVAEConfig
 
@@ -79,19 +80,7 @@ class VQGANConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "VQGANConfig":
-        """Build from a plain dict; unknown keys are rejected, nested configs rebuilt by their own from_dict."""
-        if not isinstance(data, dict):
-            raise ValueError(f"{cls.__name__} expects a dict of fields, got {type(data).__name__}")
-        names = sorted(f.name for f in dataclasses.fields(cls))
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            raise ValueError(f"unknown key(s) {unknown} for {cls.__name__}; valid keys: {', '.join(names)}")
-        values = dict(data)
-        if isinstance(values.get("autoencoder"), dict):
-            values["autoencoder"] = VQVAEConfig.from_dict(values["autoencoder"])
-        if isinstance(values.get("discriminator"), dict):
-            values["discriminator"] = DiscriminatorConfig.from_dict(values["discriminator"])
-        return cls(**values)
+        return config_from_dict(cls, data)
 
 
 def last_conv_layer(module: nn.Module) -> nn.Conv2d:

@@ -16,7 +16,6 @@ from the image `DISCRIMINATORS` whose modules return one logit tensor.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -25,6 +24,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
+
+from tokenizers_vq.quantizers.base import config_from_dict
 
 
 class DiscriminatorOutput(NamedTuple):
@@ -61,11 +62,7 @@ class AudioDiscriminatorConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "AudioDiscriminatorConfig":
-        names = sorted(f.name for f in dataclasses.fields(cls))
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            raise ValueError(f"unknown key(s) {unknown} for {cls.__name__}; valid keys: {', '.join(names)}")
-        return cls(**data)
+        return config_from_dict(cls, data)
 
 
 class STFTDiscriminator(nn.Module):

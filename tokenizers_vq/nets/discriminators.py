@@ -14,11 +14,12 @@ too (register them in `DISCRIMINATORS` under their own `kind`); they are not wri
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from tokenizers_vq.quantizers.base import config_from_dict
 
 NORMS = ("group", "none")
 KERNEL_SIZE, PADDING = 4, 1  # pix2pix's 4x4 kernels: a stride-2 conv halves an even size exactly
@@ -47,11 +48,7 @@ class DiscriminatorConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "DiscriminatorConfig":
-        names = sorted(f.name for f in dataclasses.fields(cls))
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            raise ValueError(f"unknown key(s) {unknown} for {cls.__name__}; valid keys: {', '.join(names)}")
-        return cls(**data)
+        return config_from_dict(cls, data)
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
