@@ -22,7 +22,7 @@ from tokenizers_vq.audio_losses import (
 from tokenizers_vq.nets.audio_discriminators import AudioDiscriminatorConfig, feature_matching_loss
 from tokenizers_vq.nets import conv1d
 from tokenizers_vq.nets.conv1d import Encoder1d, Snake1d
-from tokenizers_vq.quantizers import VQConfig
+from tokenizers_vq.quantizers import ResidualVQConfig, VQConfig
 from helpers.optimize import adam_steps
 from helpers.tiny_audio import audio, tiny_config
 
@@ -66,6 +66,14 @@ def test_single_codebook_tokens_have_no_level_axis_and_bad_tokens_are_refused():
         model.decode(torch.zeros(1, 4, 2, dtype=torch.int64))
     with pytest.raises(ValueError, match="channel"):
         model.encode(torch.zeros(1, 2, 80))
+
+
+def test_one_residual_level_gives_single_codebook_tokens_that_decode():
+    one_level = ResidualVQConfig(num_quantizers=1, quantizer=VQConfig(codebook_size=16, seed=1))
+    model = AudioVQVAE(tiny_config(quantizer=one_level)).eval()
+    tokens = model.encode(audio())
+    assert tokens.shape == (2, 100) and model.num_codebooks == 1
+    assert model.decode(tokens, length=800).shape == (2, 1, 800)
 
 
 def test_encoder_gives_exactly_length_over_hop_frames():

@@ -59,6 +59,17 @@ def test_aux_loss_sums_the_levels_commitment_terms():
     assert torch.equal(z.grad, torch.ones_like(z))  # straight through the total
 
 
+def test_one_level_keeps_the_single_codebook_shape_of_vq_and_lfq():
+    """At num_quantizers=1 the indices are (b n), as every quantizer with one codebook gives them."""
+    quantizer = make_quantizer(num_quantizers=1).eval()
+    z = random_inputs()
+    output = quantizer(z)
+    assert quantizer.num_codebooks == 1 and output.indices.shape == (2, 6)
+    assert torch.equal(quantizer.to_indices(z), output.indices)
+    assert torch.allclose(quantizer.lookup(output.indices), output.quantized)
+    assert torch.equal(quantizer.lookup(output.indices[..., None]), quantizer.lookup(output.indices))
+
+
 def test_per_level_and_average_usage_on_a_hand_made_batch():
     quantizer = make_quantizer(num_quantizers=2, codebook_size=4).eval()
     with torch.no_grad():

@@ -77,8 +77,17 @@ class ResidualVectorQuantizer(nn.Module):
 
     # --- inference ------------------------------------------------------------------------------
 
+    def _with_level_axis(self, indices: Tensor) -> Tensor:
+        """One level's `(b n)` indices as `(b n 1)`; `(b n q)` as they are."""
+        return rearrange(indices, "b n -> b n 1") if self.num_codebooks == 1 and indices.ndim == 2 else indices
+
+    def _public_indices(self, indices: Tensor) -> Tensor:
+        """`(b n q)` -> what every quantizer returns: `(b n)` at one level (as VQ and LFQ), else `(b n q)`."""
+        return indices[..., 0] if self.num_codebooks == 1 else indices
+
     def lookup(self, indices: Tensor) -> Tensor:
-        """(b n q) int64 -> (b n d) float32, the sum over levels; -1 marks a level left out."""
+        """(b n q) int64, or (b n) at one level -> (b n d) float32, the sum over levels; -1 marks a level left out."""
+        indices = self._with_level_axis(indices)
         if indices.ndim != 3 or indices.shape[-1] != self.num_codebooks:
             raise ValueError(f"expected (b n q) indices with q={self.num_codebooks}, got shape {tuple(indices.shape)}")
         total = None
@@ -91,14 +100,15 @@ class ResidualVectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def to_indices(self, z: Tensor) -> Tensor:
-        """(b n d) -> (b n q) greedy residual indices, with no statistics update and no collectives."""
+        """(b n d) -> (b n q) greedy residual indices ((b n) at one level), with no statistics update and
+        no collectives."""
         residual = z.float()
         indices = []
         for quantizer in self.levels:
             level_indices = quantizer.to_indices(residual)
             residual = residual - quantizer.lookup(level_indices)
             indices.append(level_indices)
-        return torch.stack(indices, dim=-1)
+        return self._public_indices(torch.stack(indices, dim=-1))
 
     # --- training -------------------------------------------------------------------------------
 
@@ -133,7 +143,7 @@ class ResidualVectorQuantizer(nn.Module):
             quantized = z + (total.to(z.dtype) - z).detach()  # straight through the total
         if self.training:
             self.training_steps.add_(1)
-        return QuantizerOutput(quantized, indices, aux_loss, metrics)
+        return QuantizerOutput(quantized, self._public_indices(indices), aux_loss, metrics)
 
     def _active_levels(self) -> int:
         """How many leading levels run: all of them, except under quantizer dropout in training."""
