@@ -7,6 +7,7 @@
 #
 #   LEVELS="2 3 4" STEPS=1200 MINUTES=4 PRIOR_STEPS=1500 PRIOR_MINUTES=1.5 SEARCH_SWEEPS=1 OUT=/tmp/out DATA=.data bash benchmarks/device_entropy_coded_levels.sh
 #   OUT=/tmp/out DATA=.data bash benchmarks/device_entropy_coded_levels.sh --quick   # CPU smoke run
+#   LEVELS="1 2" OVERRIDES="tokenizer.strides=[4,5,2]" ...   # key=value overrides for every run: here 200 frames/s
 #
 # Earlier codecs (BENCHMARKS.md, "What bits and loss weights buy"): 2, 3 and 4 levels gave 7.9, 9.2 and 9.9 dB
 # after long fine-tunes, and the config's prior codes 2-level tokens in 4.8-5.5 bits of 8. From scratch in
@@ -38,6 +39,8 @@ else
              tokenizer_training.max_minutes=${MINUTES:-4} prior_training.max_steps=${PRIOR_STEPS:-1500}
              prior_training.max_minutes=${PRIOR_MINUTES:-1.5})
 fi
+read -r -a extra <<< "${OVERRIDES:-}"
+common+=("${extra[@]}")
 { nvidia-smi --query-gpu=name,memory.total --format=csv 2>&1 || true; date; } > "$log"
 
 pids=()
