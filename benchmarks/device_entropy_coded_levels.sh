@@ -74,11 +74,14 @@ if [[ -n "$best" ]]; then
     split -b 15M "$best/tokenizer/model.safetensors" "$OUT/$(basename "$best").model.safetensors.part_"
 fi
 # SEARCH_SWEEPS > 0: the analysis-by-synthesis encoder (benchmarks/audio_code_search.py) on that codec, every test
-# clip, its candidates decoded on the GPU: the same decoder and plain rate, codes searched for the waveform.
+# clip (or SEARCH_CLIPS of them), its candidates decoded on the GPU: the same decoder and plain rate, codes searched
+# for the waveform.
 if [[ "${SEARCH_SWEEPS:-0}" != 0 && -n "$best" ]]; then
     device=cuda
     ((quick)) && device=cpu
-    python benchmarks/audio_code_search.py "$best" --clips "${SEARCH_CLIPS:-0}" --sweeps "$SEARCH_SWEEPS" --device "$device" \
+    # SEARCH_SECONDS bounds it, so that the archive below is still made inside the call's time limit
+    timeout "${SEARCH_SECONDS:-600}" python benchmarks/audio_code_search.py "$best" --clips "${SEARCH_CLIPS:-0}" \
+        --sweeps "$SEARCH_SWEEPS" --device "$device" \
         --threads 8 --out "$OUT/code_search.json" 2>&1 | grep -v "code search:" | tee -a "$log"
 fi
 tar czf "$OUT/levels.tar.gz" --exclude=checkpoints --exclude=tokens --exclude='*.safetensors' --exclude=wav \
