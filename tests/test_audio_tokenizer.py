@@ -290,6 +290,23 @@ def test_si_snr_loss_is_the_negative_metric_and_adds_to_the_total_by_its_weight(
         tiny_config(si_snr_weight=-1.0)
 
 
+def test_si_snr_term_trains_only_from_its_start_step_and_is_logged_before():
+    x, mask = audio(length=800), torch.ones(2, 800, dtype=torch.bool)
+    batch = {"waveform": x, "mask": mask}
+    plain = AudioVQVAE(tiny_config(), generator=torch.Generator().manual_seed(0)).train()
+    delayed = AudioVQVAE(tiny_config(si_snr_weight=0.5, si_snr_start=10)).train()
+    delayed.load_state_dict(plain.state_dict())
+    loss_plain, _ = copy.deepcopy(plain).loss(batch, "main", 9)
+    loss_before, metrics_before = copy.deepcopy(delayed).loss(batch, "main", 9)
+    loss_from, metrics_from = copy.deepcopy(delayed).loss(batch, "main", 10)
+    assert metrics_before["si_snr_loss"] != 0 and metrics_before["si_snr_loss"] == metrics_from["si_snr_loss"]
+    assert loss_before.item() == pytest.approx(loss_plain.item(), abs=1e-6)
+    expected = loss_plain.item() + 0.5 * metrics_from["si_snr_loss"].item()
+    assert loss_from.item() == pytest.approx(expected, abs=1e-4)
+    with pytest.raises(ValueError, match="si_snr_start"):
+        tiny_config(si_snr_start=-1)
+
+
 def test_si_snr_with_a_cutoff_judges_only_the_band_below_it():
     t = torch.arange(800, dtype=torch.float64) / 8000  # whole periods of both tones
     low = torch.sin(2 * math.pi * 300 * t).float()

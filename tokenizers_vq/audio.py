@@ -104,6 +104,10 @@ class AudioVQVAEConfig:
     # > 0: the SI-SNR term judges only the band below this frequency (Hz). Above it a codec that cannot
     # match the phase scores best by going quiet, which the classifier hears (si_snr_band_oracles.py).
     si_snr_cutoff_hz: float = 0.0
+    # Optimizer step from which the SI-SNR term trains (logged before it). From a random start the
+    # reconstruction is nearly orthogonal to the clip and the term's gradient points nowhere useful
+    # (BENCHMARKS.md, "-SI-SNR as a training loss does not help"); after a plain start it helps.
+    si_snr_start: int = field(default=0, metadata=ADDED_LATER)
     # > 0: the codec is asked for the input's band below this frequency only, and spends its bits there.
     # The waveform and SI-SNR terms (and a GAN's real clips) take the input low-passed here, so above it
     # they ask for quiet (the best a codec can do for SI-SNR where it cannot match the phase); the STFT
@@ -142,7 +146,7 @@ class AudioVQVAEConfig:
             raise ValueError("channels, sample_rate, hidden_channels and embedding_dim must be positive")
         for name in ("waveform_weight", "si_snr_weight", "si_snr_cutoff_hz", "target_cutoff_hz", "stft_weight",
                      "mel_weight", "gan_weight",
-                     "feature_matching_weight", "discriminator_start", "augment_max_delay"):
+                     "feature_matching_weight", "discriminator_start", "si_snr_start", "augment_max_delay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.target_cutoff_hz >= self.sample_rate / 2:
@@ -428,8 +432,10 @@ class AudioVQVAE(PretrainedTokenizer, nn.Module):
         config = self.config
         reconstruction, _, aux_loss, quantizer_metrics = self(waveform, mask)
         losses = self._spectral_losses(reconstruction, target, mask)
-        total = (config.waveform_weight * losses["waveform_loss"] + config.si_snr_weight * losses["si_snr_loss"]
-                 + config.stft_weight * losses["stft_loss"] + config.mel_weight * losses["mel_loss"] + aux_loss)
+        total = (config.waveform_weight * losses["waveform_loss"] + config.stft_weight * losses["stft_loss"]
+                 + config.mel_weight * losses["mel_loss"] + aux_loss)
+        if step >= config.si_snr_start:  # before it the term is only logged
+            total = total + config.si_snr_weight * losses["si_snr_loss"]
         metrics = {name: value.detach() for name, value in losses.items()}
         if self.use_gan:
             # Before the start the GAN terms are absent, but logged as 0 so every step has the same keys.
