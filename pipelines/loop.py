@@ -125,8 +125,9 @@ class TrainConfig:
         return f"{type(self).__name__}({', '.join(fields)})"
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
-        return build_dataclass(cls, data, "training")
+    def from_dict(cls, data: dict, section: str = "TrainConfig") -> "TrainConfig":
+        """`section` names the table in error messages, e.g. "prior_training" for a run config's."""
+        return build_dataclass(cls, data, section)
 
 
 class TrainResult(NamedTuple):

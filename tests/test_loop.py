@@ -34,8 +34,10 @@ def small_config(**overrides) -> TrainConfig:
 def test_config_from_dict_rejects_unknown_keys_and_builds_tuples():
     config = TrainConfig.from_dict({"max_steps": 5, "betas": [0.8, 0.9], "group_learning_rates": {"a": 1.0}})
     assert config.betas == (0.8, 0.9) and config.group_learning_rates == {"a": 1.0}
-    with pytest.raises(ValueError, match=r"max_stepz.*valid keys:.*max_steps"):
+    with pytest.raises(ValueError, match=r"max_stepz.*\[TrainConfig\].*valid keys:.*max_steps"):
         TrainConfig.from_dict({"max_stepz": 5})
+    with pytest.raises(ValueError, match=r"\[prior_training\]"):
+        TrainConfig.from_dict({"max_stepz": 5}, "prior_training")
     with pytest.raises(ValueError, match="cosine"):
         TrainConfig(lr_schedule="cosnie")
 
