@@ -29,7 +29,6 @@ import logging
 import math
 import re
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from pipelines.classifier import ClassifierConfig, load_or_train_classifier
 from pipelines.code_search import search_codes_in_batches
 from pipelines.compare_report import write_reports
 from pipelines.config import (PRIOR_FIELDS_FROM_MANIFEST, ComponentSection, ConfigError, RunConfig,
-                              _component_section, apply_overrides, build_dataclass, fingerprint)
+                              _component_section, apply_overrides, build_dataclass, fingerprint, read_toml_file)
 from pipelines.data import DataConfig, ImageDataset, ImageSplit, load_image_dataset, to_tensor_images
 from pipelines.evaluate import sample_quality
 from pipelines.images import save_image_grid
@@ -183,13 +182,7 @@ def apply_compare_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def load_compare_config(path: str | Path, overrides: list[str] = ()) -> CompareConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path} is not valid TOML: {error}") from error
+    data = read_toml_file(path)
     try:
         return compare_config_from_dict(apply_compare_overrides(data, list(overrides)))
     except ConfigError as error:

@@ -211,18 +211,23 @@ def run_config_from_dict(data: dict) -> RunConfig:
     return RunConfig(**simple, **built)
 
 
+def read_toml_file(path: str | Path) -> dict:
+    """The tables of a TOML config file; a missing file or bad TOML is a `ConfigError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path} is not valid TOML: {error}") from error
+
+
 def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read a TOML run config (or the packaged CPU default when `path` is None) and apply overrides."""
     if path is None:  # the packaged copy of configs/pipeline/mnist_cpu.toml, so pip installs have it
         data = tomllib.loads(importlib.resources.files("pipelines").joinpath(DEFAULT_CONFIG).read_text())
     else:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as error:
-            raise ConfigError(f"{path} is not valid TOML: {error}") from error
+        data = read_toml_file(path)
     data = apply_overrides(data, list(overrides))
     try:
         return run_config_from_dict(data)
