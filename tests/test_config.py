@@ -130,7 +130,11 @@ def test_a_field_added_later_stays_out_of_fingerprints_at_its_default():
     config = AudioVQVAEConfig()
     added_later = {"target_cutoff_hz", "si_snr_start"}
     older = {name: value for name, value in dataclasses.asdict(config).items() if name not in added_later}
+    del older["quantizer"]["quantizer"]["rotation_trick"]  # added later to the quantizer's own config
     assert fingerprint("tokenizer", config) == fingerprint("tokenizer", older)  # runs from before keep their stages
     assert fingerprint("tokenizer", dataclasses.replace(config, target_cutoff_hz=2000.0)) != fingerprint("tokenizer", older)
     assert fingerprint("tokenizer", dataclasses.replace(config, si_snr_start=100)) != fingerprint("tokenizer", older)
+    rotated = dataclasses.replace(config.quantizer, quantizer=dataclasses.replace(config.quantizer.quantizer,
+                                                                                 rotation_trick=True))
+    assert fingerprint("tokenizer", dataclasses.replace(config, quantizer=rotated)) != fingerprint("tokenizer", older)
     assert fingerprint(dataclasses.replace(config, si_snr_cutoff_hz=1500.0)) != fingerprint(config)  # others always count

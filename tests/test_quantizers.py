@@ -86,6 +86,58 @@ def test_straight_through_gradient_reaches_input_and_codebook():
     assert torch.equal(row_has_grad, used)  # the codebook term moves exactly the used codes
 
 
+def rotation_matrices(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(n d), (n d) -> (n d d): the rotation taking each source direction to its target's, built whole."""
+    source_unit = torch.nn.functional.normalize(source, dim=-1)
+    target_unit = torch.nn.functional.normalize(target, dim=-1)
+    reflector = torch.nn.functional.normalize(source_unit + target_unit, dim=-1)
+    eye = torch.eye(source.shape[1]).expand(source.shape[0], -1, -1)
+    return (eye - 2 * reflector[:, :, None] * reflector[:, None, :]
+            + 2 * target_unit[:, :, None] * source_unit[:, None, :])
+
+
+def test_rotation_trick_keeps_the_codes_and_rotates_the_gradient():
+    quantizer = make_quantizer(ema=False, dead_code_threshold=0.0, rotation_trick=True).train()
+    z = random_inputs(batch=2, length=6).requires_grad_()
+    output = quantizer(z)
+    codes = quantizer.lookup(output.indices)
+    assert torch.allclose(output.quantized, codes, atol=1e-6)  # the forward values are the codes
+    upstream = torch.randn(z.shape, generator=torch.Generator().manual_seed(3))
+    (output.quantized * upstream).sum().backward()
+    flat_z, flat_codes = z.detach().reshape(-1, DIM), codes.detach().reshape(-1, DIM)
+    rotations = rotation_matrices(flat_z, flat_codes)
+    # Each R really is a rotation onto the code's direction: orthogonal, and R z^ = q^.
+    assert torch.allclose(rotations @ rotations.transpose(1, 2), torch.eye(DIM).expand_as(rotations), atol=1e-5)
+    mapped = (rotations @ torch.nn.functional.normalize(flat_z, dim=-1)[:, :, None])[..., 0]
+    assert torch.allclose(mapped, torch.nn.functional.normalize(flat_codes, dim=-1), atol=1e-5)
+    scale = flat_codes.norm(dim=-1) / flat_z.norm(dim=-1)
+    expected = scale[:, None] * (rotations.transpose(1, 2) @ upstream.reshape(-1, DIM, 1))[..., 0]
+    assert torch.allclose(z.grad.reshape(-1, DIM), expected, atol=1e-5)
+    assert not torch.allclose(z.grad, upstream, atol=1e-2)  # not the straight-through copy
+    assert quantizer.codebook.grad is None or not quantizer.codebook.grad.any()  # codes learn from aux_loss only
+
+
+def test_rotation_trick_on_a_code_in_the_inputs_direction_only_rescales():
+    quantizer = make_quantizer(ema=False, dead_code_threshold=0.0, rotation_trick=True).train()
+    with torch.no_grad():  # codes 0-3 on the axes at length 2, the rest far away
+        quantizer.codebook.copy_(torch.cat([2 * torch.eye(DIM), torch.full((12, DIM), 50.0)]))
+    z = (0.5 * quantizer.lookup(torch.arange(4)[None])).detach().requires_grad_()
+    output = quantizer(z)
+    assert torch.equal(output.indices, torch.arange(4)[None])
+    output.quantized.sum().backward()
+    assert torch.allclose(z.grad, torch.full_like(z, 2.0), atol=1e-5)  # |q| / |z| = 2, no rotation
+
+
+@pytest.mark.parametrize("use_cosine, codebook_dim", [(True, 0), (False, 4)])
+def test_rotation_trick_trains_through_normalised_and_factorised_codes(use_cosine, codebook_dim):
+    quantizer = make_quantizer(ema=False, rotation_trick=True, use_cosine=use_cosine, codebook_dim=codebook_dim).train()
+    z = random_inputs().requires_grad_()
+    output = quantizer(z)
+    assert torch.allclose(output.quantized, quantizer.lookup(output.indices), atol=1e-5)
+    output.quantized.square().sum().backward()
+    assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+
+
 def test_ema_codebook_is_a_buffer_without_gradient():
     quantizer = make_quantizer(ema=True)
     assert "codebook" in dict(quantizer.named_buffers())

@@ -13,7 +13,11 @@ initialised by k-means on the first training batch. Two options of later VQ toke
 2022, "Vector-quantized Image Modeling with Improved VQGAN", ViT-VQGAN; Sun et al. 2024, LlamaGen):
 `codebook_dim > 0` factorises the codes, quantising a linear projection of the input to a small
 code space and projecting the code back out, and `use_cosine` l2-normalises inputs and codes, so
-the nearest code is the one of highest cosine similarity. Distances are always computed in float32.
+the nearest code is the one of highest cosine similarity. `rotation_trick` replaces the straight-through
+copy of the gradient by the rotation trick (Fifty et al. 2024, "Restructuring Vector Quantization with
+the Rotation Trick"; vector-quantize-pytorch's default): the input reaches its code through a rotation
+and rescaling held constant in the backward pass, so the gradient is rotated and scaled on its way back
+and inputs at different places in one code's cell get different gradients. Distances are always computed in float32.
 Under `torch.distributed`, counts and sums are all-reduced and random choices are made on rank 0
 and broadcast, so every rank keeps an identical codebook; collectives happen only in training
 mode, because export and evaluation run on the main process alone.
@@ -22,7 +26,7 @@ mode, because export and evaluation run on the main process alone.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +34,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from tokenizers_vq.quantizers.base import (
+    ADDED_LATER,
     QuantizerOutput,
     all_reduce_sum,
     broadcast_from_rank_zero,
@@ -64,6 +69,7 @@ class VQConfig:
     # the first step assigns inputs by direction, so every code takes a share: fuller use early on,
     # at some cost in PSNR in short runs (BENCHMARKS.md); ignored under use_cosine (unit codes).
     init_scale: float = 1.0
+    rotation_trick: bool = field(default=False, metadata=ADDED_LATER)  # in place of the straight-through copy
 
     def __post_init__(self):
         check_kind(self, "vq")
@@ -132,6 +138,28 @@ def kmeans(samples: Tensor, num_clusters: int, num_iters: int, generator: torch.
             means = F.normalize(means, dim=-1)
         centroids = torch.where(rearrange(sizes > 0, "k -> k 1"), means, centroids)
     return centroids
+
+
+def rotate_onto(source: Tensor, target: Tensor, eps: float = 1e-6) -> Tensor:
+    """(n d), (n d) -> `target`'s values, with the gradient of the rotation trick flowing to `source`.
+
+    Each `source` row s is mapped onto its target t by lambda * R s, where R is the rotation that takes
+    s's direction to t's in the plane they span and lambda = |t| / |s|; R and lambda are constants of
+    the backward pass, so d loss / d s = lambda * R^T d loss / d t. R = I - 2 r r^T + 2 t^ s^T with
+    s^ = s / |s|, t^ = t / |t|, r = (s^ + t^) / |s^ + t^|, applied without forming the (d d) matrix.
+    A target opposite its source (s^ = -t^) has no such plane and gets a non-orthogonal map; the
+    nearest code is never in that direction in practice. The values are `target`'s exactly: the few
+    ulps between lambda * R s and t are added as a constant.
+    """
+    target = target.detach()
+    source_norm = source.detach().norm(dim=-1, keepdim=True).clamp_min(eps)
+    target_norm = target.norm(dim=-1, keepdim=True).clamp_min(eps)
+    source_unit, target_unit = source.detach() / source_norm, target / target_norm
+    reflector = F.normalize(source_unit + target_unit, dim=-1, eps=eps)
+    rotated = (source - 2 * (source * reflector).sum(-1, keepdim=True) * reflector
+               + 2 * (source * source_unit).sum(-1, keepdim=True) * target_unit)
+    scaled = rotated * (target_norm / source_norm)
+    return scaled + (target - scaled).detach()
 
 
 class VectorQuantizer(nn.Module):
@@ -225,7 +253,10 @@ class VectorQuantizer(nn.Module):
                 counts = code_counts(indices, self.codebook_size)
                 dead_codes = (self.cluster_size < self.config.dead_code_threshold).sum()
             usage, perplexity = usage_and_perplexity(counts)
-            if self.project_out is None and not self.config.use_cosine:
+            if self.config.rotation_trick:  # in code space, then back through the normalisation/projections
+                quantized = self._from_code_space(rotate_onto(flat, codes))
+                quantized = rearrange(quantized, "(b n) d -> b n d", b=z.shape[0]).to(z.dtype)
+            elif self.project_out is None and not self.config.use_cosine:
                 # Plain VQ: d quantized / d z is exactly the identity.
                 quantized = z + (rearrange(codes, "(b n) d -> b n d", b=z.shape[0]).to(z.dtype) - z).detach()
             else:  # straight through in code space, then back through the normalisation/projections
