@@ -59,7 +59,7 @@ def quantizer_config(name: str, args, tokens_per_batch: int):
     threshold = args.dead_code_threshold or min(1.0, 0.5 * tokens_per_batch / size)
     config = VQConfig(codebook_size=size, commitment_weight=0.25, ema=True, decay=args.decay,
                       dead_code_threshold=threshold, kmeans_init=True, use_cosine=args.vq_cosine,
-                      codebook_dim=args.vq_codebook_dim)
+                      codebook_dim=args.vq_codebook_dim, rotation_trick=args.vq_rotation_trick)
     return config, args.vq_dim
 
 
@@ -178,6 +178,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--vq-dim", type=int, default=32, help="latent dimension of the VQ cases")
     parser.add_argument("--vq-codebook-dim", type=int, default=0, help="> 0: factorised VQ codes (LlamaGen)")
     parser.add_argument("--vq-cosine", action="store_true", help="l2-normalised VQ codes (LlamaGen)")
+    parser.add_argument("--vq-rotation-trick", action="store_true",
+                        help="the rotation trick in place of the straight-through gradient (Fifty et al. 2024)")
     parser.add_argument("--decay", type=float, default=0.99, help="VQ EMA decay")
     parser.add_argument("--dead-code-threshold", type=float, default=0.0,
                         help="VQ restart threshold; 0: min(1, half the mean assignments per code per batch)")

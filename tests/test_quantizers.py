@@ -138,6 +138,26 @@ def test_rotation_trick_trains_through_normalised_and_factorised_codes(use_cosin
     assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("num_quantizers", [1, 2])
+def test_residual_vq_rotates_the_input_onto_the_total(num_quantizers):
+    level = VQConfig(codebook_size=16, ema=False, dead_code_threshold=0.0, rotation_trick=True)
+    quantizer = build_quantizer(ResidualVQConfig(num_quantizers=num_quantizers, quantizer=level), DIM).train()
+    z = random_inputs(batch=2, length=6).requires_grad_()
+    output = quantizer(z)
+    upstream = torch.randn(z.shape, generator=torch.Generator().manual_seed(3))
+    (output.quantized * upstream).sum().backward()
+    flat_z, total = z.detach().reshape(-1, DIM), output.quantized.detach().reshape(-1, DIM)
+    scale = total.norm(dim=-1) / flat_z.norm(dim=-1)
+    expected = scale[:, None] * (rotation_matrices(flat_z, total).transpose(1, 2) @ upstream.reshape(-1, DIM, 1))[..., 0]
+    assert torch.allclose(z.grad.reshape(-1, DIM), expected, atol=1e-5)  # not the straight-through copy
+    if num_quantizers == 1:  # one level: exactly a VectorQuantizer's rotation-trick gradient
+        single = VectorQuantizer(level, DIM).train()
+        single.load_state_dict(quantizer.levels[0].state_dict())
+        z_single = z.detach().clone().requires_grad_()
+        (single(z_single).quantized * upstream).sum().backward()
+        assert torch.allclose(z.grad, z_single.grad, atol=1e-6)
+
+
 def test_ema_codebook_is_a_buffer_without_gradient():
     quantizer = make_quantizer(ema=True)
     assert "codebook" in dict(quantizer.named_buffers())

@@ -5,7 +5,9 @@ Neural Audio Codec": level 0 quantises the input, level q quantises the residual
 `z - sum_{j<q} code_j`, and the output is the sum of all levels' codes, so a token is a tuple of
 `num_quantizers` indices, each in [0, codebook_size) of its own codebook. Each level is a full
 `VectorQuantizer` (EMA, restarts, k-means on its own residuals) whose commitment term pulls its
-residual towards its code; the gradient reaches the input straight through the total. Quantizer
+residual towards its code; the gradient reaches the input straight through the total (or, under the
+levels' `rotation_trick`, through one rotation and rescaling of the input onto the total, so a
+single level gets exactly a `VectorQuantizer`'s rotation-trick gradient). Quantizer
 dropout (SoundStream section 3.3) trains the stack to work with any prefix of levels: with
 probability `quantizer_dropout` a training batch uses only its first k levels, k uniform in
 [1, num_quantizers], so one model serves several bitrates. The choice is drawn from the module's
@@ -22,7 +24,7 @@ from einops import rearrange, reduce
 from torch import Tensor, nn
 
 from tokenizers_vq.quantizers.base import QuantizerOutput, check_kind, config_from_dict, usage_and_perplexity
-from tokenizers_vq.quantizers.vq import VectorQuantizer, VQConfig
+from tokenizers_vq.quantizers.vq import VectorQuantizer, VQConfig, rotate_onto
 
 LEVEL_METRICS = ("usage", "perplexity", "dead_codes")
 
@@ -140,7 +142,10 @@ class ResidualVectorQuantizer(nn.Module):
             for name in LEVEL_METRICS:
                 active = torch.stack([metrics[f"{name}_q{level}"] for level in range(num_active)])
                 metrics[name] = reduce(active, "q ->", "mean")
-            quantized = z + (total.to(z.dtype) - z).detach()  # straight through the total
+            if self.config.quantizer.rotation_trick:  # one rotation and rescaling from the input to the total
+                quantized = rotate_onto(z.float(), total).to(z.dtype)
+            else:  # straight through the total
+                quantized = z + (total.to(z.dtype) - z).detach()
         if self.training:
             self.training_steps.add_(1)
         return QuantizerOutput(quantized, self._public_indices(indices), aux_loss, metrics)
