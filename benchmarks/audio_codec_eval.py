@@ -1,4 +1,4 @@
-"""Score a trained audio tokenizer alone: test SI-SNR, STFT/mel distances and what the classifier hears.
+"""Score a trained audio tokenizer alone: test SI-SNR, STFT/mel distances, latents against codes, what the classifier hears.
 
     tokgen train-tokenizer configs/pipeline/fsdd_cpu.toml audio_data.path=fsdd.npz output_dir=/tmp/sweep
     python benchmarks/audio_codec_eval.py configs/pipeline/fsdd_cpu.toml /tmp/sweep/fsdd_cpu/tokenizer \
@@ -60,6 +60,26 @@ def codec_arguments(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+@torch.no_grad()
+def latent_statistics(tokenizer, waveforms: torch.Tensor, lengths: torch.Tensor, batch_size: int = 100) -> dict:
+    """How the encoder's outputs z sit against their codes q on frames that hold audio: mean z^2 and q^2
+    per dimension, |z - q|^2 / |z|^2 and the mean cosine of z and q. A codec whose latents shrink or
+    drift from their codes shows it here before its SI-SNR says why."""
+    sums = torch.zeros(4, dtype=torch.float64)  # z^2, q^2, (z - q)^2, cosine
+    frames, dims = 0, 1
+    for start in range(0, len(waveforms), batch_size):
+        latents = tokenizer._latents(waveforms[start:start + batch_size].to(next(tokenizer.parameters()).device))
+        held = (torch.arange(latents.shape[1], device=latents.device)[None] * tokenizer.hop_length
+                < lengths[start:start + batch_size, None].to(latents.device))
+        z = latents[held].double()
+        q = tokenizer.quantizer.lookup(tokenizer.quantizer.to_indices(latents))[held].double()
+        sums += torch.stack([z.square().sum(), q.square().sum(), (z - q).square().sum(),
+                             torch.nn.functional.cosine_similarity(z, q, dim=-1).sum()]).cpu()
+        frames, dims = frames + z.shape[0], z.shape[1]
+    return {"latent_mean_square": float(sums[0] / (frames * dims)), "code_mean_square": float(sums[1] / (frames * dims)),
+            "quantization_relative_error": float(sums[2] / sums[0]), "latent_code_cosine": float(sums[3] / frames)}
+
+
 def main() -> None:
     parser = codec_arguments(__doc__.splitlines()[0])
     parser.add_argument("--train-clips", type=int, default=300,
@@ -78,6 +98,7 @@ def main() -> None:
     tokenizer = load_tokenizer(args.tokenizer).eval().to(args.device)
     waveforms, lengths, labels = test_split(data)
     metrics, _, reconstructions = audio_eval.reconstruction_metrics(tokenizer, waveforms, lengths)
+    metrics.update(latent_statistics(tokenizer, waveforms, lengths))
     if args.train_clips:
         spread = np.unique(np.linspace(0, len(data.train) - 1, min(args.train_clips, len(data.train))).round()
                            .astype(np.int64))  # every part of the split: FSDD's train clips come grouped by speaker

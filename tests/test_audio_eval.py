@@ -154,3 +154,25 @@ def test_band_limited_copies_enlarge_the_classifiers_train_split_and_only_then_i
         load_or_train_audio_classifier(tmp_path / "c", clips, labels, banded, 3, RATE)
     with pytest.raises(ValueError, match="band_limited_copies"):
         SpokenDigitClassifierConfig(band_limited_copies=-1)
+
+
+def test_latent_statistics_count_only_frames_that_hold_audio():
+    from benchmarks.audio_codec_eval import latent_statistics
+    from tokenizers_vq.audio import AudioVQVAE, AudioVQVAEConfig
+
+    torch.manual_seed(0)
+    tokenizer = AudioVQVAE(AudioVQVAEConfig(hidden_channels=4, strides=(2, 2))).eval()
+    waveforms = 0.3 * torch.randn(3, 1, 400)
+    whole = torch.tensor([400, 400, 400])
+    stats = latent_statistics(tokenizer, waveforms, whole)
+    assert stats == pytest.approx(latent_statistics(tokenizer, waveforms, whole, batch_size=1))  # batching changes nothing
+    with torch.no_grad():  # the same figures computed directly, over every frame
+        z = tokenizer._latents(waveforms).reshape(-1, tokenizer.quantizer.dim)
+        q = tokenizer.quantizer.lookup(tokenizer.quantizer.to_indices(z[None]))[0]
+    assert stats["latent_mean_square"] == pytest.approx(z.square().mean().item(), rel=1e-5)
+    assert stats["code_mean_square"] == pytest.approx(q.square().mean().item(), rel=1e-5)
+    assert stats["quantization_relative_error"] == pytest.approx(((z - q).square().sum() / z.square().sum()).item(), rel=1e-5)
+    assert -1 <= stats["latent_code_cosine"] <= 1
+    # Frames past a clip's end are left out: a clip cut to its first 40 samples counts 10 frames.
+    shorter = latent_statistics(tokenizer, waveforms, torch.tensor([40, 400, 400]))
+    assert shorter != pytest.approx(stats)
