@@ -69,7 +69,8 @@ class VQConfig:
     # the first step assigns inputs by direction, so every code takes a share: fuller use early on,
     # at some cost in PSNR in short runs (BENCHMARKS.md); ignored under use_cosine (unit codes).
     init_scale: float = 1.0
-    rotation_trick: bool = field(default=False, metadata=ADDED_LATER)  # in place of the straight-through copy
+    # In place of the straight-through copy; off: on the FSDD codec and CIFAR-10 it lost 0.75-1.7 dB (BENCHMARKS.md).
+    rotation_trick: bool = field(default=False, metadata=ADDED_LATER)
 
     def __post_init__(self):
         check_kind(self, "vq")
