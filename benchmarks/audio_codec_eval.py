@@ -23,9 +23,10 @@ import numpy as np
 import torch
 
 from pipelines import audio_eval
-from pipelines.audio_data import load_audio_dataset
+from pipelines.audio_data import lengths_to_mask, load_audio_dataset
 from pipelines.cli import parse_with_trailing_overrides
 from pipelines.config import load_run_config
+from pipelines.tokenset import frames_of
 from tokenizers_vq import load_tokenizer
 
 
@@ -69,8 +70,8 @@ def latent_statistics(tokenizer, waveforms: torch.Tensor, lengths: torch.Tensor,
     frames, dims = 0, 1
     for start in range(0, len(waveforms), batch_size):
         latents = tokenizer._latents(waveforms[start:start + batch_size].to(next(tokenizer.parameters()).device))
-        held = (torch.arange(latents.shape[1], device=latents.device)[None] * tokenizer.hop_length
-                < lengths[start:start + batch_size, None].to(latents.device))
+        held = lengths_to_mask(frames_of(lengths[start:start + batch_size], tokenizer.hop_length),
+                               latents.shape[1]).to(latents.device)
         z = latents[held].double()
         q = tokenizer.quantizer.lookup(tokenizer.quantizer.to_indices(latents))[held].double()
         sums += torch.stack([z.square().sum(), q.square().sum(), (z - q).square().sum(),

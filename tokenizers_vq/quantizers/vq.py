@@ -142,7 +142,7 @@ def kmeans(samples: Tensor, num_clusters: int, num_iters: int, generator: torch.
 
 
 def rotate_onto(source: Tensor, target: Tensor, eps: float = 1e-6) -> Tensor:
-    """(n d), (n d) -> `target`'s values, with the gradient of the rotation trick flowing to `source`.
+    """(... d), (... d) -> `target`'s values, with the gradient of the rotation trick flowing to `source`.
 
     Each `source` row s is mapped onto its target t by lambda * R s, where R is the rotation that takes
     s's direction to t's in the plane they span and lambda = |t| / |s|; R and lambda are constants of
@@ -254,14 +254,12 @@ class VectorQuantizer(nn.Module):
                 counts = code_counts(indices, self.codebook_size)
                 dead_codes = (self.cluster_size < self.config.dead_code_threshold).sum()
             usage, perplexity = usage_and_perplexity(counts)
-            if self.config.rotation_trick:  # in code space, then back through the normalisation/projections
-                quantized = self._from_code_space(rotate_onto(flat, codes))
-                quantized = rearrange(quantized, "(b n) d -> b n d", b=z.shape[0]).to(z.dtype)
-            elif self.project_out is None and not self.config.use_cosine:
+            if self.project_out is None and not self.config.use_cosine and not self.config.rotation_trick:
                 # Plain VQ: d quantized / d z is exactly the identity.
                 quantized = z + (rearrange(codes, "(b n) d -> b n d", b=z.shape[0]).to(z.dtype) - z).detach()
-            else:  # straight through in code space, then back through the normalisation/projections
-                quantized = self._from_code_space(flat + (codes - flat).detach())
+            else:  # straight through (or rotated) in code space, then back through the normalisation/projections
+                through = rotate_onto(flat, codes) if self.config.rotation_trick else flat + (codes - flat).detach()
+                quantized = self._from_code_space(through)
                 quantized = rearrange(quantized, "(b n) d -> b n d", b=z.shape[0]).to(z.dtype)
         metrics = {"usage": usage, "perplexity": perplexity, "dead_codes": dead_codes.float()}
         indices = rearrange(indices, "(b n) -> b n", b=z.shape[0])
