@@ -1,17 +1,21 @@
 """Audio codec training steps per second, eager Snake against compiled (fused) Snake, CUDA bf16 when available.
 
     python benchmarks/bench_audio_training.py [--config configs/pipeline/fsdd_transformer.toml] [--out PATH] [--quick]
+        [--batch-size N] [--clip-seconds S] [--repeats N] [--threads N] [key=value overrides, as for tokgen]
 
 One step is what the tokenizer stage runs: the config's codec loss (waveform L1, multi-resolution
-STFT, mel, quantizer) on a batch of 1 s clips under bf16 autocast, backward, gradient clipping and
+STFT, mel, quantizer) on a batch of 1 s clips (`--clip-seconds`) under bf16 autocast, backward, gradient clipping and
 an AdamW step. Timed twice from the same initial weights, once with `TOKGEN_FUSED_SNAKE=0` (eager
 Snake) and once with the compiled Snake (tokenizers_vq/nets/conv1d.py), median of repeats after a
 warm-up that includes the compile. Also reports the largest difference between the two paths' loss
 on the first step, and Snake's own output and gradient differences on one activation (same
 inputs), so a speed-up that changed the numbers would show. Last, the compiled path at a batch of
 256: clips per second against the config's 64 say whether a larger batch would come nearly free
-(the GPU idle between small kernels) or cost its size in time. Without CUDA it runs a small batch on
-the CPU and says so (the CPU always takes the eager path; the fused row is then the same code).
+(the GPU idle between small kernels) or cost its size in time. Without CUDA (or with `--quick`) it
+runs on the CPU in float32, where the compiled Snake is inductor's C++ (`TOKGEN_FUSED_SNAKE=1` opts a
+CPU run in); by default a small batch, or pass the CPU config's own sizes, e.g.
+`--config configs/pipeline/fsdd_cpu.toml --batch-size 12 --clip-seconds 0.75 --repeats 20 --threads 1
+tokenizer.hidden_channels=16 tokenizer.strides=[4,5,2] tokenizer.quantizer.num_quantizers=1`.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from pipelines.cli import parse_with_trailing_overrides
 from pipelines.config import load_run_config
 from tokenizers_vq.audio import AudioVQVAE
 from tokenizers_vq.nets import conv1d
@@ -60,8 +65,9 @@ def snake_differences(device: torch.device, batch_size: int) -> dict:
             for i, part in enumerate(("output", "grad_x", "grad_alpha"))}
 
 
-def bench(config_path: str, device: torch.device, batch_size: int, repeats: int, larger_batches=()) -> dict:
-    run = load_run_config(config_path)
+def bench(config_path: str, device: torch.device, batch_size: int, repeats: int, larger_batches=(),
+          overrides: list[str] = (), clip_seconds: float = 1.0) -> dict:
+    run = load_run_config(config_path, overrides)
     tokenizer_config = run.tokenizer_config()
     torch.manual_seed(0)
     initial = AudioVQVAE(tokenizer_config)
@@ -75,7 +81,7 @@ def bench(config_path: str, device: torch.device, batch_size: int, repeats: int,
     rows = {}
     for mode, batch in runs:
         os.environ[conv1d.FUSED_SNAKE_ENV] = "0" if mode == "eager" else "1"
-        clips = 0.3 * torch.randn(batch, 1, tokenizer_config.sample_rate, device=device,
+        clips = 0.3 * torch.randn(batch, 1, round(clip_seconds * tokenizer_config.sample_rate), device=device,
                                   generator=torch.Generator(device=device).manual_seed(0))
         model = copy.deepcopy(initial).to(device).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -89,8 +95,8 @@ def bench(config_path: str, device: torch.device, batch_size: int, repeats: int,
             torch.cuda.reset_peak_memory_stats()
     os.environ.pop(conv1d.FUSED_SNAKE_ENV, None)
     return {
-        "config": config_path, "hidden_channels": tokenizer_config.hidden_channels,
-        "activation": tokenizer_config.activation, "batch_size": batch_size, "clip_seconds": 1.0,
+        "config": config_path, "overrides": list(overrides), "hidden_channels": tokenizer_config.hidden_channels,
+        "activation": tokenizer_config.activation, "batch_size": batch_size, "clip_seconds": clip_seconds,
         "dtype": "bfloat16 autocast" if cuda else "float32", "repeats": repeats,
         **rows,
         "speedup": rows["eager"]["seconds_per_step"] / rows["fused"]["seconds_per_step"],
@@ -104,16 +110,24 @@ def main() -> None:
     parser.add_argument("--config", default="configs/pipeline/fsdd_transformer.toml")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON path (default benchmarks/results/bench_audio_training_<device>.json)")
-    parser.add_argument("--quick", action="store_true", help="force the small CPU sizes")
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="the CPU even if CUDA is there (default sizes: small)")
+    parser.add_argument("--batch-size", type=int, default=None, help="clips a step (default 64 on CUDA, 2 on the CPU)")
+    parser.add_argument("--clip-seconds", type=float, default=1.0)
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps (default 20 on CUDA, 2 on the CPU)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, as for tokgen")
+    args = parse_with_trailing_overrides(parser)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available() and not args.quick
     device = torch.device("cuda" if cuda else "cpu")
-    larger_batches = (256,) if cuda else (4,)
-    result = bench(args.config, device, batch_size=64 if cuda else 2, repeats=20 if cuda else 2,
-                   larger_batches=larger_batches)
+    batch_size = args.batch_size or (64 if cuda else 2)
+    larger_batches = (256,) if cuda else (2 * batch_size,)
+    result = bench(args.config, device, batch_size=batch_size, repeats=args.repeats or (20 if cuda else 2),
+                   larger_batches=larger_batches, overrides=args.overrides, clip_seconds=args.clip_seconds)
     report = {
         "device": torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
-        "note": "" if cuda else "no CUDA device: batch 2 on the CPU, eager both times; not a GPU figure",
+        "note": "" if cuda else "no CUDA device: float32 on the CPU, the compiled Snake in C++; not a GPU figure",
         "torch": torch.__version__, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
         **result,
     }

@@ -227,7 +227,33 @@ def test_snake_falls_back_to_eager_when_compiling_fails(monkeypatch):
     with pytest.warns(UserWarning, match="no compiler here"):
         out = conv1d.fused_snake(x, alpha)
     torch.testing.assert_close(out, conv1d.snake(x, alpha))
-    assert not conv1d.use_fused_snake(x)  # CPU tensors never take the compiled path
+
+
+def test_the_environment_decides_which_tensors_take_the_compiled_snake(monkeypatch):
+    x = torch.randn(2, 3, 10)
+    monkeypatch.delenv(conv1d.FUSED_SNAKE_ENV, raising=False)
+    assert not conv1d.use_fused_snake(x)  # by default the CPU stays eager: no compile in short jobs and tests
+    for setting, expected in (("auto", False), ("1", True), ("0", False)):
+        monkeypatch.setenv(conv1d.FUSED_SNAKE_ENV, setting)
+        assert conv1d.use_fused_snake(x) is expected
+    monkeypatch.setenv(conv1d.FUSED_SNAKE_ENV, "yes")
+    with pytest.raises(ValueError, match="TOKGEN_FUSED_SNAKE must be"):
+        conv1d.use_fused_snake(x)
+
+
+def test_a_snake_layer_opted_in_on_the_cpu_gives_the_eager_values_and_gradients(monkeypatch):
+    layer = conv1d.Snake1d(4)
+    with torch.no_grad():
+        layer.alpha.copy_(torch.rand(1, 4, 1) + 0.5)
+    x = torch.randn(2, 4, 30, requires_grad=True)
+    outputs = {}
+    for setting in ("0", "1"):
+        monkeypatch.setenv(conv1d.FUSED_SNAKE_ENV, setting)
+        out = layer(x)
+        outputs[setting] = (out, *torch.autograd.grad(out.square().sum(), (x, layer.alpha)))
+    assert not conv1d._fused_snake_failed  # the "1" pass really compiled
+    for got, expected in zip(outputs["1"], outputs["0"]):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_loading_refuses_a_mismatched_folder(tmp_path):
