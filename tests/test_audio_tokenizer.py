@@ -333,6 +333,20 @@ def test_si_snr_term_trains_only_from_its_start_step_and_is_logged_before():
         tiny_config(si_snr_start=-1)
 
 
+def test_si_snr_term_ramps_up_from_its_start_step():
+    x, mask = audio(length=800), torch.ones(2, 800, dtype=torch.bool)
+    batch = {"waveform": x, "mask": mask}
+    plain = AudioVQVAE(tiny_config(), generator=torch.Generator().manual_seed(0)).train()
+    ramped = AudioVQVAE(tiny_config(si_snr_weight=0.5, si_snr_start=10, si_snr_ramp_steps=4)).train()
+    ramped.load_state_dict(plain.state_dict())
+    assert [ramped.si_snr_weight_at(step) for step in (9, 10, 11, 13, 14, 100)] == [0, 0.125, 0.25, 0.5, 0.5, 0.5]
+    loss_plain, _ = copy.deepcopy(plain).loss(batch, "main", 11)
+    loss_ramped, metrics = copy.deepcopy(ramped).loss(batch, "main", 11)
+    assert loss_ramped.item() == pytest.approx(loss_plain.item() + 0.25 * metrics["si_snr_loss"].item(), abs=1e-4)
+    with pytest.raises(ValueError, match="si_snr_ramp_steps"):
+        tiny_config(si_snr_ramp_steps=-1)
+
+
 def test_si_snr_with_a_cutoff_judges_only_the_band_below_it():
     t = torch.arange(800, dtype=torch.float64) / 8000  # whole periods of both tones
     low = torch.sin(2 * math.pi * 300 * t).float()

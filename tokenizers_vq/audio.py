@@ -108,6 +108,10 @@ class AudioVQVAEConfig:
     # reconstruction is nearly orthogonal to the clip and the term's gradient points nowhere useful
     # (BENCHMARKS.md, "-SI-SNR as a training loss does not help"); after a plain start it helps.
     si_snr_start: int = field(default=0, metadata=ADDED_LATER)
+    # > 0: from si_snr_start the term's weight rises linearly to si_snr_weight over this many steps.
+    # Switched on at once, the term blew the latents up 6.5-fold within 200 steps and cost 16 points of
+    # recognised reconstructions before it bought 0.1 dB; a 400-step ramp changed neither (BENCHMARKS.md).
+    si_snr_ramp_steps: int = field(default=0, metadata=ADDED_LATER)
     # > 0: the codec is asked for the input's band below this frequency only, and spends its bits there.
     # The waveform and SI-SNR terms (and a GAN's real clips) take the input low-passed here, so above it
     # they ask for quiet (the best a codec can do for SI-SNR where it cannot match the phase); the STFT
@@ -146,7 +150,8 @@ class AudioVQVAEConfig:
             raise ValueError("channels, sample_rate, hidden_channels and embedding_dim must be positive")
         for name in ("waveform_weight", "si_snr_weight", "si_snr_cutoff_hz", "target_cutoff_hz", "stft_weight",
                      "mel_weight", "gan_weight",
-                     "feature_matching_weight", "discriminator_start", "si_snr_start", "augment_max_delay"):
+                     "feature_matching_weight", "discriminator_start", "si_snr_start", "si_snr_ramp_steps",
+                     "augment_max_delay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.target_cutoff_hz >= self.sample_rate / 2:
@@ -407,6 +412,15 @@ class AudioVQVAE(PretrainedTokenizer, nn.Module):
             return self._discriminator_loss(waveform, target, mask)
         return self._reconstruction_loss(waveform, target, mask, step)
 
+    def si_snr_weight_at(self, step: int) -> float:
+        """The SI-SNR term's weight at an optimizer step: 0 before its start, then ramped, then si_snr_weight."""
+        config = self.config
+        if step < config.si_snr_start:
+            return 0.0
+        if config.si_snr_ramp_steps == 0:
+            return config.si_snr_weight
+        return config.si_snr_weight * min(1.0, (step - config.si_snr_start + 1) / config.si_snr_ramp_steps)
+
     def _spectral_losses(self, reconstruction: Tensor, target: Tensor, mask: Tensor) -> dict[str, Tensor]:
         config = self.config
         zero = reconstruction.new_zeros((), dtype=torch.float32)
@@ -435,7 +449,7 @@ class AudioVQVAE(PretrainedTokenizer, nn.Module):
         total = (config.waveform_weight * losses["waveform_loss"] + config.stft_weight * losses["stft_loss"]
                  + config.mel_weight * losses["mel_loss"] + aux_loss)
         if step >= config.si_snr_start:  # before it the term is only logged
-            total = total + config.si_snr_weight * losses["si_snr_loss"]
+            total = total + self.si_snr_weight_at(step) * losses["si_snr_loss"]
         metrics = {name: value.detach() for name, value in losses.items()}
         if self.use_gan:
             # Before the start the GAN terms are absent, but logged as 0 so every step has the same keys.
