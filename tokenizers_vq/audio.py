@@ -448,8 +448,9 @@ class AudioVQVAE(PretrainedTokenizer, nn.Module):
         losses = self._spectral_losses(reconstruction, target, mask)
         total = (config.waveform_weight * losses["waveform_loss"] + config.stft_weight * losses["stft_loss"]
                  + config.mel_weight * losses["mel_loss"] + aux_loss)
-        if step >= config.si_snr_start:  # before it the term is only logged
-            total = total + self.si_snr_weight_at(step) * losses["si_snr_loss"]
+        si_snr_weight = self.si_snr_weight_at(step)
+        if si_snr_weight > 0:  # before its start the term is only logged
+            total = total + si_snr_weight * losses["si_snr_loss"]
         metrics = {name: value.detach() for name, value in losses.items()}
         if self.use_gan:
             # Before the start the GAN terms are absent, but logged as 0 so every step has the same keys.
