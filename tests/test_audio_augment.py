@@ -7,7 +7,7 @@ import torch
 
 from tests.test_audio_tokenizer import audio, tiny_config
 from tokenizers_vq.audio import AudioVQVAE
-from tokenizers_vq.audio_augment import augment_waveforms, random_delay, random_polarity, random_speed
+from tokenizers_vq.audio_augment import augment_waveforms, pack_clips, random_delay, random_polarity, random_speed
 
 
 def clips_and_mask(length=400, lengths=(300, 400, 150, 250)):
@@ -85,3 +85,31 @@ def test_the_tokenizer_augments_in_training_only():
         tiny_config(augment_max_speed_change=0.7)
     with pytest.raises(ValueError, match="augment_max_delay"):
         tiny_config(augment_max_delay=-1)
+
+
+def test_packing_lays_the_real_samples_end_to_end_in_as_few_windows_as_hold_them():
+    x, mask = clips_and_mask(lengths=(300, 400, 150, 250))  # 1100 real samples in 4 windows of 400
+    noisy = x + 5.0 * ~mask[:, None]  # padding holding junk must not be packed
+    packed, packed_mask = pack_clips(noisy, mask)
+    assert packed.shape == (3, 1, 400) and packed_mask.shape == (3, 400)
+    stream = torch.cat([clip[:, :length] for clip, length in zip(x, (300, 400, 150, 250))], dim=-1)
+    assert torch.equal(packed.permute(1, 0, 2).reshape(1, -1)[:, :1100], stream)
+    assert int(packed_mask.sum()) == 1100 and packed_mask.flatten()[:1100].all()
+    assert not packed.flatten()[1100:].any()
+    silent, silent_mask = pack_clips(x, torch.zeros_like(mask))
+    assert silent.shape == (1, 1, 400) and not silent_mask.any()
+
+
+def test_the_tokenizer_packs_its_training_batches_only_when_asked():
+    model = AudioVQVAE(tiny_config(pack_clips=True), generator=torch.Generator().manual_seed(0))
+    plain = AudioVQVAE(tiny_config(), generator=torch.Generator().manual_seed(0))
+    plain.load_state_dict(model.state_dict())
+    x = audio(length=800, batch=4)
+    mask = torch.arange(800)[None, :] < torch.tensor([800, 320, 480, 160])[:, None]
+    batch = {"waveform": x * mask[:, None], "mask": mask}
+    windows, windows_mask = pack_clips(x, mask)
+    assert len(windows) == 3
+    packed_loss = copy.deepcopy(model).train().loss(batch, "main", 0)[0]
+    assert packed_loss == copy.deepcopy(plain).train().loss({"waveform": windows, "mask": windows_mask}, "main", 0)[0]
+    assert packed_loss != copy.deepcopy(plain).train().loss(batch, "main", 0)[0]
+    assert copy.deepcopy(model).eval().loss(batch, "main", 0)[0] == copy.deepcopy(plain).eval().loss(batch, "main", 0)[0]

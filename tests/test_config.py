@@ -128,13 +128,14 @@ def test_a_field_added_later_stays_out_of_fingerprints_at_its_default():
     from tokenizers_vq.audio import AudioVQVAEConfig
 
     config = AudioVQVAEConfig()
-    added_later = {"target_cutoff_hz", "si_snr_start", "si_snr_ramp_steps"}
+    added_later = {"target_cutoff_hz", "si_snr_start", "si_snr_ramp_steps", "pack_clips"}
     older = {name: value for name, value in dataclasses.asdict(config).items() if name not in added_later}
     del older["quantizer"]["quantizer"]["rotation_trick"]  # added later to the quantizer's own config
     assert fingerprint("tokenizer", config) == fingerprint("tokenizer", older)  # runs from before keep their stages
     assert fingerprint("tokenizer", dataclasses.replace(config, target_cutoff_hz=2000.0)) != fingerprint("tokenizer", older)
     assert fingerprint("tokenizer", dataclasses.replace(config, si_snr_start=100)) != fingerprint("tokenizer", older)
     assert fingerprint("tokenizer", dataclasses.replace(config, si_snr_ramp_steps=100)) != fingerprint("tokenizer", older)
+    assert fingerprint("tokenizer", dataclasses.replace(config, pack_clips=True)) != fingerprint("tokenizer", older)
     rotated = dataclasses.replace(config.quantizer, quantizer=dataclasses.replace(config.quantizer.quantizer,
                                                                                  rotation_trick=True))
     assert fingerprint("tokenizer", dataclasses.replace(config, quantizer=rotated)) != fingerprint("tokenizer", older)

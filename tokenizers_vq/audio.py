@@ -27,7 +27,7 @@ from einops import rearrange, reduce
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from tokenizers_vq.audio_augment import augment_waveforms
+from tokenizers_vq.audio_augment import augment_waveforms, pack_clips
 from tokenizers_vq.audio_losses import low_pass, mel_filterbank, mel_loss, masked_l1, multi_resolution_stft_loss, si_snr
 from tokenizers_vq.checkpoint import PretrainedTokenizer
 from tokenizers_vq.losses import GAN_LOSSES, discriminator_loss, generator_loss
@@ -135,6 +135,10 @@ class AudioVQVAEConfig:
     augment_polarity: bool = False
     augment_max_delay: int = 0
     augment_max_speed_change: float = 0.0
+    # Lay each training batch's clips end to end in as few windows as hold their real samples
+    # (`audio_augment.pack_clips`): the same audio in fewer, fuller windows, so a step costs less where
+    # clips are shorter than the window. Raise tokenizer_training.batch_size to fill the step again.
+    pack_clips: bool = field(default=False, metadata=ADDED_LATER)
     # Fine-tune the decoder alone: the encoder and codebooks stay as loaded (`tokenizer_init`), so every
     # clip keeps its tokens and a prior trained on them still fits; only how tokens sound changes.
     train_decoder_only: bool = False
@@ -401,6 +405,8 @@ class AudioVQVAE(PretrainedTokenizer, nn.Module):
             config = self.config
             waveform, mask = augment_waveforms(waveform, mask, config.augment_polarity, config.augment_max_delay,
                                                config.augment_max_speed_change)
+            if config.pack_clips:
+                waveform, mask = pack_clips(waveform, mask)
         valid_phases = ("generator", "discriminator") if self.use_gan else ("main",)
         if phase not in valid_phases:
             raise ValueError(f"AudioVQVAE phases are {valid_phases} (gan_weight={self.config.gan_weight}); "

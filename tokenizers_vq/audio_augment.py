@@ -1,4 +1,4 @@
-"""Random waveform augmentation for training an audio tokenizer: polarity, delay and speed.
+"""Training batches of an audio tokenizer: random polarity, delay and speed, and packing.
 
 A codec trained long on a small set learns its clips: the FSDD codec of 7800 steps reconstructs
 its train clips at 9.0 dB SI-SNR and the test clips at 6.1 (BENCHMARKS.md). These transforms make
@@ -10,9 +10,15 @@ new clips from old ones without changing what a codec must do (give back its inp
   augmentation for speech recognition"), a new voice for a spoken-digit codec.
 Draws use torch's global generators (the batch's device; the CPU for the speed), which the
 training loop seeds every step, so a resumed run draws what it would have. Masks follow the samples: padding stays out.
+
+Packing (`pack_clips`) is not a transform of the speech but of the batch: short clips padded to a
+long window spend much of a step's compute on zeros (FSDD's clips fill 58% of a 0.75 s window), so
+their real samples are laid end to end in as few windows as hold them.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -70,3 +76,16 @@ def augment_waveforms(waveform: Tensor, mask: Tensor, polarity: bool = False, ma
     if polarity:
         waveform = random_polarity(waveform)
     return waveform, mask
+
+
+def pack_clips(waveform: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(b c t) clips and (b t) bool mask -> (w c t) windows and (w t) mask holding the clips' real samples
+    end to end, in batch order, w = ceil(real samples / t): a clip may run on into the next window, and
+    only the last window has padding. One window of padding when no sample is real."""
+    _, channels, length = waveform.shape
+    stream = rearrange(waveform, "b c t -> c (b t)")[:, rearrange(mask, "b t -> (b t)")]
+    real = stream.shape[-1]
+    windows = max(1, math.ceil(real / length))
+    packed = rearrange(F.pad(stream, (0, windows * length - real)), "c (w t) -> w c t", t=length)
+    packed_mask = rearrange(torch.arange(windows * length, device=mask.device) < real, "(w t) -> w t", t=length)
+    return packed, packed_mask
