@@ -96,6 +96,9 @@ def test_packing_lays_the_real_samples_end_to_end_in_as_few_windows_as_hold_them
     assert torch.equal(packed.permute(1, 0, 2).reshape(1, -1)[:, :1100], stream)
     assert int(packed_mask.sum()) == 1100 and packed_mask.flatten()[:1100].all()
     assert not packed.flatten()[1100:].any()
+    stereo, stereo_mask = pack_clips(torch.cat([x, -x], dim=1), mask)  # channels stay aligned
+    assert torch.equal(stereo[:, 0], packed[:, 0]) and torch.equal(stereo[:, 1], -packed[:, 0])
+    assert torch.equal(stereo_mask, packed_mask)
     silent, silent_mask = pack_clips(x, torch.zeros_like(mask))
     assert silent.shape == (1, 1, 400) and not silent_mask.any()
 

@@ -82,7 +82,7 @@ def pack_clips(waveform: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """(b c t) clips and (b t) bool mask -> (w c t) windows and (w t) mask holding the clips' real samples
     end to end, in batch order, w = ceil(real samples / t): a clip may run on into the next window, and
     only the last window has padding. One window of padding when no sample is real."""
-    _, channels, length = waveform.shape
+    length = waveform.shape[-1]
     stream = rearrange(waveform, "b c t -> c (b t)")[:, rearrange(mask, "b t -> (b t)")]
     real = stream.shape[-1]
     windows = max(1, math.ceil(real / length))
