@@ -154,6 +154,31 @@ def test_save_and_load_give_identical_outputs(tmp_path, gan):
     assert torch.equal(loaded.decode(tokens), model.decode(tokens))
 
 
+def test_a_wider_decoder_widens_only_the_decoder_and_survives_save_and_load(tmp_path):
+    def widths(net):
+        return {module.out_channels for module in net.modules() if isinstance(module, nn.Conv1d)}
+
+    symmetric = AudioVQVAE(tiny_config())
+    model = AudioVQVAE(tiny_config(decoder_hidden_channels=6))
+    assert widths(model.encoder) == widths(symmetric.encoder) == {4, 8, 16}  # embedding_dim 8 among them
+    assert widths(model.decoder) == {1, 6, 12, 24} and widths(symmetric.decoder) == {1, 4, 8, 16}
+    x = audio(length=640)
+    assert model(x)[0].shape == x.shape
+    assert model.decoder_reach_frames == symmetric.decoder_reach_frames  # widths do not change the reach
+    model.eval().save_pretrained(tmp_path)
+    loaded = AudioVQVAE.from_pretrained(tmp_path)
+    assert loaded.config.decoder_hidden_channels == 6
+    assert torch.equal(loaded.decode(loaded.encode(x)), model.decode(model.encode(x)))
+    with pytest.raises(ValueError, match="decoder_hidden_channels"):
+        tiny_config(decoder_hidden_channels=-1)
+
+
+def test_a_config_saved_before_decoder_hidden_channels_loads_symmetric():
+    data = dataclasses.asdict(tiny_config())
+    del data["decoder_hidden_channels"]
+    assert AudioVQVAEConfig.from_dict(data).decoder_hidden_channels == 0
+
+
 def test_snake_codec_saves_its_learned_alphas(tmp_path):
     model = AudioVQVAE(tiny_config(activation="snake")).eval()
     snakes = [module for module in model.modules() if isinstance(module, Snake1d)]

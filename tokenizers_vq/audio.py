@@ -1,4 +1,4 @@
-"""Audio VQ-VAE tokenizer: strided 1-D conv encoder, (residual) vector quantizer, mirrored decoder.
+"""Audio VQ-VAE tokenizer: strided 1-D conv encoder, (residual) vector quantizer, mirrored decoder (optionally wider).
 
 Implements the codec of Zeghidour et al. 2021 ("SoundStream: An End-to-End Neural Audio Codec")
 in EnCodec's training recipe (Defossez et al. 2022, "High Fidelity Neural Audio Compression"): a
@@ -91,6 +91,10 @@ class AudioVQVAEConfig:
     channels: int = 1
     sample_rate: int = 8000  # used by the mel loss and to turn seconds into samples
     hidden_channels: int = 32  # doubled after every stride
+    # > 0: the decoder's width at full rate, in place of hidden_channels (doubled towards the latent as
+    # the encoder's is). DAC's decoder is wider than its encoder (Kumar et al. 2023: 64 channels in, 1536
+    # at the decoder's latent end); turning tokens back into a waveform is the harder half of the codec.
+    decoder_hidden_channels: int = field(default=0, metadata=ADDED_LATER)
     strides: tuple[int, ...] = (4, 4, 5)  # hop = 80 samples -> 100 frames/s at 8 kHz
     embedding_dim: int = 64
     weight_norm: bool = True
@@ -155,7 +159,7 @@ class AudioVQVAEConfig:
         for name in ("waveform_weight", "si_snr_weight", "si_snr_cutoff_hz", "target_cutoff_hz", "stft_weight",
                      "mel_weight", "gan_weight",
                      "feature_matching_weight", "discriminator_start", "si_snr_start", "si_snr_ramp_steps",
-                     "augment_max_delay"):
+                     "augment_max_delay", "decoder_hidden_channels"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.target_cutoff_hz >= self.sample_rate / 2:
@@ -198,11 +202,12 @@ class AudioVQVAE(PretrainedTokenizer, nn.Module):
     def __init__(self, config: AudioVQVAEConfig, generator: torch.Generator | None = None):
         super().__init__()
         self.config = config
-        sizes = dict(hidden_channels=config.hidden_channels, strides=config.strides, weight_norm=config.weight_norm,
-                     activation=config.activation)
-        self.encoder = Encoder1d(in_channels=config.channels, out_channels=config.embedding_dim, **sizes)
+        sizes = dict(strides=config.strides, weight_norm=config.weight_norm, activation=config.activation)
+        self.encoder = Encoder1d(in_channels=config.channels, out_channels=config.embedding_dim,
+                                 hidden_channels=config.hidden_channels, **sizes)
         self.quantizer = build_quantizer(config.quantizer, config.embedding_dim)
-        self.decoder = Decoder1d(in_channels=config.embedding_dim, out_channels=config.channels, **sizes)
+        self.decoder = Decoder1d(in_channels=config.embedding_dim, out_channels=config.channels,
+                                 hidden_channels=config.decoder_hidden_channels or config.hidden_channels, **sizes)
         if config.train_decoder_only:  # no gradient reaches them: DDP must not wait for one
             self.encoder.requires_grad_(False)
             self.quantizer.requires_grad_(False)
