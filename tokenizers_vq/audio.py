@@ -93,7 +93,7 @@ class AudioVQVAEConfig:
     hidden_channels: int = 32  # doubled after every stride
     # > 0: the decoder's width at full rate, in place of hidden_channels (doubled towards the latent as
     # the encoder's is). DAC's decoder is wider than its encoder (Kumar et al. 2023: 64 channels in, 1536
-    # at the decoder's latent end); turning tokens back into a waveform is the harder half of the codec.
+    # at the decoder's latent end); for 24 against 16 on the FSDD CPU recipe see BENCHMARKS.md.
     decoder_hidden_channels: int = field(default=0, metadata=ADDED_LATER)
     strides: tuple[int, ...] = (4, 4, 5)  # hop = 80 samples -> 100 frames/s at 8 kHz
     embedding_dim: int = 64
