@@ -96,7 +96,7 @@ def bench(config_path: str, device: torch.device, batch_size: int, repeats: int,
     os.environ.pop(conv1d.FUSED_SNAKE_ENV, None)
     return {
         "config": config_path, "overrides": list(overrides), "hidden_channels": tokenizer_config.hidden_channels,
-        "decoder_hidden_channels": tokenizer_config.decoder_hidden_channels or tokenizer_config.hidden_channels,
+        "decoder_hidden_channels": tokenizer_config.decoder_width,
         "activation": tokenizer_config.activation, "batch_size": batch_size, "clip_seconds": clip_seconds,
         "dtype": "bfloat16 autocast" if cuda else "float32", "repeats": repeats,
         **rows,

@@ -185,6 +185,11 @@ class AudioVQVAEConfig:
     def hop_length(self) -> int:
         return hop_length(self.strides)
 
+    @property
+    def decoder_width(self) -> int:
+        """The decoder's channels at full rate: decoder_hidden_channels, or hidden_channels when it is 0."""
+        return self.decoder_hidden_channels or self.hidden_channels
+
     @classmethod
     def from_dict(cls, data: dict) -> "AudioVQVAEConfig":
         return config_from_dict(cls, data)
@@ -207,7 +212,7 @@ class AudioVQVAE(PretrainedTokenizer, nn.Module):
                                  hidden_channels=config.hidden_channels, **sizes)
         self.quantizer = build_quantizer(config.quantizer, config.embedding_dim)
         self.decoder = Decoder1d(in_channels=config.embedding_dim, out_channels=config.channels,
-                                 hidden_channels=config.decoder_hidden_channels or config.hidden_channels, **sizes)
+                                 hidden_channels=config.decoder_width, **sizes)
         if config.train_decoder_only:  # no gradient reaches them: DDP must not wait for one
             self.encoder.requires_grad_(False)
             self.quantizer.requires_grad_(False)
