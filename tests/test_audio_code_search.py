@@ -93,10 +93,11 @@ def test_a_rate_term_trades_error_for_bits():
     assert torch.equal(unweighted.codes, plain.codes)
 
 
-def test_the_decoders_reach_bounds_what_one_code_changes():
+@pytest.mark.parametrize("latent_dilations", [(), (1, 3)])
+def test_the_decoders_reach_bounds_what_one_code_changes(latent_dilations):
     """`decoder_reach_frames` is worked out from the layers; a code changed at frame f must leave every
     decoded sample outside frames f - reach .. f + reach as it was, and reach that far on some side."""
-    codec = tiny_codec()
+    codec = tiny_codec(decoder_latent_dilations=latent_dilations)
     reach, hop = codec.decoder_reach_frames, codec.hop_length
     codes = torch.randint(0, 16, (4, 120, 2), generator=torch.Generator().manual_seed(0))
     changed = codes.clone()

@@ -179,6 +179,30 @@ def test_a_config_saved_before_decoder_hidden_channels_loads_symmetric():
     assert AudioVQVAEConfig.from_dict(data).decoder_hidden_channels == 0
 
 
+def test_latent_residual_units_widen_the_context_by_six_frames_a_dilation_and_keep_chunking_exact(tmp_path):
+    plain = AudioVQVAE(tiny_config())
+    torch.manual_seed(0)
+    model = AudioVQVAE(tiny_config(encoder_latent_dilations=(1, 3), decoder_latent_dilations=(1, 2))).eval()
+    hop = model.hop_length
+    # each unit's 7-tap convolution of dilation d sees 6 d more frames: 3 d each side
+    assert model.receptive_field == plain.receptive_field + 6 * (1 + 3) * hop
+    assert model.decoder_reach_frames == plain.decoder_reach_frames + 3 * (1 + 2)
+    x = audio(batch=1, length=3001, seed=3)
+    whole = model.encode(x)
+    assert torch.equal(model.encode_chunked(x, chunk_samples=400), whole)  # the default overlap still suffices
+    torch.testing.assert_close(model.decode_chunked(whole, chunk_frames=64, length=3001),
+                               model.decode(whole, length=3001), atol=1e-5, rtol=0)
+    model.save_pretrained(tmp_path)
+    loaded = AudioVQVAE.from_pretrained(tmp_path)
+    assert loaded.config.encoder_latent_dilations == (1, 3) and loaded.config.decoder_latent_dilations == (1, 2)
+    assert torch.equal(loaded.decode(loaded.encode(x)), model.decode(whole))
+    data = dataclasses.asdict(tiny_config())
+    del data["encoder_latent_dilations"], data["decoder_latent_dilations"]  # a config saved before them
+    assert AudioVQVAEConfig.from_dict(data).decoder_latent_dilations == ()
+    with pytest.raises(ValueError, match="latent dilations"):
+        tiny_config(decoder_latent_dilations=(0,))
+
+
 def test_snake_codec_saves_its_learned_alphas(tmp_path):
     model = AudioVQVAE(tiny_config(activation="snake")).eval()
     snakes = [module for module in model.modules() if isinstance(module, Snake1d)]

@@ -128,7 +128,8 @@ def test_a_field_added_later_stays_out_of_fingerprints_at_its_default():
     from tokenizers_vq.audio import AudioVQVAEConfig
 
     config = AudioVQVAEConfig()
-    added_later = {"target_cutoff_hz", "si_snr_start", "si_snr_ramp_steps", "pack_clips", "decoder_hidden_channels"}
+    added_later = {"target_cutoff_hz", "si_snr_start", "si_snr_ramp_steps", "pack_clips", "decoder_hidden_channels",
+                   "encoder_latent_dilations", "decoder_latent_dilations"}
     older = {name: value for name, value in dataclasses.asdict(config).items() if name not in added_later}
     del older["quantizer"]["quantizer"]["rotation_trick"]  # added later to the quantizer's own config
     assert fingerprint("tokenizer", config) == fingerprint("tokenizer", older)  # runs from before keep their stages
@@ -138,6 +139,8 @@ def test_a_field_added_later_stays_out_of_fingerprints_at_its_default():
     assert fingerprint("tokenizer", dataclasses.replace(config, pack_clips=True)) != fingerprint("tokenizer", older)
     wider = dataclasses.replace(config, decoder_hidden_channels=48)
     assert fingerprint("tokenizer", wider) != fingerprint("tokenizer", older)
+    for name in ("encoder_latent_dilations", "decoder_latent_dilations"):
+        assert fingerprint("tokenizer", dataclasses.replace(config, **{name: (1, 3)})) != fingerprint("tokenizer", older)
     rotated = dataclasses.replace(config.quantizer, quantizer=dataclasses.replace(config.quantizer.quantizer,
                                                                                  rotation_trick=True))
     assert fingerprint("tokenizer", dataclasses.replace(config, quantizer=rotated)) != fingerprint("tokenizer", older)

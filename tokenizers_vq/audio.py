@@ -36,7 +36,7 @@ from tokenizers_vq.nets.audio_discriminators import (
     build_audio_discriminator,
     feature_matching_loss,
 )
-from tokenizers_vq.nets.conv1d import ACTIVATIONS, Decoder1d, Encoder1d, check_strides, hop_length
+from tokenizers_vq.nets.conv1d import ACTIVATIONS, Decoder1d, Encoder1d, check_dilations, check_strides, hop_length
 from tokenizers_vq.quantizers import QUANTIZERS, QuantizerConfig, ResidualVQConfig, VQConfig, build_quantizer
 from tokenizers_vq.quantizers.base import ADDED_LATER, config_from_dict
 
@@ -96,6 +96,12 @@ class AudioVQVAEConfig:
     # at the decoder's latent end); for 24 against 16 on the FSDD CPU recipe see BENCHMARKS.md.
     decoder_hidden_channels: int = field(default=0, metadata=ADDED_LATER)
     strides: tuple[int, ...] = (4, 4, 5)  # hop = 80 samples -> 100 frames/s at 8 kHz
+    # Dilations of residual units added at the latent frame rate, at the encoder's end and the decoder's
+    # start (nets/conv1d.py): context across frames, which EnCodec gets from an LSTM and low-rate codecs
+    # lean on. Each unit keeps the receptive field finite (6 x dilation frames wider), so chunking still
+    # holds. (1, 3, 9) at 200 frames/s widens it by 78 frames (0.39 s); see BENCHMARKS.md.
+    encoder_latent_dilations: tuple[int, ...] = field(default=(), metadata=ADDED_LATER)
+    decoder_latent_dilations: tuple[int, ...] = field(default=(), metadata=ADDED_LATER)
     embedding_dim: int = 64
     weight_norm: bool = True
     activation: str = "elu"  # or "snake" (DAC's periodic activation; nets/conv1d.py)
@@ -148,10 +154,12 @@ class AudioVQVAEConfig:
     train_decoder_only: bool = False
 
     def __post_init__(self):
-        for name in ("strides", "stft_fft_sizes"):
+        for name in ("strides", "stft_fft_sizes", "encoder_latent_dilations", "decoder_latent_dilations"):
             if isinstance(getattr(self, name), list):  # tolerate JSON/TOML lists in direct construction
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         check_strides(self.strides)
+        check_dilations(self.encoder_latent_dilations)
+        check_dilations(self.decoder_latent_dilations)
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if min(self.channels, self.sample_rate, self.hidden_channels, self.embedding_dim) < 1:
@@ -209,10 +217,12 @@ class AudioVQVAE(PretrainedTokenizer, nn.Module):
         self.config = config
         sizes = dict(strides=config.strides, weight_norm=config.weight_norm, activation=config.activation)
         self.encoder = Encoder1d(in_channels=config.channels, out_channels=config.embedding_dim,
-                                 hidden_channels=config.hidden_channels, **sizes)
+                                 hidden_channels=config.hidden_channels,
+                                 latent_dilations=config.encoder_latent_dilations, **sizes)
         self.quantizer = build_quantizer(config.quantizer, config.embedding_dim)
         self.decoder = Decoder1d(in_channels=config.embedding_dim, out_channels=config.channels,
-                                 hidden_channels=config.decoder_width, **sizes)
+                                 hidden_channels=config.decoder_width,
+                                 latent_dilations=config.decoder_latent_dilations, **sizes)
         if config.train_decoder_only:  # no gradient reaches them: DDP must not wait for one
             self.encoder.requires_grad_(False)
             self.quantizer.requires_grad_(False)

@@ -8,7 +8,9 @@ of kernel 2*stride that doubles the channels; an ELU and a 7-tap convolution to 
 close it. The hop (samples per latent frame) is the product of the strides. The decoder mirrors it
 with transposed convolutions of kernel 2*stride. Departures from EnCodec: non-causal (centred)
 padding with zeros only, and no LSTM, so that the encoder is a pure convolution with a finite
-receptive field (`receptive_field`), which is what chunked encoding relies on. Inputs must have
+receptive field (`receptive_field`), which is what chunked encoding relies on. For the context an LSTM
+gives, `latent_dilations` adds residual units at the latent frame rate (after the encoder's last
+downsampling, before the decoder's first upsampling): a unit of dilation d sees 6d frames more. Inputs must have
 a length divisible by the hop (the tokenizer pads and trims); then the encoder gives exactly
 t / hop frames and the decoder exactly frames * hop samples. Weight normalisation (Salimans &
 Kingma 2016), as in both codecs, is optional. So is the activation: ELU as in SEANet, or Snake,
@@ -133,6 +135,11 @@ def check_strides(strides: Sequence[int]) -> None:
         raise ValueError(f"strides must be a non-empty tuple of positive ints, got {strides}")
 
 
+def check_dilations(dilations: Sequence[int]) -> None:
+    if any(int(dilation) != dilation or dilation < 1 for dilation in dilations):
+        raise ValueError(f"latent dilations must be positive ints, got {tuple(dilations)}")
+
+
 class ResidualUnit1d(nn.Module):
     """x + conv1x1(act(conv7_dilated(act(x)))), channels unchanged (SoundStream's residual unit)."""
 
@@ -184,9 +191,10 @@ class Encoder1d(nn.Module):
     """(b in_channels t) -> (b out_channels t / hop), hop = prod(strides), for t divisible by hop."""
 
     def __init__(self, in_channels: int, hidden_channels: int, strides: Sequence[int], out_channels: int,
-                 weight_norm: bool = True, activation: str = "elu"):
+                 weight_norm: bool = True, activation: str = "elu", latent_dilations: Sequence[int] = ()):
         super().__init__()
         check_strides(strides)
+        check_dilations(latent_dilations)
         if hidden_channels < 1 or in_channels < 1 or out_channels < 1:
             raise ValueError("in_channels, hidden_channels and out_channels must be positive")
         self.hop_length = hop_length(strides)
@@ -198,6 +206,7 @@ class Encoder1d(nn.Module):
             layers += [ResidualUnit1d(channels, dilation, weight_norm, activation) for dilation in DILATIONS]
             layers += [make_activation(activation, channels), Downsample1d(channels, 2 * channels, stride, weight_norm)]
             channels *= 2
+        layers += [ResidualUnit1d(channels, dilation, weight_norm, activation) for dilation in latent_dilations]
         layers += [
             make_activation(activation, channels),
             _maybe_weight_norm(nn.Conv1d(channels, out_channels, KERNEL_SIZE, padding=KERNEL_SIZE // 2), weight_norm),
@@ -215,14 +224,16 @@ class Decoder1d(nn.Module):
     """(b in_channels frames) -> (b out_channels frames * hop): the encoder's mirror image."""
 
     def __init__(self, in_channels: int, hidden_channels: int, strides: Sequence[int], out_channels: int,
-                 weight_norm: bool = True, activation: str = "elu"):
+                 weight_norm: bool = True, activation: str = "elu", latent_dilations: Sequence[int] = ()):
         super().__init__()
         check_strides(strides)
+        check_dilations(latent_dilations)
         self.hop_length = hop_length(strides)
         channels = hidden_channels * 2 ** len(strides)
         layers: list[nn.Module] = [
             _maybe_weight_norm(nn.Conv1d(in_channels, channels, KERNEL_SIZE, padding=KERNEL_SIZE // 2), weight_norm)
         ]
+        layers += [ResidualUnit1d(channels, dilation, weight_norm, activation) for dilation in latent_dilations]
         for stride in reversed(strides):
             layers += [make_activation(activation, channels), Upsample1d(channels, channels // 2, stride, weight_norm)]
             channels //= 2
