@@ -8,12 +8,12 @@ of kernel 2*stride that doubles the channels; an ELU and a 7-tap convolution to 
 close it. The hop (samples per latent frame) is the product of the strides. The decoder mirrors it
 with transposed convolutions of kernel 2*stride. Departures from EnCodec: non-causal (centred)
 padding with zeros only, and no LSTM, so that the encoder is a pure convolution with a finite
-receptive field (`receptive_field`), which is what chunked encoding relies on. For the context an LSTM
-gives, `latent_dilations` adds residual units at the latent frame rate (after the encoder's last
-downsampling, before the decoder's first upsampling): a unit of dilation d sees 6d frames more. Inputs must have
-a length divisible by the hop (the tokenizer pads and trims); then the encoder gives exactly
-t / hop frames and the decoder exactly frames * hop samples. Weight normalisation (Salimans &
-Kingma 2016), as in both codecs, is optional. So is the activation: ELU as in SEANet, or Snake,
+receptive field (`receptive_field`), which is what chunked encoding relies on. For the context an
+LSTM gives, `latent_dilations` adds residual units at the latent frame rate (after the encoder's last
+downsampling, before the decoder's first upsampling): a unit of dilation d sees 6d frames more.
+Inputs must have a length divisible by the hop (the tokenizer pads and trims); then the encoder
+gives exactly t / hop frames and the decoder exactly frames * hop samples. Weight normalisation
+(Salimans & Kingma 2016), as in both codecs, is optional. So is the activation: ELU as in SEANet, or Snake,
 x + sin^2(alpha x) / alpha with a learned alpha per channel (Ziyin et al. 2020; used by BigVGAN and
 DAC, Kumar et al. 2023, "High-Fidelity Audio Compression with Improved RVQGAN"), whose periodic
 bias suits the periodic waveforms of voiced speech.
