@@ -158,6 +158,16 @@ class ResidualUnit1d(nn.Module):
         return x + self.residual(x)
 
 
+def residual_units(channels: int, dilations: Sequence[int], weight_norm: bool, activation: str) -> list[nn.Module]:
+    """One ResidualUnit1d per dilation, in order: a stack whose context grows with each unit."""
+    return [ResidualUnit1d(channels, dilation, weight_norm, activation) for dilation in dilations]
+
+
+def _same_length_conv(in_channels: int, out_channels: int, weight_norm: bool) -> nn.Module:
+    """The codec's input and output convs: kernel KERNEL_SIZE, padded so the length is kept."""
+    return _maybe_weight_norm(nn.Conv1d(in_channels, out_channels, KERNEL_SIZE, padding=KERNEL_SIZE // 2), weight_norm)
+
+
 class Downsample1d(nn.Module):
     """Conv of kernel 2s, stride s, padded (ceil(s/2), floor(s/2)): t -> t / s exactly when s divides t."""
 
@@ -199,18 +209,13 @@ class Encoder1d(nn.Module):
             raise ValueError("in_channels, hidden_channels and out_channels must be positive")
         self.hop_length = hop_length(strides)
         channels = hidden_channels
-        layers: list[nn.Module] = [
-            _maybe_weight_norm(nn.Conv1d(in_channels, channels, KERNEL_SIZE, padding=KERNEL_SIZE // 2), weight_norm)
-        ]
+        layers: list[nn.Module] = [_same_length_conv(in_channels, channels, weight_norm)]
         for stride in strides:
-            layers += [ResidualUnit1d(channels, dilation, weight_norm, activation) for dilation in DILATIONS]
+            layers += residual_units(channels, DILATIONS, weight_norm, activation)
             layers += [make_activation(activation, channels), Downsample1d(channels, 2 * channels, stride, weight_norm)]
             channels *= 2
-        layers += [ResidualUnit1d(channels, dilation, weight_norm, activation) for dilation in latent_dilations]
-        layers += [
-            make_activation(activation, channels),
-            _maybe_weight_norm(nn.Conv1d(channels, out_channels, KERNEL_SIZE, padding=KERNEL_SIZE // 2), weight_norm),
-        ]
+        layers += residual_units(channels, latent_dilations, weight_norm, activation)
+        layers += [make_activation(activation, channels), _same_length_conv(channels, out_channels, weight_norm)]
         self.layers = nn.Sequential(*layers)
         self.receptive_field = receptive_field(self.layers)
 
@@ -230,18 +235,13 @@ class Decoder1d(nn.Module):
         check_dilations(latent_dilations)
         self.hop_length = hop_length(strides)
         channels = hidden_channels * 2 ** len(strides)
-        layers: list[nn.Module] = [
-            _maybe_weight_norm(nn.Conv1d(in_channels, channels, KERNEL_SIZE, padding=KERNEL_SIZE // 2), weight_norm)
-        ]
-        layers += [ResidualUnit1d(channels, dilation, weight_norm, activation) for dilation in latent_dilations]
+        layers: list[nn.Module] = [_same_length_conv(in_channels, channels, weight_norm)]
+        layers += residual_units(channels, latent_dilations, weight_norm, activation)
         for stride in reversed(strides):
             layers += [make_activation(activation, channels), Upsample1d(channels, channels // 2, stride, weight_norm)]
             channels //= 2
-            layers += [ResidualUnit1d(channels, dilation, weight_norm, activation) for dilation in DILATIONS]
-        layers += [
-            make_activation(activation, channels),
-            _maybe_weight_norm(nn.Conv1d(channels, out_channels, KERNEL_SIZE, padding=KERNEL_SIZE // 2), weight_norm),
-        ]
+            layers += residual_units(channels, DILATIONS, weight_norm, activation)
+        layers += [make_activation(activation, channels), _same_length_conv(channels, out_channels, weight_norm)]
         self.layers = nn.Sequential(*layers)
         self.reach_frames = decoder_reach_frames(self.layers, self.hop_length)
 
