@@ -10,6 +10,10 @@ and what the run's prior would spend on the codes (its NLL, in bits per second a
 entropy-coded rate to within about 1%, BENCHMARKS.md). The search minimises squared waveform error
 (plus `--rate-weight` x the prior's bits, if given), so what it does to the classifier and to the
 prior is measured, not assumed.
+
+`--codes FILE` keeps the searched codes (safetensors) after every sweep; run again with the same file and a
+larger `--sweeps` and the search goes on from the sweeps it holds, as each sweep starts from the last one's
+codes anyway.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from pipelines import audio_eval, layouts
 from pipelines.audio_data import load_audio_dataset, lengths_to_mask
@@ -67,7 +72,22 @@ def prior_bits(prior, manifest, lengths: torch.Tensor, codes: torch.Tensor, rows
         return -prior.log_prob(sequences, None, mask) / np.log(2.0)
 
 
-def main() -> None:
+def saved_sweeps(path: Path, chosen: np.ndarray, codes: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """The sweeps done and codes held by a `--codes` file of these clips; (0, codes) when there is none."""
+    if not path.exists():
+        return 0, codes
+    try:
+        held = load_file(str(path))
+        done = int(held["sweeps"])
+    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same message
+        raise SystemExit(f"{path}: not a code-search codes file ({error})") from None
+    if not torch.equal(held["clips"], torch.from_numpy(chosen)) or held["codes"].shape != codes.shape:
+        raise SystemExit(f"{path}: holds codes of other clips or another codec (codes {tuple(held['codes'].shape)}, "
+                         f"{len(held['clips'])} clips; this search: {tuple(codes.shape)}, {len(chosen)} clips)")
+    return done, held["codes"].to(codes.dtype)
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="a finished audio run (tokenizer, tokens, prior, classifier)")
     parser.add_argument("--data", default=None, help="the run's audio data path, if it has moved")
@@ -79,7 +99,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="where the codec decodes its candidates (cuda on a GPU)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", default="")
-    args = parser.parse_args()
+    parser.add_argument("--codes", type=Path, default=None,
+                        help="safetensors file of the searched codes, written after every sweep; if it exists, "
+                             "the search goes on from it")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     config = resolved_run_config(args.run)
     data_config = config.audio_data if args.data is None else dataclasses.replace(config.audio_data, path=args.data)
@@ -108,7 +131,14 @@ def main() -> None:
     codes = search_codes(searcher, clips, lengths, sweeps=0).codes
     record["sweeps"]["0"] = figures = score(codes, *parts)
     report("encoder's codes", figures)
-    for sweep in range(1, args.sweeps + 1):  # one sweep at a time, each from the last one's codes
+    done = 0
+    if args.codes is not None:
+        done, codes = saved_sweeps(args.codes, chosen, codes)
+        if done:
+            record["resumed_from"] = {"codes": str(args.codes), "sweeps": done}
+            record["sweeps"][str(done)] = figures = score(codes, *parts)
+            report(f"{done} sweep(s), saved", figures)
+    for sweep in range(done + 1, args.sweeps + 1):  # one sweep at a time, each from the last one's codes
         started = time.perf_counter()
         result = search_codes(searcher, clips, lengths, args.candidates, 1, progress=True, initial=codes, rate=rate,
                               rate_weight=args.rate_weight)
@@ -118,6 +148,9 @@ def main() -> None:
         record["sweeps"][str(sweep)] = figures
         report(f"{sweep} sweep(s)", figures)
         save_record(record, args.out)  # kept after every sweep: a long search may be stopped
+        if args.codes is not None:
+            save_file({"codes": codes.contiguous(), "clips": torch.from_numpy(chosen),
+                       "sweeps": torch.tensor(sweep)}, str(args.codes))
     save_record(record, args.out)
 
 

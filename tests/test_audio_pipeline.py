@@ -458,6 +458,33 @@ def test_searched_codes_decode_closer_for_the_bits_the_coder_spends(audio_run, t
     assert float(bits.sum()) == pytest.approx(reports["weighed"]["ideal_bits"], rel=1e-4)
 
 
+def test_code_search_benchmark_goes_on_from_its_saved_codes(audio_run, tmp_path):
+    """`--codes` keeps the searched codes; a second call with more sweeps goes on from them and lands where
+    one uninterrupted search does, and codes of other clips are refused by name."""
+    from benchmarks.audio_code_search import main as code_search
+
+    run_dir, _ = audio_run
+    codes = tmp_path / "codes.safetensors"
+    common = [str(run_dir), "--clips", "4", "--candidates", "2", "--threads", "1"]
+    code_search([*common, "--sweeps", "1", "--codes", str(codes), "--out", str(tmp_path / "first.json")])
+    assert int(load_file(str(codes))["sweeps"]) == 1
+    code_search([*common, "--sweeps", "2", "--codes", str(codes), "--out", str(tmp_path / "resumed.json")])
+    code_search([*common, "--sweeps", "2", "--out", str(tmp_path / "straight.json")])
+    first, record, straight = (json.loads((tmp_path / f"{name}.json").read_text())
+                               for name in ("first", "resumed", "straight"))
+    first, resumed, straight = first["sweeps"], record["sweeps"], straight["sweeps"]
+    assert record["resumed_from"] == {"codes": str(codes), "sweeps": 1}
+    assert "sweep_seconds" not in resumed["1"] and "sweep_seconds" in resumed["2"]  # sweep 1 read, not searched
+    assert set(resumed) == {"0", "1", "2"} and int(load_file(str(codes))["sweeps"]) == 2
+    assert resumed["1"]["si_snr_db"] == pytest.approx(first["1"]["si_snr_db"])
+    assert resumed["2"]["si_snr_db"] == pytest.approx(straight["2"]["si_snr_db"])
+    with pytest.raises(SystemExit, match="codes.safetensors: holds codes of other clips"):
+        code_search([str(run_dir), "--clips", "3", "--sweeps", "3", "--codes", str(codes)])
+    (tmp_path / "torn.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(SystemExit, match="torn.safetensors: not a code-search codes file"):
+        code_search([*common, "--sweeps", "2", "--codes", str(tmp_path / "torn.safetensors")])
+
+
 def test_bad_code_search_settings_are_refused(audio_run, tmp_path):
     run_dir, _ = audio_run
     clip = write_prompt_clip(tmp_path / "c.wav", 0.1)
