@@ -78,13 +78,13 @@ def saved_sweeps(path: Path, chosen: np.ndarray, codes: torch.Tensor) -> tuple[i
         return 0, codes
     try:
         held = load_file(str(path))
-        done = int(held["sweeps"])
-    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same message
-        raise SystemExit(f"{path}: not a code-search codes file ({error})") from None
-    if not torch.equal(held["clips"], torch.from_numpy(chosen)) or held["codes"].shape != codes.shape:
-        raise SystemExit(f"{path}: holds codes of other clips or another codec (codes {tuple(held['codes'].shape)}, "
-                         f"{len(held['clips'])} clips; this search: {tuple(codes.shape)}, {len(chosen)} clips)")
-    return done, held["codes"].to(codes.dtype)
+        done, clips, saved = int(held["sweeps"]), held["clips"], held["codes"]
+    except Exception as error:  # noqa: BLE001 - an unreadable file or a missing tensor gets the same message
+        raise SystemExit(f"{path}: not a code-search codes file ({error!r})") from None
+    if not torch.equal(clips, torch.from_numpy(chosen)) or saved.shape != codes.shape:
+        raise SystemExit(f"{path}: holds codes of other clips or another codec (codes {tuple(saved.shape)}, "
+                         f"{len(clips)} clips; this search: {tuple(codes.shape)}, {len(chosen)} clips)")
+    return done, saved.to(codes.dtype)
 
 
 def main(argv: list[str] | None = None) -> None:
