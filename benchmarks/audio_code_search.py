@@ -33,10 +33,11 @@ from safetensors.torch import load_file, save_file
 from pipelines import audio_eval, layouts
 from pipelines.audio_data import load_audio_dataset, lengths_to_mask
 from pipelines.classifier import classifier_logits
+from pipelines.cpu_memory import keep_freed_memory
 from pipelines.prompting import resolved_run_config
 from pipelines.stages import load_matched_pair
 from pipelines.tokenset import frames_of
-from tokenizers_vq.audio_code_search import search_codes
+from tokenizers_vq.audio_code_search import CPU_DECODE_BATCH, DEVICE_DECODE_BATCH, search_codes
 
 try:
     from benchmarks.audio_codec_eval import machine, save_record
@@ -98,12 +99,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="> 0: judge candidates by squared error + this x the prior's bits (rate-distortion)")
     parser.add_argument("--device", default="cpu", help="where the codec decodes its candidates (cuda on a GPU)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="candidate windows decoded at once (default: 16 on the CPU, 256 elsewhere)")
     parser.add_argument("--out", default="")
     parser.add_argument("--codes", type=Path, default=None,
                         help="safetensors file of the searched codes, written after every sweep; if it exists, "
                              "the search goes on from it")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    keep_freed_memory()
+    batch_size = args.batch_size or (CPU_DECODE_BATCH if args.device == "cpu" else DEVICE_DECODE_BATCH)
     config = resolved_run_config(args.run)
     data_config = config.audio_data if args.data is None else dataclasses.replace(config.audio_data, path=args.data)
     tokenizer, prior, tokenset = load_matched_pair(args.run, "cpu")
@@ -119,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
                                 sample_rate=manifest.sample_rate)
     parts = (tokenizer, prior, manifest, clips, lengths, labels, judge)
     record = {"run": str(args.run), "machine": machine(args), "date": datetime.date.today().isoformat(),
-              "clips": len(chosen), "candidates": args.candidates, "rate_weight": args.rate_weight, "sweeps": {}}
+              "clips": len(chosen), "candidates": args.candidates, "batch_size": batch_size, "rate_weight": args.rate_weight,
+              "sweeps": {}}
     rate = partial(prior_bits, prior, manifest, lengths) if args.rate_weight > 0 else None
 
     def report(name: str, figures: dict) -> None:
@@ -141,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     for sweep in range(done + 1, args.sweeps + 1):  # one sweep at a time, each from the last one's codes
         started = time.perf_counter()
         result = search_codes(searcher, clips, lengths, args.candidates, 1, progress=True, initial=codes, rate=rate,
-                              rate_weight=args.rate_weight)
+                              rate_weight=args.rate_weight, batch_size=batch_size)
         seconds, codes = time.perf_counter() - started, result.codes
         figures = score(codes, *parts)
         figures.update(changed_positions=float(result.changed.float().mean()), sweep_seconds=seconds)

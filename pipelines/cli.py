@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def compress_command(args) -> Path:
     from pipelines.compression import compress_split
+    from pipelines.cpu_memory import keep_freed_memory
     from pipelines.file_compression import compress_files
     from pipelines.searched_encoding import CodeSearch
 
@@ -119,6 +120,8 @@ def compress_command(args) -> Path:
             search.check()
         except ValueError as error:
             raise SystemExit(f"tokgen compress: {error}") from None
+        if search.sweeps:
+            keep_freed_memory()  # the search decodes thousands of windows (pipelines/cpu_memory.py)
         path, report, quality = compress_files(args.run_dir, args.input, args.out, args.batch_size, search=search)
         record = dict(report.as_dict(), decoded=quality)
     path.with_suffix(".json").write_text(json.dumps(record, indent=2))

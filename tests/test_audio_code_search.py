@@ -62,6 +62,15 @@ def test_single_level_quantizers_are_searched_too(quantizer):
     assert torch.all(result.error <= result.start_error * (1 + 1e-5)) and int(result.changed.sum()) > 0
 
 
+def test_the_decode_batch_size_changes_nothing_but_speed():
+    codec, clips = tiny_codec(), tones(batch=5)
+    lengths = torch.tensor([400, 300, 250, 400, 120])
+    small = search_codes(codec, clips, lengths, candidates=4, batch_size=3)
+    large = search_codes(codec, clips, lengths, candidates=4, batch_size=256)
+    assert torch.equal(small.codes, large.codes) and int(small.changed.sum()) > 0
+    assert torch.allclose(small.error, large.error, rtol=1e-5)
+
+
 def test_bad_search_settings_are_refused():
     with pytest.raises(ValueError, match="candidates >= 1"):
         search_codes(tiny_codec(), tones(), torch.full((3,), 400), candidates=0)

@@ -37,6 +37,10 @@ class SearchedCodes(NamedTuple):
 
 
 MAX_CODEBOOK = 1 << 16  # codes per level whose vectors the search tabulates
+# Candidate windows decoded at once. On the CPU bigger batches are slower, not faster: their activations
+# outgrow what the allocator keeps for reuse, and fresh pages cost more than the decode (BENCHMARKS.md).
+CPU_DECODE_BATCH, DEVICE_DECODE_BATCH = 16, 256
+RATE_BATCH = 256  # changed codes whose bits `rate` weighs at once
 
 
 def _code_tables(quantizer) -> list[Tensor]:
@@ -55,7 +59,7 @@ def _as_grid(codes: Tensor) -> Tensor:
 
 @torch.no_grad()
 def search_codes(tokenizer, clips: Tensor, lengths: Tensor, candidates: int = 8, sweeps: int = 1,
-                 batch_size: int = 256, progress: bool = False, initial: Tensor | None = None,
+                 batch_size: int | None = None, progress: bool = False, initial: Tensor | None = None,
                  rate: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None, rate_weight: float = 0.0,
                  rate_span: int | None = None) -> SearchedCodes:
     """`(n c t)` clips with `(n,)` real lengths -> their codes after `sweeps` sweeps of the search, from
@@ -67,11 +71,13 @@ def search_codes(tokenizer, clips: Tensor, lengths: Tensor, candidates: int = 8,
     and `rate_weight` > 0, a candidate is judged by error + rate_weight x bits instead (rate-distortion
     optimised): then that sum never rises, and the error alone may. `rate_span` is how many frames
     apart two changes must lie for their bits to add up (the prior's sequence, e.g.; default: the
-    whole clip, so each clip is searched one code at a time).
+    whole clip, so each clip is searched one code at a time). `batch_size`: windows decoded at once
+    (default: `CPU_DECODE_BATCH` on the CPU, `DEVICE_DECODE_BATCH` elsewhere).
     """
     if candidates < 1 or sweeps < 0:
         raise ValueError(f"need candidates >= 1 and sweeps >= 0, got {candidates} and {sweeps}")
     device = next(tokenizer.parameters()).device
+    batch_size = batch_size or (CPU_DECODE_BATCH if device.type == "cpu" else DEVICE_DECODE_BATCH)
     clips, lengths = clips.to(device).float(), torch.as_tensor(lengths, device=device)
     tables = [table.to(device) for table in _code_tables(tokenizer.quantizer)]
     latents = tokenizer._latents(clips)
@@ -99,8 +105,8 @@ def search_codes(tokenizer, clips: Tensor, lengths: Tensor, candidates: int = 8,
             trial = repeat(codes[rows], "p frames q -> (p k) frames q", k=k).clone()
             trial_rows, trial_at = repeat(rows, "p -> (p k)", k=k), repeat(at, "p -> (p k)", k=k)
             trial[torch.arange(len(trial), device=device), trial_at, level] = rearrange(ranked, "p k -> (p k)")
-            bits = torch.cat([rate(trial[i : i + batch_size], trial_rows[i : i + batch_size], trial_at[i : i + batch_size])
-                              for i in range(0, len(trial), batch_size)])
+            bits = torch.cat([rate(trial[i : i + RATE_BATCH], trial_rows[i : i + RATE_BATCH], trial_at[i : i + RATE_BATCH])
+                              for i in range(0, len(trial), RATE_BATCH)])
             cost = cost + rate_weight * rearrange(bits.to(cost), "(p k) -> p k", k=k)
         codes[rows, at, level] = ranked.gather(1, cost.argmin(dim=1, keepdim=True)).squeeze(1)
     error = waveforms.errors(codes) if steps or initial is not None else start_error
