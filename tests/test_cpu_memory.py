@@ -1,5 +1,6 @@
 """The glibc allocator setting that keeps the CPU code search out of system calls (pipelines/cpu_memory.py)."""
 
+import json
 import platform
 import subprocess
 import sys
@@ -24,3 +25,18 @@ def test_the_thresholds_are_ones_glibc_accepts(monkeypatch):
 def test_a_users_own_allocator_setting_is_left_alone(monkeypatch):
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
     assert cpu_memory.keep_freed_memory() is False
+
+
+def test_the_memory_benchmark_times_each_setting_in_its_own_process(tmp_path, monkeypatch):
+    from benchmarks.bench_code_search_memory import main
+    from helpers.tiny_audio import tiny_config
+    from tokenizers_vq.audio import AudioVQVAE
+
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(name, raising=False)
+    AudioVQVAE(tiny_config()).save_pretrained(tmp_path / "tokenizer")
+    main([str(tmp_path / "tokenizer"), "--windows", "4", "--batch-sizes", "2", "--out", str(tmp_path / "m.json")])
+    settings = json.loads((tmp_path / "m.json").read_text())["settings"]
+    assert [(s["batch_size"], s["keep_freed_memory"]) for s in settings] == [(2, False), (2, True)]
+    assert [s["setting_took"] for s in settings] == [False, on_glibc]
+    assert all(s["windows"] == 4 and s["wall_seconds"] > 0 and s["user_seconds"] >= 0 for s in settings)
