@@ -167,8 +167,9 @@ def waveform_metrics(reconstructions: torch.Tensor, waveforms: torch.Tensor, len
 
     Any codec's output can be scored so (`reconstruction_metrics` for tokgen's, the Codec2 reference
     for another). SI-SNR is averaged per clip (its median too, since a few near-silent clips can have
-    very low values); the distances are batch means of the masked losses the tokenizer trains with
-    (fixed sizes here, so runs compare).
+    very low values, and the mean's standard error, to tell a gap between codecs from the luck of the clips
+    drawn); the distances are batch means of the masked losses the tokenizer trains with (fixed sizes
+    here, so runs compare).
     """
     filterbank = mel_filterbank(sample_rate, mel_fft_size, num_mels).to(waveforms.device)
     snrs, stft_distances, mel_distances, weights = [], [], [], []
@@ -183,6 +184,7 @@ def waveform_metrics(reconstructions: torch.Tensor, waveforms: torch.Tensor, len
     return {
         "si_snr_db": snr.mean().item(),
         "si_snr_db_median": snr.median().item(),
+        "si_snr_db_stderr": (snr.std() / len(snr) ** 0.5).item() if len(snr) > 1 else float("nan"),
         "stft_distance": sum(d * w for d, w in zip(stft_distances, weights)) / total,
         "mel_distance": sum(d * w for d, w in zip(mel_distances, weights)) / total,
         "num_clips": float(total),

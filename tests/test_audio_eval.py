@@ -84,9 +84,13 @@ def test_waveform_metrics_scores_any_codecs_output_over_real_samples_only():
     assert waveform_metrics(0.3 * clips, clips, lengths, RATE)["si_snr_db"] > 60  # scale-invariant
     garbage_in_padding = clips + 5.0 * (torch.arange(1600) >= lengths[:, None])[:, None]
     assert waveform_metrics(garbage_in_padding, clips, lengths, RATE)["si_snr_db"] > 60
-    noisy = waveform_metrics(clips + 0.1 * torch.randn(clips.shape, generator=torch.Generator().manual_seed(2)),
-                             clips, lengths, RATE, batch_size=2)  # batches of unequal size are weighted by clips
+    noisy_clips = clips + 0.1 * torch.randn(clips.shape, generator=torch.Generator().manual_seed(2))
+    noisy = waveform_metrics(noisy_clips, clips, lengths, RATE, batch_size=2)  # batches of unequal size are weighted by clips
     assert 5 < noisy["si_snr_db"] < 20 and noisy["num_clips"] == 3 and noisy["stft_distance"] > 0.05
+    one_by_one = torch.tensor([waveform_metrics(noisy_clips[i : i + 1], clips[i : i + 1], lengths[i : i + 1], RATE)["si_snr_db"]
+                               for i in range(3)], dtype=torch.float64)
+    assert noisy["si_snr_db_stderr"] == pytest.approx(float(one_by_one.std() / 3 ** 0.5), rel=1e-5)
+    assert noisy["si_snr_db_stderr"] > 0
 
 
 def test_lagged_si_snr_finds_a_decoders_delay():
