@@ -37,7 +37,7 @@ from pipelines.cpu_memory import keep_freed_memory
 from pipelines.prompting import resolved_run_config
 from pipelines.stages import load_matched_pair
 from pipelines.tokenset import frames_of
-from tokenizers_vq.audio_code_search import CPU_DECODE_BATCH, DEVICE_DECODE_BATCH, search_codes
+from tokenizers_vq.audio_code_search import decode_batch_size, search_codes
 
 try:
     from benchmarks.audio_codec_eval import machine, save_record
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     keep_freed_memory()
-    batch_size = args.batch_size or (CPU_DECODE_BATCH if args.device == "cpu" else DEVICE_DECODE_BATCH)
+    batch_size = args.batch_size or decode_batch_size(args.device)
     config = resolved_run_config(args.run)
     data_config = config.audio_data if args.data is None else dataclasses.replace(config.audio_data, path=args.data)
     tokenizer, prior, tokenset = load_matched_pair(args.run, "cpu")

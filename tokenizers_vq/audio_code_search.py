@@ -43,6 +43,11 @@ CPU_DECODE_BATCH, DEVICE_DECODE_BATCH = 16, 256
 RATE_BATCH = 256  # changed codes whose bits `rate` weighs at once
 
 
+def decode_batch_size(device: torch.device | str) -> int:
+    """Candidate windows `search_codes` decodes at once on `device` unless told otherwise."""
+    return CPU_DECODE_BATCH if torch.device(device).type == "cpu" else DEVICE_DECODE_BATCH
+
+
 def _code_tables(quantizer) -> list[Tensor]:
     """Each level's code vectors `(K d)` in latent space, as `lookup` adds them up."""
     levels = getattr(quantizer, "levels", [quantizer])  # a single quantiser is one level
@@ -72,12 +77,12 @@ def search_codes(tokenizer, clips: Tensor, lengths: Tensor, candidates: int = 8,
     optimised): then that sum never rises, and the error alone may. `rate_span` is how many frames
     apart two changes must lie for their bits to add up (the prior's sequence, e.g.; default: the
     whole clip, so each clip is searched one code at a time). `batch_size`: windows decoded at once
-    (default: `CPU_DECODE_BATCH` on the CPU, `DEVICE_DECODE_BATCH` elsewhere).
+    (default: `decode_batch_size`).
     """
     if candidates < 1 or sweeps < 0:
         raise ValueError(f"need candidates >= 1 and sweeps >= 0, got {candidates} and {sweeps}")
     device = next(tokenizer.parameters()).device
-    batch_size = batch_size or (CPU_DECODE_BATCH if device.type == "cpu" else DEVICE_DECODE_BATCH)
+    batch_size = batch_size or decode_batch_size(device)
     clips, lengths = clips.to(device).float(), torch.as_tensor(lengths, device=device)
     tables = [table.to(device) for table in _code_tables(tokenizer.quantizer)]
     latents = tokenizer._latents(clips)
