@@ -13,7 +13,9 @@ prior is measured, not assumed.
 
 `--codes FILE` keeps the searched codes (safetensors) after every sweep; run again with the same file and a
 larger `--sweeps` and the search goes on from the sweeps it holds, as each sweep starts from the last one's
-codes anyway.
+codes anyway. A search grows to more clips in pieces: `--except-codes DONE` searches the chosen clips that
+DONE does not hold, and `--join-codes DONE REST --codes ALL` joins the pieces (the same sweeps, other clips),
+so a run with `--sweeps` equal to theirs scores the whole set without searching.
 """
 
 from __future__ import annotations
@@ -77,15 +79,40 @@ def saved_sweeps(path: Path, chosen: np.ndarray, codes: torch.Tensor) -> tuple[i
     """The sweeps done and codes held by a `--codes` file of these clips; (0, codes) when there is none."""
     if not path.exists():
         return 0, codes
-    try:
-        held = load_file(str(path))
-        done, clips, saved = int(held["sweeps"]), held["clips"], held["codes"]
-    except Exception as error:  # noqa: BLE001 - an unreadable file or a missing tensor gets the same message
-        raise SystemExit(f"{path}: not a code-search codes file ({error!r})") from None
+    held = held_codes(path)
+    done, clips, saved = int(held["sweeps"]), held["clips"], held["codes"]
     if not torch.equal(clips, torch.from_numpy(chosen)) or saved.shape != codes.shape:
         raise SystemExit(f"{path}: holds codes of other clips or another codec (codes {tuple(saved.shape)}, "
                          f"{len(clips)} clips; this search: {tuple(codes.shape)}, {len(chosen)} clips)")
     return done, saved.to(codes.dtype)
+
+
+def held_codes(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a `--codes` file, or a message naming the file."""
+    try:
+        held = load_file(str(path))
+        held["sweeps"], held["clips"], held["codes"]  # noqa: B018 - each must be there
+    except Exception as error:  # noqa: BLE001 - an unreadable file or a missing tensor gets the same message
+        raise SystemExit(f"{path}: not a code-search codes file ({error!r})") from None
+    return held
+
+
+def join_codes(pieces: list[Path], out: Path) -> None:
+    """Joins codes files of other clips of one codec, searched for the same sweeps, into one file `out`,
+    clips in order."""
+    held = [held_codes(path) for path in pieces]
+    sweeps = {int(piece["sweeps"]) for piece in held}
+    if len(sweeps) > 1:
+        raise SystemExit(f"--join-codes: the pieces hold different sweeps ({sorted(sweeps)}); search each to the "
+                         "same number first")
+    clips = torch.cat([piece["clips"] for piece in held])
+    if len(clips.unique()) < len(clips):
+        raise SystemExit("--join-codes: the pieces share clips; join searches of other clips only")
+    if len({piece["codes"].shape[1:] for piece in held}) > 1:
+        raise SystemExit("--join-codes: the pieces hold codes of different shapes (another codec or clip length)")
+    order = clips.argsort()
+    save_file({"codes": torch.cat([piece["codes"] for piece in held])[order].contiguous(), "clips": clips[order],
+               "sweeps": torch.tensor(sweeps.pop())}, str(out))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -105,7 +132,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--codes", type=Path, default=None,
                         help="safetensors file of the searched codes, written after every sweep; if it exists, "
                              "the search goes on from it")
+    parser.add_argument("--except-codes", type=Path, nargs="+", default=[],
+                        help="codes files of clips already searched: search the chosen clips they do not hold")
+    parser.add_argument("--join-codes", type=Path, nargs="+", default=[],
+                        help="codes files of other clips, the same sweeps: join them into --codes first")
     args = parser.parse_args(argv)
+    if args.join_codes:
+        if args.codes is None or args.codes.exists():
+            raise SystemExit("--join-codes writes a new --codes file: name one that does not exist yet")
+        join_codes(args.join_codes, args.codes)
     torch.set_num_threads(args.threads)
     keep_freed_memory()
     batch_size = args.batch_size or decode_batch_size(args.device)
@@ -117,6 +152,10 @@ def main(argv: list[str] | None = None) -> None:
     test = dataset.test
     chosen = (np.arange(len(test)) if not args.clips or args.clips >= len(test)
               else np.linspace(0, len(test) - 1, args.clips).round().astype(int))
+    searched = [held_codes(path)["clips"].numpy() for path in args.except_codes]
+    chosen = np.setdiff1d(chosen, np.concatenate(searched)) if searched else chosen
+    if not len(chosen):
+        raise SystemExit("--except-codes: the files hold every chosen clip; nothing is left to search")
     clips, lengths = torch.from_numpy(test.waveforms[chosen]), torch.from_numpy(test.lengths[chosen])
     labels = torch.from_numpy(test.labels[chosen])
     classifier, _ = audio_eval.dataset_audio_classifier(args.run / "classifier", dataset, config.audio.classifier)
@@ -124,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
                                 sample_rate=manifest.sample_rate)
     parts = (tokenizer, prior, manifest, clips, lengths, labels, judge)
     record = {"run": str(args.run), "machine": machine(args), "date": datetime.date.today().isoformat(),
-              "clips": len(chosen), "candidates": args.candidates, "batch_size": batch_size, "rate_weight": args.rate_weight,
+              "clips": len(chosen),
+              "except_codes": [str(path) for path in args.except_codes], "candidates": args.candidates, "batch_size": batch_size, "rate_weight": args.rate_weight,
               "sweeps": {}}
     rate = partial(prior_bits, prior, manifest, lengths) if args.rate_weight > 0 else None
 

@@ -485,6 +485,32 @@ def test_code_search_benchmark_goes_on_from_its_saved_codes(audio_run, tmp_path)
         code_search([*common, "--sweeps", "2", "--codes", str(tmp_path / "torn.safetensors")])
 
 
+def test_code_search_benchmark_grows_to_more_clips_in_pieces(audio_run, tmp_path):
+    """`--except-codes` searches only the clips a first piece left out; `--join-codes` joins the pieces, and
+    the joined file scores as one search of all the clips does."""
+    from benchmarks.audio_code_search import main as code_search
+
+    run_dir, _ = audio_run
+    first, rest, joined = (tmp_path / f"{name}.safetensors" for name in ("first", "rest", "joined"))
+    common = [str(run_dir), "--candidates", "2", "--threads", "1", "--sweeps", "1"]
+    code_search([*common, "--clips", "2", "--codes", str(first)])
+    code_search([*common, "--clips", "4", "--except-codes", str(first), "--codes", str(rest),
+                 "--out", str(tmp_path / "rest.json")])
+    assert json.loads((tmp_path / "rest.json").read_text())["clips"] == 2
+    assert set(load_file(str(rest))["clips"].tolist()).isdisjoint(load_file(str(first))["clips"].tolist())
+    code_search([*common, "--clips", "4", "--join-codes", str(first), str(rest), "--codes", str(joined),
+                 "--out", str(tmp_path / "joined.json")])
+    code_search([*common, "--clips", "4", "--out", str(tmp_path / "straight.json")])
+    joined_record, straight = (json.loads((tmp_path / f"{name}.json").read_text())["sweeps"]
+                               for name in ("joined", "straight"))
+    assert "sweep_seconds" not in joined_record["1"]  # read from the joined file, not searched again
+    assert joined_record["1"]["si_snr_db"] == pytest.approx(straight["1"]["si_snr_db"], abs=1e-4)
+    with pytest.raises(SystemExit, match="the pieces share clips"):
+        code_search([*common, "--join-codes", str(first), str(joined), "--codes", str(tmp_path / "again.safetensors")])
+    with pytest.raises(SystemExit, match="nothing is left to search"):
+        code_search([*common, "--clips", "2", "--except-codes", str(first)])
+
+
 def test_bad_code_search_settings_are_refused(audio_run, tmp_path):
     run_dir, _ = audio_run
     clip = write_prompt_clip(tmp_path / "c.wav", 0.1)
