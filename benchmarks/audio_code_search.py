@@ -163,9 +163,9 @@ def main(argv: list[str] | None = None) -> None:
                                 sample_rate=manifest.sample_rate)
     parts = (tokenizer, prior, manifest, clips, lengths, labels, judge)
     record = {"run": str(args.run), "machine": machine(args), "date": datetime.date.today().isoformat(),
-              "clips": len(chosen),
-              "except_codes": [str(path) for path in args.except_codes], "candidates": args.candidates, "batch_size": batch_size, "rate_weight": args.rate_weight,
-              "sweeps": {}}
+              "clips": len(chosen), "except_codes": [str(path) for path in args.except_codes],
+              "joined_from": [str(path) for path in args.join_codes], "candidates": args.candidates,
+              "batch_size": batch_size, "rate_weight": args.rate_weight, "sweeps": {}}
     rate = partial(prior_bits, prior, manifest, lengths) if args.rate_weight > 0 else None
 
     def report(name: str, figures: dict) -> None:

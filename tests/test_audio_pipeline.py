@@ -503,12 +503,16 @@ def test_code_search_benchmark_grows_to_more_clips_in_pieces(audio_run, tmp_path
     code_search([*common, "--clips", "4", "--out", str(tmp_path / "straight.json")])
     joined_record, straight = (json.loads((tmp_path / f"{name}.json").read_text())["sweeps"]
                                for name in ("joined", "straight"))
+    assert json.loads((tmp_path / "joined.json").read_text())["joined_from"] == [str(first), str(rest)]
     assert "sweep_seconds" not in joined_record["1"]  # read from the joined file, not searched again
     assert joined_record["1"]["si_snr_db"] == pytest.approx(straight["1"]["si_snr_db"], abs=1e-4)
     with pytest.raises(SystemExit, match="the pieces share clips"):
         code_search([*common, "--join-codes", str(first), str(joined), "--codes", str(tmp_path / "again.safetensors")])
     with pytest.raises(SystemExit, match="nothing is left to search"):
         code_search([*common, "--clips", "2", "--except-codes", str(first)])
+    code_search([*common[:-1], "2", "--clips", "4", "--except-codes", str(first), "--codes", str(rest)])
+    with pytest.raises(SystemExit, match=r"the pieces hold different sweeps \(\[1, 2\]\)"):
+        code_search([*common, "--join-codes", str(first), str(rest), "--codes", str(tmp_path / "mixed.safetensors")])
 
 
 def test_bad_code_search_settings_are_refused(audio_run, tmp_path):
