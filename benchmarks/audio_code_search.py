@@ -39,7 +39,7 @@ from pipelines.cpu_memory import keep_freed_memory
 from pipelines.prompting import resolved_run_config
 from pipelines.stages import load_matched_pair
 from pipelines.tokenset import frames_of
-from tokenizers_vq.audio_code_search import decode_batch_size, search_codes
+from tokenizers_vq.audio_code_search import decode_batch_size, from_grid, search_codes
 
 try:
     from benchmarks.audio_codec_eval import machine, save_record
@@ -50,7 +50,7 @@ except ImportError:  # run as a script
 def score(codes, tokenizer, prior, manifest, clips, lengths, labels, judge) -> dict:
     """Waveform figures, recognition and the prior's cost of one set of `(n frames q)` codes."""
     with torch.no_grad():
-        decoded = tokenizer.decode(codes if tokenizer.num_codebooks > 1 else codes[..., 0], length=clips.shape[-1])
+        decoded = tokenizer.decode(from_grid(codes, tokenizer.num_codebooks), length=clips.shape[-1])
     decoded = decoded.float() * lengths_to_mask(lengths, clips.shape[-1])[:, None]
     figures = audio_eval.waveform_metrics(decoded, clips, lengths, manifest.sample_rate)
     classifier, features = judge

@@ -33,14 +33,14 @@ def decode_windows(tokenizer_dir: str, windows: int, batch_size: int, keep: bool
     """Time `windows` window decodes, `batch_size` at a time, after one warm-up batch (in this process)."""
     from pipelines.cpu_memory import keep_freed_memory
     from tokenizers_vq import load_tokenizer
+    from tokenizers_vq.audio_code_search import from_grid
 
     torch.set_num_threads(threads)
     kept = keep_freed_memory() if keep else False
     tokenizer = load_tokenizer(tokenizer_dir).eval()
     width = 4 * tokenizer.decoder_reach_frames + 1
-    codes = torch.randint(0, tokenizer.quantizer.codebook_size, (batch_size, width, tokenizer.num_codebooks),
-                          generator=torch.Generator().manual_seed(0))
-    codes = codes[..., 0] if tokenizer.num_codebooks == 1 else codes
+    codes = from_grid(torch.randint(0, tokenizer.quantizer.codebook_size, (batch_size, width, tokenizer.num_codebooks),
+                                    generator=torch.Generator().manual_seed(0)), tokenizer.num_codebooks)
     batches = max(1, windows // batch_size)
     with torch.no_grad():
         tokenizer.decode(codes)

@@ -62,6 +62,12 @@ def _as_grid(codes: Tensor) -> Tensor:
     return codes if codes.ndim == 3 else rearrange(codes, "n frames -> n frames 1")
 
 
+def from_grid(codes: Tensor, num_codebooks: int) -> Tensor:
+    """`(n frames q)` codes, as the search holds them -> the shape a codec's `decode` takes (`(n frames)` for
+    one codebook)."""
+    return codes[..., 0] if num_codebooks == 1 else codes
+
+
 @torch.no_grad()
 def search_codes(tokenizer, clips: Tensor, lengths: Tensor, candidates: int = 8, sweeps: int = 1,
                  batch_size: int | None = None, progress: bool = False, initial: Tensor | None = None,
@@ -138,7 +144,7 @@ class _Waveforms:
         self.weights = (torch.arange(samples, device=clips.device) < rearrange(lengths, "n -> n 1")).float()
 
     def _decode(self, codes: Tensor) -> Tensor:
-        return self.tokenizer.decode(codes[..., 0] if self.tokenizer.num_codebooks == 1 else codes).float()
+        return self.tokenizer.decode(from_grid(codes, self.tokenizer.num_codebooks)).float()
 
     def errors(self, codes: Tensor) -> Tensor:
         """`(n frames q)` codes of every clip -> `(n,)` squared errors over real samples, decoded whole."""
