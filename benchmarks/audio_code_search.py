@@ -91,9 +91,11 @@ def held_codes(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a `--codes` file, or a message naming the file."""
     try:
         held = load_file(str(path))
-        held["sweeps"], held["clips"], held["codes"]  # noqa: B018 - each must be there
-    except Exception as error:  # noqa: BLE001 - an unreadable file or a missing tensor gets the same message
+    except Exception as error:  # noqa: BLE001 - whatever safetensors makes of a torn file, the same message
         raise SystemExit(f"{path}: not a code-search codes file ({error!r})") from None
+    missing = {"sweeps", "clips", "codes"} - held.keys()
+    if missing:
+        raise SystemExit(f"{path}: not a code-search codes file (it lacks {', '.join(sorted(missing))})")
     return held
 
 

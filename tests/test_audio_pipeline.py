@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from pipelines.cli import main
 from pipelines.audio_data import read_audio_file
@@ -483,6 +483,9 @@ def test_code_search_benchmark_goes_on_from_its_saved_codes(audio_run, tmp_path)
     (tmp_path / "torn.safetensors").write_bytes(b"not a tensor file")
     with pytest.raises(SystemExit, match="torn.safetensors: not a code-search codes file"):
         code_search([*common, "--sweeps", "2", "--codes", str(tmp_path / "torn.safetensors")])
+    save_file({"codes": load_file(str(codes))["codes"]}, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(SystemExit, match=r"partial.safetensors: not a code-search codes file \(it lacks clips, sweeps\)"):
+        code_search([*common, "--sweeps", "2", "--codes", str(tmp_path / "partial.safetensors")])
 
 
 def test_code_search_benchmark_grows_to_more_clips_in_pieces(audio_run, tmp_path):
