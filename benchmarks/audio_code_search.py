@@ -3,13 +3,14 @@ searched for the waveform (`tokenizers_vq.audio_code_search`).
 
     python benchmarks/audio_code_search.py runs/fsdd_cpu --clips 100 --sweeps 2 --candidates 8 --out search.json
 
-On `--clips` test clips spread over the split (0: all), as the run holds them (its peak level), this
-scores the reconstructions of the encoder's codes and of the searched codes after each sweep: SI-SNR
-(mean and median), STFT and mel distances, the share the run's spoken-digit classifier recognises,
-and what the run's prior would spend on the codes (its NLL, in bits per second and per token: the
-entropy-coded rate to within about 1%, BENCHMARKS.md). The search minimises squared waveform error
-(plus `--rate-weight` x the prior's bits, if given), so what it does to the classifier and to the
-prior is measured, not assumed.
+On `--clips` clips spread over the run's test split (0: all; `--split train` or `val` for another), as
+the run holds them (its peak level), this scores the reconstructions of the encoder's codes and of the
+searched codes after each sweep: SI-SNR (mean and median), STFT and mel distances, the share the run's
+spoken-digit classifier recognises, and what the run's prior would spend on the codes (its NLL, in bits
+per second and per token: the entropy-coded rate to within about 1%, BENCHMARKS.md). The search
+minimises squared waveform error (plus `--rate-weight` x the prior's bits, if given), so what it does to
+the classifier and to the prior is measured, not assumed. Searched train clips are what
+`audio_search_distill.py` teaches the encoder from.
 
 `--codes FILE` keeps the searched codes (safetensors) after every sweep; run again with the same file and a
 larger `--sweeps` and the search goes on from the sweeps it holds, as each sweep starts from the last one's
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pipelines import audio_eval, layouts
@@ -75,11 +77,13 @@ def prior_bits(prior, manifest, lengths: torch.Tensor, codes: torch.Tensor, rows
         return -prior.log_prob(sequences, None, mask) / np.log(2.0)
 
 
-def saved_sweeps(path: Path, chosen: np.ndarray, codes: torch.Tensor) -> tuple[int, torch.Tensor]:
+def saved_sweeps(path: Path, chosen: np.ndarray, codes: torch.Tensor, split: str) -> tuple[int, torch.Tensor]:
     """The sweeps done and codes held by a `--codes` file of these clips; (0, codes) when there is none."""
     if not path.exists():
         return 0, codes
     held = held_codes(path)
+    if codes_split(path) != split:
+        raise SystemExit(f"{path}: holds codes of {codes_split(path)} clips; this search is of {split} clips")
     done, clips, saved = int(held["sweeps"]), held["clips"], held["codes"]
     if not torch.equal(clips, torch.from_numpy(chosen)) or saved.shape != codes.shape:
         raise SystemExit(f"{path}: holds codes of other clips or another codec (codes {tuple(saved.shape)}, "
@@ -99,6 +103,17 @@ def held_codes(path: Path) -> dict[str, torch.Tensor]:
     return held
 
 
+def codes_split(path: Path) -> str:
+    """The split whose clips a `--codes` file indexes (test for files written before the split was kept)."""
+    with safe_open(str(path), "pt") as handle:
+        return (handle.metadata() or {}).get("split", "test")
+
+
+def save_codes(path: Path, codes: torch.Tensor, clips: torch.Tensor, sweeps: int, split: str) -> None:
+    save_file({"codes": codes.contiguous(), "clips": clips, "sweeps": torch.tensor(sweeps)}, str(path),
+              metadata={"split": split})
+
+
 def join_codes(pieces: list[Path], out: Path) -> None:
     """Joins codes files of other clips of one codec, searched for the same sweeps, into one file `out`,
     clips in order."""
@@ -112,16 +127,20 @@ def join_codes(pieces: list[Path], out: Path) -> None:
         raise SystemExit("--join-codes: the pieces share clips; join searches of other clips only")
     if len({piece["codes"].shape[1:] for piece in held}) > 1:
         raise SystemExit("--join-codes: the pieces hold codes of different shapes (another codec or clip length)")
+    splits = {codes_split(path) for path in pieces}
+    if len(splits) > 1:
+        raise SystemExit(f"--join-codes: the pieces hold clips of different splits ({sorted(splits)})")
     order = clips.argsort()
-    save_file({"codes": torch.cat([piece["codes"] for piece in held])[order].contiguous(), "clips": clips[order],
-               "sweeps": torch.tensor(sweeps.pop())}, str(out))
+    save_codes(out, torch.cat([piece["codes"] for piece in held])[order], clips[order], sweeps.pop(), splits.pop())
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="a finished audio run (tokenizer, tokens, prior, classifier)")
     parser.add_argument("--data", default=None, help="the run's audio data path, if it has moved")
-    parser.add_argument("--clips", type=int, default=100, help="test clips spread over the split; 0: all")
+    parser.add_argument("--clips", type=int, default=100, help="clips spread over the split; 0: all")
+    parser.add_argument("--split", choices=("test", "val", "train"), default="test",
+                        help="the run's split to search (train: targets to teach an encoder the searched codes)")
     parser.add_argument("--sweeps", type=int, default=2)
     parser.add_argument("--candidates", type=int, default=8)
     parser.add_argument("--rate-weight", type=float, default=0.0,
@@ -151,21 +170,24 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer, prior, tokenset = load_matched_pair(args.run, "cpu")
     searcher = tokenizer if args.device == "cpu" else copy.deepcopy(tokenizer).to(args.device)
     manifest, dataset = tokenset.manifest, load_audio_dataset(data_config)
-    test = dataset.test
-    chosen = (np.arange(len(test)) if not args.clips or args.clips >= len(test)
-              else np.linspace(0, len(test) - 1, args.clips).round().astype(int))
+    split = dataset.splits()[args.split]
+    chosen = (np.arange(len(split)) if not args.clips or args.clips >= len(split)
+              else np.linspace(0, len(split) - 1, args.clips).round().astype(int))
+    for path in args.except_codes:
+        if codes_split(path) != args.split:
+            raise SystemExit(f"--except-codes: {path} holds codes of {codes_split(path)} clips, not {args.split}")
     searched = [held_codes(path)["clips"].numpy() for path in args.except_codes]
     chosen = np.setdiff1d(chosen, np.concatenate(searched)) if searched else chosen
     if not len(chosen):
         raise SystemExit("--except-codes: the files hold every chosen clip; nothing is left to search")
-    clips, lengths = torch.from_numpy(test.waveforms[chosen]), torch.from_numpy(test.lengths[chosen])
-    labels = torch.from_numpy(test.labels[chosen])
+    clips, lengths = torch.from_numpy(split.waveforms[chosen]), torch.from_numpy(split.lengths[chosen])
+    labels = torch.from_numpy(split.labels[chosen])
     classifier, _ = audio_eval.dataset_audio_classifier(args.run / "classifier", dataset, config.audio.classifier)
     judge = classifier, partial(audio_eval.log_mel_features, config=config.audio.classifier,
                                 sample_rate=manifest.sample_rate)
     parts = (tokenizer, prior, manifest, clips, lengths, labels, judge)
     record = {"run": str(args.run), "machine": machine(args), "date": datetime.date.today().isoformat(),
-              "clips": len(chosen), "except_codes": [str(path) for path in args.except_codes],
+              "split": args.split, "clips": len(chosen), "except_codes": [str(path) for path in args.except_codes],
               "joined_from": [str(path) for path in args.join_codes], "candidates": args.candidates,
               "batch_size": batch_size, "rate_weight": args.rate_weight, "sweeps": {}}
     rate = partial(prior_bits, prior, manifest, lengths) if args.rate_weight > 0 else None
@@ -181,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     report("encoder's codes", figures)
     done = 0
     if args.codes is not None:
-        done, codes = saved_sweeps(args.codes, chosen, codes)
+        done, codes = saved_sweeps(args.codes, chosen, codes, args.split)
         if done:
             record["resumed_from"] = {"codes": str(args.codes), "sweeps": done}
             record["sweeps"][str(done)] = figures = score(codes, *parts)
@@ -197,8 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         report(f"{sweep} sweep(s)", figures)
         save_record(record, args.out)  # kept after every sweep: a long search may be stopped
         if args.codes is not None:
-            save_file({"codes": codes.contiguous(), "clips": torch.from_numpy(chosen),
-                       "sweeps": torch.tensor(sweep)}, str(args.codes))
+            save_codes(args.codes, codes, torch.from_numpy(chosen), sweep, args.split)
     save_record(record, args.out)
 
 

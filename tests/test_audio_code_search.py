@@ -6,8 +6,8 @@ import torch
 
 from helpers.tiny_audio import audio, tiny_config
 from tokenizers_vq.audio import AudioVQVAE
-from tokenizers_vq.audio_code_search import search_codes
-from tokenizers_vq.quantizers import LFQConfig, VQConfig
+from tokenizers_vq.audio_code_search import code_choice_logits, search_codes
+from tokenizers_vq.quantizers import LFQConfig, ResidualVQConfig, VQConfig
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -43,6 +43,39 @@ def test_search_finds_closer_codes_and_never_a_worse_clip():
     frames = -(-lengths // codec.hop_length)
     for row, real in enumerate(frames.tolist()):
         assert torch.equal(result.codes[row, real:], start[row, real:])
+
+
+@pytest.mark.parametrize("quantizer", [None, VQConfig(codebook_size=16, seed=1)])
+def test_code_choice_logits_pick_what_the_encoder_picks_and_teach_it_other_codes(quantizer):
+    codec = tiny_codec(**({} if quantizer is None else {"quantizer": quantizer}))
+    clips = tones()
+    latents = codec._latents(clips)
+    codes = codec.quantizer.to_indices(latents)
+    grid = codes if codes.ndim == 3 else codes[..., None]
+    logits = code_choice_logits(codec.quantizer, latents, grid)
+    assert len(logits) == grid.shape[-1] and logits[0].shape == (*grid.shape[:2], 16)
+    assert torch.equal(torch.stack([level.argmax(dim=-1) for level in logits], dim=-1), grid)
+    # a cross-entropy towards other codes moves the encoder's latents until it picks more of them
+    targets = (grid + 1) % 16
+    latents = latents.detach().requires_grad_()
+    optimizer = torch.optim.Adam([latents], lr=0.05)
+    for _ in range(100):
+        loss = sum(torch.nn.functional.cross_entropy(level.flatten(0, 1), targets[..., i].flatten())
+                   for i, level in enumerate(code_choice_logits(codec.quantizer, latents, targets)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    picks = codec.quantizer.to_indices(latents.detach())
+    assert (picks.reshape(targets.shape) == targets).float().mean() > 0.9
+
+
+def test_code_choice_logits_refuse_quantizers_that_choose_otherwise():
+    for quantizer in (LFQConfig(bits=4), VQConfig(codebook_size=16, use_cosine=True),
+                      ResidualVQConfig(num_quantizers=2, quantizer=VQConfig(codebook_size=16, codebook_dim=2))):
+        codec = tiny_codec(quantizer=quantizer)
+        latents = codec._latents(tones())
+        with pytest.raises(ValueError, match="only VQ codes chosen by latent distance"):
+            code_choice_logits(codec.quantizer, latents, torch.zeros(*latents.shape[:2], 2, dtype=torch.long))
 
 
 def test_one_candidate_or_no_sweep_keeps_the_encoders_codes():

@@ -518,6 +518,47 @@ def test_code_search_benchmark_grows_to_more_clips_in_pieces(audio_run, tmp_path
         code_search([*common, "--join-codes", str(first), str(rest), "--codes", str(tmp_path / "mixed.safetensors")])
 
 
+def test_searched_train_codes_teach_the_encoder_to_pick_them(audio_run, tmp_path):
+    """The search benchmark searches train clips on request; the distil script fine-tunes the encoder alone
+    towards their searched codes (it then picks more of them), scores the test split before and after, and
+    keeps the best step's tokenizer. Codes of test clips are refused as teachers, and one split's codes file
+    does not go on as another's."""
+    from benchmarks.audio_code_search import main as code_search
+    from benchmarks.audio_search_distill import main as distil
+    from tokenizers_vq import load_tokenizer
+
+    run_dir, _ = audio_run
+    train_codes, test_codes = tmp_path / "train.safetensors", tmp_path / "test.safetensors"
+    common = [str(run_dir), "--candidates", "4", "--threads", "1", "--sweeps", "1", "--clips", "0"]
+    code_search([*common, "--split", "train", "--codes", str(train_codes), "--out", str(tmp_path / "search.json")])
+    assert json.loads((tmp_path / "search.json").read_text())["split"] == "train"
+    searched = load_file(str(train_codes))
+    start, _, _ = load_matched_pair(run_dir, "cpu")
+    out = tmp_path / "distil.json"
+    distil([str(run_dir), "--codes", str(train_codes), "--steps", "30", "--eval-every", "10", "--lr", "3e-3",
+            "--threads", "1", "--out", str(out), "--tokenizer-out", str(tmp_path / "tuned")])
+    record = json.loads(out.read_text())
+    curve = record["curve"]
+    assert [point["step"] for point in curve] == [0, 10, 20, 30] and record["temperature"] > 0
+    assert curve[-1]["agreement_learned"] > curve[0]["agreement_learned"] + 0.05
+    assert record["test_before"]["si_snr_db"] == pytest.approx(
+        json.loads((run_dir / "metrics.json").read_text())["tokenizer"]["si_snr_db"], abs=0.01)
+    tuned = load_tokenizer(tmp_path / "tuned")
+    best = max(curve, key=lambda point: point["val_si_snr_db"])
+    assert record["best_step"] == best["step"]
+    for name, tensor in tuned.state_dict().items():  # only the encoder may change
+        if not name.startswith("encoder."):
+            assert torch.equal(tensor, start.state_dict()[name]), name
+    assert searched["codes"].shape[0] == record["searched_clips"]
+    code_search([*common, "--codes", str(test_codes)])
+    with pytest.raises(SystemExit, match="holds codes of test clips; teach from train clips"):
+        distil([str(run_dir), "--codes", str(test_codes), "--steps", "1", "--threads", "1"])
+    with pytest.raises(SystemExit, match="holds codes of train clips; this search is of test clips"):
+        code_search([*common[:-2], "--clips", str(len(searched["clips"])), "--codes", str(train_codes)])
+    with pytest.raises(SystemExit, match="holds codes of test clips, not train"):
+        code_search([*common, "--split", "train", "--except-codes", str(test_codes)])
+
+
 def test_bad_code_search_settings_are_refused(audio_run, tmp_path):
     run_dir, _ = audio_run
     clip = write_prompt_clip(tmp_path / "c.wav", 0.1)

@@ -16,7 +16,9 @@ and codes further apart than twice the reach are searched together: a sweep cost
 `frames x levels x candidates` window decodes however long the clip, in `2 x reach + 1` batched
 steps per level. A second sweep gains less than the first (BENCHMARKS.md). Any quantiser whose codes
 can all be looked up is searched: VQ, residual VQ (level by level) and LFQ (whose nearest codes are
-those a few sign flips away), up to `MAX_CODEBOOK` codes a level.
+those a few sign flips away), up to `MAX_CODEBOOK` codes a level. `code_choice_logits` writes the
+encoder's own pick as logits, so that searched codes can teach the encoder to pick them itself
+(`benchmarks/audio_search_distill.py`).
 """
 
 from __future__ import annotations
@@ -56,6 +58,27 @@ def _code_tables(quantizer) -> list[Tensor]:
                          f"{MAX_CODEBOOK}")
     indices = torch.arange(quantizer.codebook_size)
     return [level.lookup(rearrange(indices, "k -> 1 k"))[0] for level in levels]
+
+
+def code_choice_logits(quantizer, latents: Tensor, codes: Tensor) -> list[Tensor]:
+    """`(b frames d)` latents and `(b frames q)` codes -> each level's `(b frames K)` logits of the choice the
+    encoder makes there: minus the squared distance, up to a constant per frame, from the latent less the
+    codes' earlier levels to each code vector. Their argmax is the code `to_indices` picks, so a
+    cross-entropy towards searched `codes` teaches an encoder to pick those itself (differentiable in
+    `latents`). VQ and residual VQ whose codes live in latent space only: a factorised or cosine codebook,
+    or LFQ, chooses otherwise."""
+    levels = getattr(quantizer, "levels", [quantizer])
+    for level in levels:
+        config = getattr(level, "config", None)
+        if getattr(config, "kind", None) != "vq" or config.codebook_dim or config.use_cosine:
+            raise ValueError("code_choice_logits: only VQ codes chosen by latent distance (no codebook_dim, no "
+                             f"use_cosine) have them; this quantiser has {type(level).__name__} levels")
+    residual, logits = latents.float(), []
+    for level, table in enumerate(_code_tables(quantizer)):
+        table = table.detach().to(residual)
+        logits.append(2 * residual @ table.T - table.square().sum(dim=-1))
+        residual = residual - table[codes[..., level]]
+    return logits
 
 
 def _as_grid(codes: Tensor) -> Tensor:
