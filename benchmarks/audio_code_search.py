@@ -10,7 +10,7 @@ spoken-digit classifier recognises, and what the run's prior would spend on the 
 per second and per token: the entropy-coded rate to within about 1%, BENCHMARKS.md). The search
 minimises squared waveform error (plus `--rate-weight` x the prior's bits, if given), so what it does to
 the classifier and to the prior is measured, not assumed. Searched train clips are what
-`audio_search_distill.py` teaches the encoder from.
+`audio_encoder_tuning.py` teaches the encoder from.
 
 `--codes FILE` keeps the searched codes (safetensors) after every sweep; run again with the same file and a
 larger `--sweeps` and the search goes on from the sweeps it holds, as each sweep starts from the last one's

@@ -6,7 +6,7 @@ import torch
 
 from helpers.tiny_audio import audio, tiny_config
 from tokenizers_vq.audio import AudioVQVAE
-from tokenizers_vq.audio_code_search import code_choice_logits, search_codes
+from tokenizers_vq.audio_code_search import code_choice_logits, expected_codes, search_codes
 from tokenizers_vq.quantizers import LFQConfig, ResidualVQConfig, VQConfig
 
 
@@ -67,6 +67,18 @@ def test_code_choice_logits_pick_what_the_encoder_picks_and_teach_it_other_codes
         optimizer.step()
     picks = codec.quantizer.to_indices(latents.detach())
     assert (picks.reshape(targets.shape) == targets).float().mean() > 0.9
+
+
+def test_expected_codes_relax_the_choice_and_pass_its_gradient():
+    codec = tiny_codec()  # residual VQ, two levels
+    latents = codec._latents(tones()).detach().requires_grad_()
+    codes = codec.quantizer.to_indices(latents.detach())
+    cold = expected_codes(codec.quantizer, latents, codes, temperature=1e-6)
+    assert torch.allclose(cold, codec.quantizer.lookup(codes), atol=1e-4)  # cold: the codes chosen
+    warm = expected_codes(codec.quantizer, latents, codes, temperature=1e3)
+    assert not torch.allclose(warm, cold, atol=1e-3)  # warm: a blend of the codes around
+    warm.square().sum().backward()
+    assert latents.grad is not None and latents.grad.abs().sum() > 0
 
 
 def test_code_choice_logits_refuse_quantizers_that_choose_otherwise():

@@ -519,12 +519,12 @@ def test_code_search_benchmark_grows_to_more_clips_in_pieces(audio_run, tmp_path
 
 
 def test_searched_train_codes_teach_the_encoder_to_pick_them(audio_run, tmp_path):
-    """The search benchmark searches train clips on request; the distil script fine-tunes the encoder alone
+    """The search benchmark searches train clips on request; the tuning script fine-tunes the encoder alone
     towards their searched codes (it then picks more of them), scores the test split before and after, and
     keeps the best step's tokenizer. Codes of test clips are refused as teachers, and one split's codes file
     does not go on as another's."""
     from benchmarks.audio_code_search import main as code_search
-    from benchmarks.audio_search_distill import main as distil
+    from benchmarks.audio_encoder_tuning import main as tune
     from tokenizers_vq import load_tokenizer
 
     run_dir, _ = audio_run
@@ -534,29 +534,53 @@ def test_searched_train_codes_teach_the_encoder_to_pick_them(audio_run, tmp_path
     assert json.loads((tmp_path / "search.json").read_text())["split"] == "train"
     searched = load_file(str(train_codes))
     start, _, _ = load_matched_pair(run_dir, "cpu")
-    out = tmp_path / "distil.json"
-    distil([str(run_dir), "--codes", str(train_codes), "--steps", "30", "--eval-every", "10", "--lr", "3e-3",
-            "--threads", "1", "--out", str(out), "--tokenizer-out", str(tmp_path / "tuned")])
+    out = tmp_path / "tune.json"
+    tune([str(run_dir), "--objective", "codes", "--codes", str(train_codes), "--steps", "30", "--eval-every", "10",
+          "--lr", "3e-3", "--threads", "1", "--out", str(out), "--tokenizer-out", str(tmp_path / "tuned")])
     record = json.loads(out.read_text())
     curve = record["curve"]
     assert [point["step"] for point in curve] == [0, 10, 20, 30] and record["temperature"] > 0
     assert curve[-1]["agreement_learned"] > curve[0]["agreement_learned"] + 0.05
     assert record["test_before"]["si_snr_db"] == pytest.approx(
         json.loads((run_dir / "metrics.json").read_text())["tokenizer"]["si_snr_db"], abs=0.01)
-    tuned = load_tokenizer(tmp_path / "tuned")
-    best = max(curve, key=lambda point: point["val_si_snr_db"])
-    assert record["best_step"] == best["step"]
-    for name, tensor in tuned.state_dict().items():  # only the encoder may change
-        if not name.startswith("encoder."):
-            assert torch.equal(tensor, start.state_dict()[name]), name
+    assert record["best_step"] == max(curve, key=lambda point: point["val_si_snr_db"])["step"]
+    assert_only_the_encoder_differs(load_tokenizer(tmp_path / "tuned"), start)
     assert searched["codes"].shape[0] == record["searched_clips"]
     code_search([*common, "--codes", str(test_codes)])
     with pytest.raises(SystemExit, match="holds codes of test clips; teach from train clips"):
-        distil([str(run_dir), "--codes", str(test_codes), "--steps", "1", "--threads", "1"])
+        tune([str(run_dir), "--objective", "codes", "--codes", str(test_codes), "--steps", "1", "--threads", "1"])
     with pytest.raises(SystemExit, match="holds codes of train clips; this search is of test clips"):
         code_search([*common[:-2], "--clips", str(len(searched["clips"])), "--codes", str(train_codes)])
     with pytest.raises(SystemExit, match="holds codes of test clips, not train"):
         code_search([*common, "--split", "train", "--except-codes", str(test_codes)])
+
+
+def assert_only_the_encoder_differs(tuned, start) -> None:
+    for name, tensor in tuned.state_dict().items():
+        if not name.startswith("encoder."):
+            assert torch.equal(tensor, start.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("estimator", ["ste", "softmax"])
+def test_the_encoder_tuned_on_the_codecs_loss_keeps_its_decoder(audio_run, tmp_path, estimator):
+    from benchmarks.audio_encoder_tuning import main as tune
+    from tokenizers_vq import load_tokenizer
+
+    run_dir, _ = audio_run
+    out = tmp_path / "tune.json"
+    tune([str(run_dir), "--objective", "waveform", "--estimator", estimator, "--steps", "6", "--eval-every", "3",
+          "--lr", "1e-2", "--threads", "1", "--out", str(out), "--tokenizer-out", str(tmp_path / "tuned")])
+    record = json.loads(out.read_text())
+    assert record["estimator"] == estimator and [point["step"] for point in record["curve"]] == [0, 3, 6]
+    assert record["commitment_weight"] == 0.25  # the codec's own
+    assert all(np.isfinite(point["loss"]) for point in record["curve"][1:])
+    start, _, _ = load_matched_pair(run_dir, "cpu")
+    tuned = load_tokenizer(tmp_path / "tuned")
+    assert_only_the_encoder_differs(tuned, start)
+    moved = any(not torch.equal(tensor, start.state_dict()[name]) for name, tensor in tuned.state_dict().items())
+    assert moved == (record["best_step"] > 0)  # the best step's encoder, or the one it started from
+    with pytest.raises(SystemExit, match="--objective codes learns from --codes FILE"):
+        tune([str(run_dir), "--objective", "codes", "--steps", "1"])
 
 
 def test_bad_code_search_settings_are_refused(audio_run, tmp_path):

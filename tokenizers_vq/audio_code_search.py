@@ -18,7 +18,7 @@ steps per level. A second sweep gains less than the first (BENCHMARKS.md). Any q
 can all be looked up is searched: VQ, residual VQ (level by level) and LFQ (whose nearest codes are
 those a few sign flips away), up to `MAX_CODEBOOK` codes a level. `code_choice_logits` writes the
 encoder's own pick as logits, so that searched codes can teach the encoder to pick them itself
-(`benchmarks/audio_search_distill.py`).
+(`benchmarks/audio_encoder_tuning.py`).
 """
 
 from __future__ import annotations
@@ -79,6 +79,16 @@ def code_choice_logits(quantizer, latents: Tensor, codes: Tensor) -> list[Tensor
         logits.append(2 * residual @ table.T - table.square().sum(dim=-1))
         residual = residual - table[codes[..., level]]
     return logits
+
+
+def expected_codes(quantizer, latents: Tensor, codes: Tensor, temperature: float) -> Tensor:
+    """`(b frames d)`: the sum over levels of each level's code vectors weighted by softmax(`code_choice_logits`
+    / temperature), the choice relaxed. Added as `hard + soft - soft.detach()`, it passes the gradient to
+    the latents through the choice among codes (straight-through softmax) rather than past it (the
+    straight-through copy, which ignores where the other codes lie)."""
+    tables = [table.detach().to(latents.device, torch.float32) for table in _code_tables(quantizer)]
+    logits = code_choice_logits(quantizer, latents, codes)
+    return sum(torch.softmax(level / temperature, dim=-1) @ table for level, table in zip(logits, tables))
 
 
 def _as_grid(codes: Tensor) -> Tensor:
