@@ -110,6 +110,7 @@ def codes_split(path: Path) -> str:
 
 
 def save_codes(path: Path, codes: torch.Tensor, clips: torch.Tensor, sweeps: int, split: str) -> None:
+    """A `--codes` file: the searched codes, the indices of their clips in `split`, the sweeps done."""
     save_file({"codes": codes.contiguous(), "clips": clips, "sweeps": torch.tensor(sweeps)}, str(path),
               metadata={"split": split})
 
@@ -173,10 +174,10 @@ def main(argv: list[str] | None = None) -> None:
     split = dataset.splits()[args.split]
     chosen = (np.arange(len(split)) if not args.clips or args.clips >= len(split)
               else np.linspace(0, len(split) - 1, args.clips).round().astype(int))
+    searched = [held_codes(path)["clips"].numpy() for path in args.except_codes]  # each file readable first
     for path in args.except_codes:
         if codes_split(path) != args.split:
             raise SystemExit(f"--except-codes: {path} holds codes of {codes_split(path)} clips, not {args.split}")
-    searched = [held_codes(path)["clips"].numpy() for path in args.except_codes]
     chosen = np.setdiff1d(chosen, np.concatenate(searched)) if searched else chosen
     if not len(chosen):
         raise SystemExit("--except-codes: the files hold every chosen clip; nothing is left to search")

@@ -17,7 +17,8 @@ and codes further apart than twice the reach are searched together: a sweep cost
 steps per level. A second sweep gains less than the first (BENCHMARKS.md). Any quantiser whose codes
 can all be looked up is searched: VQ, residual VQ (level by level) and LFQ (whose nearest codes are
 those a few sign flips away), up to `MAX_CODEBOOK` codes a level. `code_choice_logits` writes the
-encoder's own pick as logits, so that searched codes can teach the encoder to pick them itself
+encoder's own pick as logits, so that searched codes can teach the encoder to pick them itself, and
+`expected_codes` relaxes that pick for a gradient through it
 (`benchmarks/audio_encoder_tuning.py`).
 """
 
