@@ -20,7 +20,9 @@ encoder itself towards such codes, so that its own encoding gains some of that a
 Either way the validation split's own-code SI-SNR picks the best step (the encoder as it was, if no step
 beats it), and the test split's figures (the search benchmark's `score`) compare the encoder before and
 after. The run's prior learned the old encoder's codes, so its bits on new ones include what that mismatch
-costs: not the rate a prior trained on them would reach.
+costs: not the rate a prior trained on them would reach (for that, run the pipeline again with
+`tokenizer_init=` the `--tokenizer-out` folder and `tokenizer_training.max_steps=0`). On the FSDD codec
+neither objective moved the test SI-SNR by more than 0.03 dB (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -69,7 +71,8 @@ def real_frames(lengths: torch.Tensor, hop: int, grid_frames: int) -> torch.Tens
 def own_codes(tokenizer, clips: torch.Tensor) -> torch.Tensor:
     """The encoder's `(n frames q)` codes of `(n c t)` clips."""
     with torch.no_grad():
-        codes = torch.cat([tokenizer.quantizer.to_indices(tokenizer._latents(part)) for part in clips.split(EVAL_BATCH)])
+        codes = torch.cat([tokenizer.quantizer.to_indices(tokenizer._latents(part))
+                           for part in clips.split(EVAL_BATCH)])
     return codes if codes.ndim == 3 else codes[..., None]
 
 
