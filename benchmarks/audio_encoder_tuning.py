@@ -44,6 +44,7 @@ from pipelines.audio_data import lengths_to_mask, load_audio_dataset
 from pipelines.cpu_memory import keep_freed_memory
 from pipelines.prompting import resolved_run_config
 from pipelines.stages import load_matched_pair
+from pipelines.tokenset import frames_of
 from tokenizers_vq.audio_code_search import code_choice_logits, expected_codes, search_codes
 
 try:
@@ -65,7 +66,7 @@ def as_tensors(split, rows=None) -> tuple[torch.Tensor, torch.Tensor]:
 
 def real_frames(lengths: torch.Tensor, hop: int, grid_frames: int) -> torch.Tensor:
     """`(n,)` lengths in samples -> `(n frames)` True where a frame holds real samples."""
-    return torch.arange(grid_frames) < (-(-lengths // hop))[:, None]
+    return torch.arange(grid_frames) < frames_of(lengths, hop)[:, None]
 
 
 def own_codes(tokenizer, clips: torch.Tensor) -> torch.Tensor:
@@ -111,8 +112,10 @@ def waveform_loss(tokenizer, clips: torch.Tensor, lengths: torch.Tensor, estimat
     their codes (without it, the straight-through copy lets them drift until the codes they pick change
     at random: the validation SI-SNR fell from 7.97 to 6.88 dB in 200 steps on the FSDD codec)."""
     latents = tokenizer._latents(clips)
-    codes = own_codes(tokenizer, clips)
-    hard = tokenizer.quantizer.lookup(codes if tokenizer.num_codebooks > 1 else codes[..., 0]).to(latents)
+    with torch.no_grad():  # the codes of the latents just made: no second encoder pass
+        codes = tokenizer.quantizer.to_indices(latents)
+    hard = tokenizer.quantizer.lookup(codes).to(latents)
+    codes = codes if codes.ndim == 3 else codes[..., None]
     if estimator == "ste":
         quantized = latents + (hard - latents).detach()
     else:
@@ -183,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
                       searched_sweeps=int(held["sweeps"]))
     else:
         clips, lengths = as_tensors(dataset.train)
-        real = real_frames(lengths, tokenizer.hop_length, -(-clips.shape[-1] // tokenizer.hop_length))
+        real = real_frames(lengths, tokenizer.hop_length, frames_of(clips.shape[-1], tokenizer.hop_length))
         learn_rows = np.arange(len(clips))
         first_level = getattr(tokenizer.quantizer, "levels", [tokenizer.quantizer])[0]
         commitment_weight = (first_level.config.commitment_weight if args.commitment_weight is None
