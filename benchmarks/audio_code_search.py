@@ -9,7 +9,8 @@ searched codes after each sweep: SI-SNR (mean and median), STFT and mel distance
 spoken-digit classifier recognises, and what the run's prior would spend on the codes (its NLL, in bits
 per second and per token: the entropy-coded rate to within about 1%, BENCHMARKS.md). The search
 minimises squared waveform error (plus `--rate-weight` x the prior's bits, if given), so what it does to
-the classifier and to the prior is measured, not assumed. Searched train clips are what
+the classifier and to the prior is measured, not assumed. `--reach R` scores each candidate over R frames
+each side instead of the decoder's whole reach: faster, and approximate. Searched train clips are what
 `audio_encoder_tuning.py` teaches the encoder from.
 
 `--codes FILE` keeps the searched codes (safetensors) after every sweep; run again with the same file and a
@@ -150,6 +151,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--batch-size", type=int, default=None,
                         help="candidate windows decoded at once (default: 16 on the CPU, 256 elsewhere)")
+    parser.add_argument("--reach", type=int, default=None,
+                        help="frames each side a candidate is scored over (default: the decoder's whole reach, "
+                             "exact); shorter is faster and approximate")
     parser.add_argument("--out", default="")
     parser.add_argument("--codes", type=Path, default=None,
                         help="safetensors file of the searched codes, written after every sweep; if it exists, "
@@ -191,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
               "split": args.split, "clips": len(chosen), "except_codes": [str(path) for path in args.except_codes],
               "joined_from": [str(path) for path in args.join_codes], "candidates": args.candidates,
               "batch_size": batch_size, "rate_weight": args.rate_weight, "sweeps": {}}
+    audio_seconds = float(lengths.sum()) / manifest.sample_rate
     rate = partial(prior_bits, prior, manifest, lengths) if args.rate_weight > 0 else None
 
     def report(name: str, figures: dict) -> None:
@@ -212,10 +217,12 @@ def main(argv: list[str] | None = None) -> None:
     for sweep in range(done + 1, args.sweeps + 1):  # one sweep at a time, each from the last one's codes
         started = time.perf_counter()
         result = search_codes(searcher, clips, lengths, args.candidates, 1, progress=True, initial=codes, rate=rate,
-                              rate_weight=args.rate_weight, batch_size=batch_size)
+                              rate_weight=args.rate_weight, batch_size=batch_size, reach=args.reach)
         seconds, codes = time.perf_counter() - started, result.codes
         figures = score(codes, *parts)
-        figures.update(changed_positions=float(result.changed.float().mean()), sweep_seconds=seconds)
+        figures.update(changed_positions=float(result.changed.float().mean()), sweep_seconds=seconds,
+                       reach=min(args.reach, tokenizer.decoder_reach_frames) if args.reach is not None
+                       else tokenizer.decoder_reach_frames, audio_seconds_per_second=audio_seconds / seconds)
         record["sweeps"][str(sweep)] = figures
         report(f"{sweep} sweep(s)", figures)
         save_record(record, args.out)  # kept after every sweep: a long search may be stopped

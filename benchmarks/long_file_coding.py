@@ -101,10 +101,12 @@ def main() -> None:
     parser.add_argument("--search-sweeps", type=int, default=0, help="search the codes by synthesis (0: the encoder's)")
     parser.add_argument("--search-candidates", type=int, default=8)
     parser.add_argument("--rate-weight", type=float, default=0.0, help="weigh the prior's bits in the search")
+    parser.add_argument("--search-reach", type=int, default=None,
+                        help="frames each side a candidate is scored over (default: the decoder's whole reach)")
     parser.add_argument("--out", default="", help="JSON file for the figures (printed either way)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    search = CodeSearch(args.search_sweeps, args.search_candidates, args.rate_weight)
+    search = CodeSearch(args.search_sweeps, args.search_candidates, args.rate_weight, args.search_reach)
     record = {"run": str(args.run), "machine": machine(args), "date": datetime.date.today().isoformat(),
               "code_search": search._asdict()}
     with tempfile.TemporaryDirectory() as scratch:

@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--search-candidates", type=int, default=8, help="nearest codes tried at each position")
     compress.add_argument("--rate-weight", type=float, default=0.0,
                           help="with --search-sweeps: also weigh the prior's bits (squared-error units per bit)")
+    compress.add_argument("--search-reach", type=int, default=None,
+                          help="with --search-sweeps: frames each side a candidate is scored over (default: the "
+                          "decoder's whole reach, exact; shorter is faster and approximate)")
     decompress = subparsers.add_parser("decompress", help="decode a `tokgen compress` file with the run that wrote it")
     decompress.add_argument("file", type=Path)
     decompress.add_argument("run_dir", type=Path)
@@ -115,7 +118,7 @@ def compress_command(args) -> Path:
     else:
         if args.conditioned or args.limit is not None:
             raise SystemExit("--conditioned and --limit apply to a split, not to --input files (which have no labels)")
-        search = CodeSearch(args.search_sweeps, args.search_candidates, args.rate_weight)
+        search = CodeSearch(args.search_sweeps, args.search_candidates, args.rate_weight, args.search_reach)
         try:
             search.check()
         except ValueError as error:

@@ -28,11 +28,14 @@ class CodeSearch(NamedTuple):
     sweeps: int = 0  # 0: the encoder's codes
     candidates: int = 8  # nearest codes tried at each position
     rate_weight: float = 0.0  # squared-error units per bit of the prior (0: error alone)
+    reach: int | None = None  # frames each side a candidate is scored over; None: the decoder's whole reach (exact)
 
     def check(self) -> None:
         if self.sweeps < 0 or self.candidates < 1 or self.rate_weight < 0 or not math.isfinite(self.rate_weight):
             raise ValueError(f"code search needs sweeps >= 0, candidates >= 1 and a finite rate weight >= 0, got "
                              f"{self.sweeps}, {self.candidates} and {self.rate_weight}")
+        if self.reach is not None and self.reach < 0:
+            raise ValueError(f"code search needs a reach >= 0 frames, got {self.reach}")
 
 
 def segment_bits(prior, manifest: Manifest, frames: torch.Tensor):
@@ -70,7 +73,8 @@ def searched_codes(tokenizer, prior, manifest: Manifest, clips: list[torch.Tenso
         frames = -(-lengths // hop)
         rate = segment_bits(prior, manifest, frames) if search.rate_weight > 0 else None
         result = search_codes(tokenizer, padded, lengths, search.candidates, search.sweeps, progress=progress,
-                              rate=rate, rate_weight=search.rate_weight, rate_span=manifest.token_grid[0])
+                              rate=rate, rate_weight=search.rate_weight, rate_span=manifest.token_grid[0],
+                              reach=search.reach)
         for row, i in enumerate(batch):
             codes[i] = result.codes[row, : int(frames[row])]
     return codes

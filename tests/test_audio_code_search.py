@@ -208,3 +208,23 @@ def test_a_rate_over_spans_of_frames_never_raises_the_weighted_cost():
     start = codec.encode(clips)
     assert torch.all(result.error + weight * total(result.codes) <= (result.start_error + weight * total(start)) * (1 + 1e-5))
     assert int((result.codes == 0).sum()) > int((start == 0).sum())
+
+
+def test_a_shorter_reach_searches_approximately_and_never_keeps_a_worse_clip():
+    """Scoring candidates over fewer frames than the decoder reaches is faster and approximate: a short
+    reach still finds closer codes, and the sweep's check gives a clip it made worse back its codes (with a
+    reach of 0, scoring a code's own frame alone, this tiny codec's search would raise every clip's error
+    by 2-8%). A reach at or beyond the decoder's is the exact search."""
+    codec, clips = tiny_codec(decoder_latent_dilations=(1, 3)), tones(batch=6, length=1600)
+    lengths = torch.tensor([1600, 1500, 1200, 1600, 900, 1300])
+    short = search_codes(codec, clips, lengths, candidates=16, sweeps=2, reach=2)
+    assert torch.all(short.error < 0.99 * short.start_error)
+    assert torch.allclose(short.error, waveform_errors(codec, short.codes, clips, lengths), rtol=1e-4)
+    blind = search_codes(codec, clips, lengths, candidates=16, sweeps=1, reach=0)
+    assert torch.all(blind.error <= blind.start_error)
+    assert torch.allclose(blind.error, waveform_errors(codec, blind.codes, clips, lengths), rtol=1e-4)
+    exact = search_codes(codec, clips, lengths, candidates=16, sweeps=1)
+    beyond = search_codes(codec, clips, lengths, candidates=16, sweeps=1, reach=codec.decoder_reach_frames + 5)
+    assert torch.equal(beyond.codes, exact.codes)
+    with pytest.raises(ValueError, match="reach"):
+        search_codes(codec, clips, lengths, reach=-1)

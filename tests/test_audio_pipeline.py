@@ -441,6 +441,7 @@ def test_searched_codes_decode_closer_for_the_bits_the_coder_spends(audio_run, t
 
     errors, reports = {}, {}
     for name, flags in {"plain": [], "searched": ["--search-sweeps", "1", "--search-candidates", "4"],
+                        "short": ["--search-sweeps", "1", "--search-candidates", "4", "--search-reach", "2"],
                         "weighed": ["--search-sweeps", "1", "--rate-weight", "0.5"]}.items():
         out = tmp_path / f"{name}.tgac"
         assert main(["compress", str(run_dir), "--input", str(long), "--out", str(out), *flags]) == 0
@@ -448,7 +449,10 @@ def test_searched_codes_decode_closer_for_the_bits_the_coder_spends(audio_run, t
         codes = load_file(str(tmp_path / name / "codes.safetensors"))["long"]
         errors[name], reports[name] = error(codes, out), json.loads(out.with_suffix(".json").read_text())
     assert errors["searched"] < errors["plain"] - 0.01  # the smoke run's codec leaves little to find
-    assert reports["searched"]["decoded"]["code_search"] == {"sweeps": 1, "candidates": 4, "rate_weight": 0.0}
+    assert errors["short"] < errors["plain"]  # a 2-frame reach: approximate, yet no worse
+    assert reports["searched"]["decoded"]["code_search"] == {"sweeps": 1, "candidates": 4, "rate_weight": 0.0,
+                                                             "reach": None}
+    assert reports["short"]["decoded"]["code_search"]["reach"] == 2
 
     prior, _, _ = run_parts(run_dir)
     codes = load_file(str(tmp_path / "weighed" / "codes.safetensors"))["long"]
@@ -588,5 +592,7 @@ def test_bad_code_search_settings_are_refused(audio_run, tmp_path):
     clip = write_prompt_clip(tmp_path / "c.wav", 0.1)
     with pytest.raises(SystemExit, match="candidates >= 1"):
         main(["compress", str(run_dir), "--input", str(clip), "--search-sweeps", "1", "--search-candidates", "0"])
+    with pytest.raises(SystemExit, match="reach >= 0"):
+        main(["compress", str(run_dir), "--input", str(clip), "--search-sweeps", "1", "--search-reach", "-1"])
     with pytest.raises(SystemExit, match="apply to --input audio files"):
         main(["compress", str(run_dir), "--search-sweeps", "1"])

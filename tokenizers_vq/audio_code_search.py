@@ -14,7 +14,8 @@ A code changes only the decoded samples within the decoder's reach of its frame,
 decoded in a window around it (`4 x reach + 1` frames, exactly as the whole clip would decode there),
 and codes further apart than twice the reach are searched together: a sweep costs about
 `frames x levels x candidates` window decodes however long the clip, in `2 x reach + 1` batched
-steps per level. A second sweep gains less than the first (BENCHMARKS.md). Any quantiser whose codes
+steps per level. A second sweep gains less than the first (BENCHMARKS.md). A shorter `reach` than the
+decoder's trades exactness for speed: most of a code's effect lies near its frame (BENCHMARKS.md). Any quantiser whose codes
 can all be looked up is searched: VQ, residual VQ (level by level) and LFQ (whose nearest codes are
 those a few sign flips away), up to `MAX_CODEBOOK` codes a level. `code_choice_logits` writes the
 encoder's own pick as logits, so that searched codes can teach the encoder to pick them itself, and
@@ -106,7 +107,7 @@ def from_grid(codes: Tensor, num_codebooks: int) -> Tensor:
 def search_codes(tokenizer, clips: Tensor, lengths: Tensor, candidates: int = 8, sweeps: int = 1,
                  batch_size: int | None = None, progress: bool = False, initial: Tensor | None = None,
                  rate: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None, rate_weight: float = 0.0,
-                 rate_span: int | None = None) -> SearchedCodes:
+                 rate_span: int | None = None, reach: int | None = None) -> SearchedCodes:
     """`(n c t)` clips with `(n,)` real lengths -> their codes after `sweeps` sweeps of the search, from
     the encoder's codes or from `initial` ones (a previous search's, to sweep on). `start_error` and
     `changed` are against the encoder's codes either way.
@@ -118,9 +119,19 @@ def search_codes(tokenizer, clips: Tensor, lengths: Tensor, candidates: int = 8,
     apart two changes must lie for their bits to add up (the prior's sequence, e.g.; default: the
     whole clip, so each clip is searched one code at a time). `batch_size`: windows decoded at once
     (default: `decode_batch_size`).
+
+    `reach`: frames each side of a code that its candidates are scored over (default: the decoder's whole
+    reach, `decoder_reach_frames`, which is exact). A shorter one decodes shorter windows, `4 x reach + 1`
+    frames, and searches codes `2 x reach + 1` apart together: faster, and approximate, since a code's
+    effect beyond it is ignored. Then each clip's whole cost is checked after every sweep, and a clip whose
+    cost rose keeps the codes it had before that sweep, so the cost still never rises.
     """
     if candidates < 1 or sweeps < 0:
         raise ValueError(f"need candidates >= 1 and sweeps >= 0, got {candidates} and {sweeps}")
+    exact_reach = tokenizer.decoder_reach_frames
+    if reach is not None and reach < 0:
+        raise ValueError(f"reach is frames each side of a code, >= 0; got {reach}")
+    reach = exact_reach if reach is None else min(reach, exact_reach)
     device = next(tokenizer.parameters()).device
     batch_size = batch_size or decode_batch_size(device)
     clips, lengths = clips.to(device).float(), torch.as_tensor(lengths, device=device)
@@ -131,13 +142,25 @@ def search_codes(tokenizer, clips: Tensor, lengths: Tensor, candidates: int = 8,
     waveforms = _Waveforms(tokenizer, clips, lengths, codes.shape[1], batch_size)
     start_error = waveforms.errors(start_codes)
     weighing = rate is not None and rate_weight > 0
-    reach = tokenizer.decoder_reach_frames
     stride = max(2 * reach + 1, (rate_span or codes.shape[1]) if weighing else 0)
     frames = -(-lengths // tokenizer.hop_length)
     k = min(candidates, tables[0].shape[0])
-    steps = [(offset, level) for _ in range(sweeps) for offset in range(min(stride, int(frames.max()) if len(frames) else 0))
-             for level in range(len(tables))]
-    for offset, level in tqdm(steps, desc="code search", disable=not progress):
+    per_sweep = [(offset, level) for offset in range(min(stride, int(frames.max()) if len(frames) else 0))
+                 for level in range(len(tables))]
+    steps = [(sweep, *step) for sweep in range(sweeps) for step in per_sweep]
+
+    def clip_costs(codes: Tensor) -> Tensor:  # (n,) what the search lowers: the error, plus the weighed bits
+        cost = waveforms.errors(codes)
+        if weighing:
+            rows = torch.arange(len(codes), device=device)
+            cost = cost + rate_weight * torch.cat([rate(codes[i : i + RATE_BATCH], rows[i : i + RATE_BATCH],
+                                                        torch.zeros_like(rows[i : i + RATE_BATCH]))
+                                                   for i in range(0, len(codes), RATE_BATCH)]).to(cost)
+        return cost
+
+    guarded = reach < exact_reach and steps
+    before, before_cost = (codes.clone(), clip_costs(codes)) if guarded else (None, None)
+    for step, (sweep, offset, level) in enumerate(tqdm(steps, desc="code search", disable=not progress)):
         rows, at = _positions(frames, offset, stride)
         current = codes[rows, at, level]
         frame_codes = sum(table[codes[rows, at, j]] for j, table in enumerate(tables))
@@ -154,6 +177,11 @@ def search_codes(tokenizer, clips: Tensor, lengths: Tensor, candidates: int = 8,
                               for i in range(0, len(trial), RATE_BATCH)])
             cost = cost + rate_weight * rearrange(bits.to(cost), "(p k) -> p k", k=k)
         codes[rows, at, level] = ranked.gather(1, cost.argmin(dim=1, keepdim=True)).squeeze(1)
+        if guarded and (step + 1) % len(per_sweep) == 0:  # a sweep done: clips it made worse keep their codes
+            after_cost = clip_costs(codes)
+            worse = after_cost > before_cost
+            codes[worse] = before[worse]
+            before, before_cost = codes.clone(), torch.where(worse, before_cost, after_cost)
     error = waveforms.errors(codes) if steps or initial is not None else start_error
     changed = (codes != start_codes).flatten(1).sum(dim=1)
     return SearchedCodes(codes.cpu(), start_error.cpu(), error.cpu(), changed.cpu())
