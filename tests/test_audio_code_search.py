@@ -228,3 +228,21 @@ def test_a_shorter_reach_searches_approximately_and_never_keeps_a_worse_clip():
     assert torch.equal(beyond.codes, exact.codes)
     with pytest.raises(ValueError, match="reach"):
         search_codes(codec, clips, lengths, reach=-1)
+
+
+def test_the_reach_benchmark_places_all_of_a_changes_energy_within_the_decoders_reach():
+    """`benchmarks/audio_code_reach.py` counts a changed code's effect by distance; nothing is lost, as
+    nothing lands beyond `decoder_reach_frames`, and the code's own frame holds some of it."""
+    from benchmarks.audio_code_reach import energy_by_distance
+
+    codec, clips = tiny_codec(decoder_latent_dilations=(1, 3)), tones(batch=2, length=1600)
+    energy = energy_by_distance(codec, clips, [60, 120], seed=3)
+    assert energy.shape == (2 * codec.decoder_reach_frames + 1,)
+    codes = codec.encode(clips)
+    generator, total = torch.Generator().manual_seed(3), 0.0
+    for at in (60, 120):
+        changed = codes.clone()
+        changed[:, at, 0] = torch.randint(0, codec.quantizer.codebook_size, (2,), generator=generator)
+        total += float((codec.decode(changed) - codec.decode(codes)).square().sum())
+    assert float(energy.sum()) == pytest.approx(total, rel=1e-4)
+    assert float(energy[codec.decoder_reach_frames]) > 0
