@@ -147,20 +147,21 @@ def search_codes(tokenizer, clips: Tensor, lengths: Tensor, candidates: int = 8,
     k = min(candidates, tables[0].shape[0])
     per_sweep = [(offset, level) for offset in range(min(stride, int(frames.max()) if len(frames) else 0))
                  for level in range(len(tables))]
-    steps = [(sweep, *step) for sweep in range(sweeps) for step in per_sweep]
+    steps = per_sweep * sweeps
 
     def clip_costs(codes: Tensor) -> Tensor:  # (n,) what the search lowers: the error, plus the weighed bits
         cost = waveforms.errors(codes)
-        if weighing:
+        if weighing:  # the bits of every span (one `at` in each), each clip in batches
             rows = torch.arange(len(codes), device=device)
-            cost = cost + rate_weight * torch.cat([rate(codes[i : i + RATE_BATCH], rows[i : i + RATE_BATCH],
-                                                        torch.zeros_like(rows[i : i + RATE_BATCH]))
-                                                   for i in range(0, len(codes), RATE_BATCH)]).to(cost)
+            for start in range(0, codes.shape[1], rate_span or codes.shape[1]):
+                cost = cost + rate_weight * torch.cat([rate(codes[i : i + RATE_BATCH], rows[i : i + RATE_BATCH],
+                                                            torch.full_like(rows[i : i + RATE_BATCH], start))
+                                                       for i in range(0, len(codes), RATE_BATCH)]).to(cost)
         return cost
 
     guarded = reach < exact_reach and steps
     before, before_cost = (codes.clone(), clip_costs(codes)) if guarded else (None, None)
-    for step, (sweep, offset, level) in enumerate(tqdm(steps, desc="code search", disable=not progress)):
+    for step, (offset, level) in enumerate(tqdm(steps, desc="code search", disable=not progress)):
         rows, at = _positions(frames, offset, stride)
         current = codes[rows, at, level]
         frame_codes = sum(table[codes[rows, at, j]] for j, table in enumerate(tables))
