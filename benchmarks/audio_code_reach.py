@@ -23,7 +23,7 @@ from einops import rearrange
 from pipelines.audio_data import load_audio_dataset
 from pipelines.prompting import resolved_run_config
 from pipelines.stages import load_matched_pair
-from tokenizers_vq.audio_code_search import from_grid, search_codes
+from tokenizers_vq.audio_code_search import as_grid, from_grid
 
 try:
     from benchmarks.audio_codec_eval import machine, save_record
@@ -37,7 +37,7 @@ SHOWN = (0, 1, 2, 4, 8, 12, 16, 24, 32, 48)  # reaches printed (all are kept in 
 def energy_by_distance(tokenizer, clips: torch.Tensor, positions: list[int], seed: int = 0) -> torch.Tensor:
     """`(2 x reach + 1,)` energy of the decoded change at each distance -reach .. reach from a changed code,
     summed over the clips and `positions`."""
-    codes = search_codes(tokenizer, clips, torch.full((len(clips),), clips.shape[-1]), sweeps=0).codes
+    codes = as_grid(tokenizer.encode(clips))
     reach, hop, frames = tokenizer.decoder_reach_frames, tokenizer.hop_length, codes.shape[1]
     decode = lambda grid: tokenizer.decode(from_grid(grid, tokenizer.num_codebooks)).float()[..., : frames * hop]
     base, generator = decode(codes), torch.Generator().manual_seed(seed)

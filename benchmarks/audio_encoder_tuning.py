@@ -45,7 +45,7 @@ from pipelines.cpu_memory import keep_freed_memory
 from pipelines.prompting import resolved_run_config
 from pipelines.stages import load_matched_pair
 from pipelines.tokenset import frames_of
-from tokenizers_vq.audio_code_search import code_choice_logits, expected_codes, search_codes
+from tokenizers_vq.audio_code_search import as_grid, code_choice_logits, expected_codes, search_codes
 
 try:
     from benchmarks.audio_code_search import codes_split, held_codes, score
@@ -72,9 +72,7 @@ def real_frames(lengths: torch.Tensor, hop: int, grid_frames: int) -> torch.Tens
 def own_codes(tokenizer, clips: torch.Tensor) -> torch.Tensor:
     """The encoder's `(n frames q)` codes of `(n c t)` clips."""
     with torch.no_grad():
-        codes = torch.cat([tokenizer.quantizer.to_indices(tokenizer._latents(part))
-                           for part in clips.split(EVAL_BATCH)])
-    return codes if codes.ndim == 3 else codes[..., None]
+        return as_grid(torch.cat([tokenizer.encode(part) for part in clips.split(EVAL_BATCH)]))
 
 
 def own_si_snr(tokenizer, clips: torch.Tensor, lengths: torch.Tensor, sample_rate: int) -> float:
@@ -115,7 +113,7 @@ def waveform_loss(tokenizer, clips: torch.Tensor, lengths: torch.Tensor, estimat
     with torch.no_grad():  # the codes of the latents just made: no second encoder pass
         codes = tokenizer.quantizer.to_indices(latents)
     hard = tokenizer.quantizer.lookup(codes).to(latents)
-    codes = codes if codes.ndim == 3 else codes[..., None]
+    codes = as_grid(codes)
     if estimator == "ste":
         quantized = latents + (hard - latents).detach()
     else:

@@ -93,7 +93,9 @@ def expected_codes(quantizer, latents: Tensor, codes: Tensor, temperature: float
     return sum(torch.softmax(level / temperature, dim=-1) @ table for level, table in zip(logits, tables))
 
 
-def _as_grid(codes: Tensor) -> Tensor:
+def as_grid(codes: Tensor) -> Tensor:
+    """A codec's codes, `(n frames)` for one codebook or `(n frames q)` -> `(n frames q)`, as the search holds
+    them (`from_grid` undoes it)."""
     return codes if codes.ndim == 3 else rearrange(codes, "n frames -> n frames 1")
 
 
@@ -137,8 +139,8 @@ def search_codes(tokenizer, clips: Tensor, lengths: Tensor, candidates: int = 8,
     clips, lengths = clips.to(device).float(), torch.as_tensor(lengths, device=device)
     tables = [table.to(device) for table in _code_tables(tokenizer.quantizer)]
     latents = tokenizer._latents(clips)
-    start_codes = _as_grid(tokenizer.quantizer.to_indices(latents))
-    codes = start_codes.clone() if initial is None else _as_grid(initial).to(device).clone()
+    start_codes = as_grid(tokenizer.quantizer.to_indices(latents))
+    codes = start_codes.clone() if initial is None else as_grid(initial).to(device).clone()
     waveforms = _Waveforms(tokenizer, clips, lengths, codes.shape[1], batch_size)
     start_error = waveforms.errors(start_codes)
     weighing = rate is not None and rate_weight > 0
