@@ -221,8 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         seconds, codes = time.perf_counter() - started, result.codes
         figures = score(codes, *parts)
         figures.update(changed_positions=float(result.changed.float().mean()), sweep_seconds=seconds,
-                       reach=min(args.reach, tokenizer.decoder_reach_frames) if args.reach is not None
-                       else tokenizer.decoder_reach_frames, audio_seconds_per_second=audio_seconds / seconds)
+                       reach=result.reach, audio_seconds_per_second=audio_seconds / seconds)
         record["sweeps"][str(sweep)] = figures
         report(f"{sweep} sweep(s)", figures)
         save_record(record, args.out)  # kept after every sweep: a long search may be stopped

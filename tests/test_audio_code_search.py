@@ -231,6 +231,7 @@ def test_a_shorter_reach_searches_approximately_and_never_keeps_a_worse_clip():
     exact = search_codes(codec, clips, lengths, candidates=16, sweeps=1)
     beyond = search_codes(codec, clips, lengths, candidates=16, sweeps=1, reach=codec.decoder_reach_frames + 5)
     assert torch.equal(beyond.codes, exact.codes)
+    assert (short.reach, blind.reach, exact.reach, beyond.reach) == (2, 0, *[codec.decoder_reach_frames] * 2)
     with pytest.raises(ValueError, match="reach"):
         search_codes(codec, clips, lengths, reach=-1)
 

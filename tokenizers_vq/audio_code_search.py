@@ -38,6 +38,7 @@ class SearchedCodes(NamedTuple):
     start_error: Tensor  # (n,) squared waveform error of the encoder's codes, over real samples
     error: Tensor  # (n,) the same for the searched codes; never above start_error
     changed: Tensor  # (n,) code positions that differ from the encoder's
+    reach: int  # frames each side the candidates were scored over (the decoder's whole reach: exact)
 
 
 MAX_CODEBOOK = 1 << 16  # codes per level whose vectors the search tabulates
@@ -187,7 +188,7 @@ def search_codes(tokenizer, clips: Tensor, lengths: Tensor, candidates: int = 8,
             before, before_cost = codes.clone(), torch.where(worse, before_cost, after_cost)
     error = waveforms.errors(codes) if steps or initial is not None else start_error
     changed = (codes != start_codes).flatten(1).sum(dim=1)
-    return SearchedCodes(codes.cpu(), start_error.cpu(), error.cpu(), changed.cpu())
+    return SearchedCodes(codes.cpu(), start_error.cpu(), error.cpu(), changed.cpu(), reach)
 
 
 def _positions(frames: Tensor, offset: int, stride: int) -> tuple[Tensor, Tensor]:
