@@ -152,14 +152,16 @@ def search_codes(tokenizer, clips: Tensor, lengths: Tensor, candidates: int = 8,
                  for level in range(len(tables))]
     steps = per_sweep * sweeps
 
+    def bits_of(codes: Tensor, rows: Tensor, at: Tensor) -> Tensor:  # `rate`, RATE_BATCH rows at a time
+        return torch.cat([rate(codes[i : i + RATE_BATCH], rows[i : i + RATE_BATCH], at[i : i + RATE_BATCH])
+                          for i in range(0, len(codes), RATE_BATCH)])
+
     def clip_costs(codes: Tensor) -> Tensor:  # (n,) what the search lowers: the error, plus the weighed bits
         cost = waveforms.errors(codes)
-        if weighing:  # the bits of every span (one `at` in each), each clip in batches
+        if weighing:  # the bits of every span (one `at` in each)
             rows = torch.arange(len(codes), device=device)
             for start in range(0, codes.shape[1], rate_span or codes.shape[1]):
-                cost = cost + rate_weight * torch.cat([rate(codes[i : i + RATE_BATCH], rows[i : i + RATE_BATCH],
-                                                            torch.full_like(rows[i : i + RATE_BATCH], start))
-                                                       for i in range(0, len(codes), RATE_BATCH)]).to(cost)
+                cost = cost + rate_weight * bits_of(codes, rows, torch.full_like(rows, start)).to(cost)
         return cost
 
     guarded = reach < exact_reach and steps
@@ -177,8 +179,7 @@ def search_codes(tokenizer, clips: Tensor, lengths: Tensor, candidates: int = 8,
             trial = repeat(codes[rows], "p frames q -> (p k) frames q", k=k).clone()
             trial_rows, trial_at = repeat(rows, "p -> (p k)", k=k), repeat(at, "p -> (p k)", k=k)
             trial[torch.arange(len(trial), device=device), trial_at, level] = rearrange(ranked, "p k -> (p k)")
-            bits = torch.cat([rate(trial[i : i + RATE_BATCH], trial_rows[i : i + RATE_BATCH], trial_at[i : i + RATE_BATCH])
-                              for i in range(0, len(trial), RATE_BATCH)])
+            bits = bits_of(trial, trial_rows, trial_at)
             cost = cost + rate_weight * rearrange(bits.to(cost), "(p k) -> p k", k=k)
         codes[rows, at, level] = ranked.gather(1, cost.argmin(dim=1, keepdim=True)).squeeze(1)
         if guarded and (step + 1) % len(per_sweep) == 0:  # a sweep done: clips it made worse keep their codes
