@@ -8,7 +8,10 @@ For codec sweeps without training a prior: the same metrics as `metrics.json["to
 whole run (`audio_eval.reconstruction_metrics` and `reconstruction_classifier_metrics`) on the
 run config's test split, with the run config's spoken-digit classifier (trained here on the train
 split, or reused from `--classifier-cache`). Pass the same overrides as for training, so the data
-(clip length, `peak_level`) match what the tokenizer saw.
+(clip length, `peak_level`) match what the tokenizer saw. `--against OTHER_TOKENIZER` adds the
+per-clip SI-SNR gain over another codec, paired on the same clips (`si_snr_gain_db` and its standard
+error): a training cycle's gain of 0.05 dB is far inside either mean's own standard error, not the
+paired one's.
 """
 
 from __future__ import annotations
@@ -86,6 +89,9 @@ def main() -> None:
     parser.add_argument("--train-clips", type=int, default=300,
                         help="also the SI-SNR of this many train clips, spread over the split (0: skip): "
                              "far above the test figure, the codec has learnt its clips")
+    parser.add_argument("--against", default="",
+                        help="another tokenizer folder for the same config (say, the codec before a training cycle): "
+                             "also the per-clip SI-SNR gain over it on the test clips, with the paired standard error")
     parser.add_argument("--classifier-cache", default="", help="folder to keep the classifier in between runs")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the codec and the classifier run (default: CUDA when there is one)")
@@ -100,6 +106,12 @@ def main() -> None:
     waveforms, lengths, labels = test_split(data)
     metrics, _, reconstructions = audio_eval.reconstruction_metrics(tokenizer, waveforms, lengths)
     metrics.update(latent_statistics(tokenizer, waveforms, lengths))
+    if args.against:
+        baseline = load_tokenizer(args.against).eval().to(args.device)
+        _, _, baseline_reconstructions = audio_eval.reconstruction_metrics(baseline, waveforms, lengths)
+        metrics.update(audio_eval.paired_si_snr_gain(
+            audio_eval.per_clip_si_snr(reconstructions, waveforms, lengths),
+            audio_eval.per_clip_si_snr(baseline_reconstructions, waveforms, lengths)))
     if args.train_clips:
         spread = np.unique(np.linspace(0, len(data.train) - 1, min(args.train_clips, len(data.train))).round()
                            .astype(np.int64))  # every part of the split: FSDD's train clips come grouped by speaker
@@ -114,7 +126,8 @@ def main() -> None:
                            sample_rate=config.audio_data.sample_rate)
         metrics.update(audio_eval.reconstruction_classifier_metrics(
             classifier, features(reconstructions), features(waveforms), labels))
-    record = {"config": args.config, "tokenizer": args.tokenizer, "overrides": args.overrides,
+    record = {"config": args.config, "tokenizer": args.tokenizer, "against": args.against or None,
+              "overrides": args.overrides,
               "machine": machine(args),
               "metrics": metrics}
     print(json.dumps(record, indent=2, default=float))

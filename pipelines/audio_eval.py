@@ -160,6 +160,34 @@ def reconstruction_classifier_metrics(classifier, reconstruction_features: torch
 
 
 @torch.no_grad()
+def per_clip_si_snr(reconstructions: torch.Tensor, waveforms: torch.Tensor, lengths: torch.Tensor,
+                    batch_size: int = 64) -> torch.Tensor:
+    """`(n,)` float64 SI-SNR (dB) of each of `(n c t)` reconstructions to its original, real samples only,
+    averaged over channels."""
+    snrs = []
+    for start in range(0, len(waveforms), batch_size):
+        clips = waveforms[start : start + batch_size]
+        mask = lengths_to_mask(lengths[start : start + batch_size], clips.shape[-1]).to(clips.device)
+        snr = si_snr(reconstructions[start : start + batch_size], clips, mask)
+        snrs.append(reduce(snr, "b c -> b", "mean").cpu())
+    return torch.cat(snrs).double()
+
+
+def paired_si_snr_gain(snr: torch.Tensor, baseline_snr: torch.Tensor) -> dict[str, float]:
+    """How much a codec's per-clip SI-SNR beats a baseline's on the same clips: the mean gain (dB), its
+    standard error, and the share of clips it improves. Two codecs' gains of a few hundredths of a dB
+    hide in the spread between clips (each mean's own standard error, about 0.15 dB on FSDD's 300 test
+    clips); the paired difference removes that spread, so such a gain can be told from noise."""
+    if snr.shape != baseline_snr.shape or snr.ndim != 1:
+        raise ValueError("paired SI-SNR needs the same clips: "
+                         f"shapes {tuple(snr.shape)} and {tuple(baseline_snr.shape)}")
+    gain = snr - baseline_snr
+    return {"si_snr_gain_db": gain.mean().item(),
+            "si_snr_gain_db_stderr": (gain.std() / len(gain) ** 0.5).item() if len(gain) > 1 else float("nan"),
+            "si_snr_gain_clips_improved": (gain > 0).double().mean().item()}
+
+
+@torch.no_grad()
 def waveform_metrics(reconstructions: torch.Tensor, waveforms: torch.Tensor, lengths: torch.Tensor,
                      sample_rate: int, batch_size: int = 64, stft_fft_sizes: tuple[int, ...] = (128, 256, 512),
                      mel_fft_size: int = 512, mel_hop: int = 128, num_mels: int = 40) -> dict[str, float]:
@@ -172,15 +200,15 @@ def waveform_metrics(reconstructions: torch.Tensor, waveforms: torch.Tensor, len
     here, so runs compare).
     """
     filterbank = mel_filterbank(sample_rate, mel_fft_size, num_mels).to(waveforms.device)
-    snrs, stft_distances, mel_distances, weights = [], [], [], []
+    snr = per_clip_si_snr(reconstructions, waveforms, lengths, batch_size)
+    stft_distances, mel_distances, weights = [], [], []
     for start in range(0, len(waveforms), batch_size):
         clips, reconstruction = waveforms[start : start + batch_size], reconstructions[start : start + batch_size]
         mask = lengths_to_mask(lengths[start : start + batch_size], clips.shape[-1]).to(clips.device)
-        snrs.append(reduce(si_snr(reconstruction, clips, mask), "b c -> b", "mean").cpu())
         stft_distances.append(float(multi_resolution_stft_loss(reconstruction, clips, stft_fft_sizes, mask)))
         mel_distances.append(float(mel_loss(reconstruction, clips, filterbank, mel_fft_size, mel_hop, mask)))
         weights.append(len(clips))
-    snr, total = torch.cat(snrs).double(), sum(weights)
+    total = sum(weights)
     return {
         "si_snr_db": snr.mean().item(),
         "si_snr_db_median": snr.median().item(),

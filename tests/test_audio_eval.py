@@ -93,6 +93,29 @@ def test_waveform_metrics_scores_any_codecs_output_over_real_samples_only():
     assert noisy["si_snr_db_stderr"] > 0
 
 
+def test_paired_si_snr_gain_tells_a_small_gain_from_the_spread_between_clips():
+    from pipelines.audio_eval import paired_si_snr_gain, per_clip_si_snr, waveform_metrics
+
+    clips, lengths = _tone_clips([1600, 900, 1200])
+    generator = torch.Generator().manual_seed(3)
+    noise = torch.randn(clips.shape, generator=generator) * torch.tensor([0.02, 0.1, 0.3])[:, None, None]
+    worse, better = clips + noise, clips + 0.9 * noise  # clips far apart, each one a little closer
+    worse_snr = per_clip_si_snr(worse, clips, lengths, batch_size=2)
+    better_snr = per_clip_si_snr(better, clips, lengths)
+    assert worse_snr.shape == (3,) and worse_snr.dtype == torch.float64
+    assert worse_snr.mean().item() == pytest.approx(waveform_metrics(worse, clips, lengths, RATE)["si_snr_db"])
+    gain = paired_si_snr_gain(better_snr, worse_snr)
+    assert gain["si_snr_gain_clips_improved"] == 1.0
+    # noise at 0.9 times the amplitude: 0.92 dB on every clip
+    assert gain["si_snr_gain_db"] == pytest.approx(20 * np.log10(1 / 0.9), abs=0.1)
+    unpaired_stderr = waveform_metrics(better, clips, lengths, RATE)["si_snr_db_stderr"]
+    assert gain["si_snr_gain_db_stderr"] < 0.1 * unpaired_stderr
+    same = paired_si_snr_gain(worse_snr, worse_snr)
+    assert same["si_snr_gain_db"] == 0 and same["si_snr_gain_db_stderr"] == 0 and same["si_snr_gain_clips_improved"] == 0
+    with pytest.raises(ValueError, match="same clips"):
+        paired_si_snr_gain(worse_snr, worse_snr[:2])
+
+
 def test_lagged_si_snr_finds_a_decoders_delay():
     from benchmarks.codec2_reference import lagged_si_snr
     from pipelines.audio_data import lengths_to_mask
