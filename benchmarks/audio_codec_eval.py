@@ -10,8 +10,8 @@ run config's test split, with the run config's spoken-digit classifier (trained 
 split, or reused from `--classifier-cache`). Pass the same overrides as for training, so the data
 (clip length, `peak_level`) match what the tokenizer saw. `--against OTHER_TOKENIZER` adds the
 per-clip SI-SNR gain over another codec, paired on the same clips (`si_snr_gain_db` and its standard
-error): a training cycle's gain of 0.05 dB is far inside either mean's own standard error, not the
-paired one's.
+error): on FSDD a training cycle's gain of 0.05 dB is a third of either mean's own standard error
+(0.15 dB) and twice the paired one (0.026 dB).
 """
 
 from __future__ import annotations
