@@ -159,6 +159,11 @@ def reconstruction_classifier_metrics(classifier, reconstruction_features: torch
             "reconstruction_frechet": reconstruction_frechet(classifier, original_features, reconstruction_features)}
 
 
+def mean_standard_error(values: torch.Tensor) -> float:
+    """The standard error of the mean of `(n,)` values (nan for fewer than two)."""
+    return (values.std() / len(values) ** 0.5).item() if len(values) > 1 else float("nan")
+
+
 @torch.no_grad()
 def per_clip_si_snr(reconstructions: torch.Tensor, waveforms: torch.Tensor, lengths: torch.Tensor,
                     batch_size: int = 64) -> torch.Tensor:
@@ -183,7 +188,7 @@ def paired_si_snr_gain(snr: torch.Tensor, baseline_snr: torch.Tensor) -> dict[st
                          f"shapes {tuple(snr.shape)} and {tuple(baseline_snr.shape)}")
     gain = snr - baseline_snr
     return {"si_snr_gain_db": gain.mean().item(),
-            "si_snr_gain_db_stderr": (gain.std() / len(gain) ** 0.5).item() if len(gain) > 1 else float("nan"),
+            "si_snr_gain_db_stderr": mean_standard_error(gain),
             "si_snr_gain_clips_improved": (gain > 0).double().mean().item()}
 
 
@@ -212,7 +217,7 @@ def waveform_metrics(reconstructions: torch.Tensor, waveforms: torch.Tensor, len
     return {
         "si_snr_db": snr.mean().item(),
         "si_snr_db_median": snr.median().item(),
-        "si_snr_db_stderr": (snr.std() / len(snr) ** 0.5).item() if len(snr) > 1 else float("nan"),
+        "si_snr_db_stderr": mean_standard_error(snr),
         "stft_distance": sum(d * w for d, w in zip(stft_distances, weights)) / total,
         "mel_distance": sum(d * w for d, w in zip(mel_distances, weights)) / total,
         "num_clips": float(total),
