@@ -11,7 +11,8 @@ split, or reused from `--classifier-cache`). Pass the same overrides as for trai
 (clip length, `peak_level`) match what the tokenizer saw. `--against OTHER_TOKENIZER` adds the
 per-clip SI-SNR gain over another codec, paired on the same clips (`si_snr_gain_db` and its standard
 error): on FSDD a training cycle's gain of 0.05 dB is a third of either mean's own standard error
-(0.15 dB) and twice the paired one (0.026 dB).
+(0.15 dB) and twice the paired one (0.026 dB). `--flip-polarity` and `--delay N` score the test clips
+(not the train clips) sign-flipped or delayed, as the training augmentation would present them.
 """
 
 from __future__ import annotations
@@ -37,6 +38,20 @@ def test_split(data) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """An `AudioDataset`'s test split: (n c t) float32 waveforms, their lengths in samples, their labels."""
     return (torch.from_numpy(np.ascontiguousarray(data.test.waveforms, dtype=np.float32)),
             torch.as_tensor(data.test.lengths), torch.as_tensor(data.test.labels))
+
+
+def transformed_clips(waveforms: torch.Tensor, lengths: torch.Tensor, flip_polarity: bool = False,
+                      delay: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test clips with every sign flipped and/or each clip delayed by `delay` samples of silence: the
+    training augmentation's transforms, applied to all clips alike, to ask whether the codec codes such
+    input as well as the original. A delayed clip longer than the window loses its last samples."""
+    if delay < 0:
+        raise ValueError(f"--delay must be >= 0, got {delay}")
+    window = waveforms.shape[-1]
+    if delay:
+        waveforms = torch.nn.functional.pad(waveforms, (delay, 0))[..., :window]
+        lengths = (lengths + delay).clamp(max=window)
+    return (-waveforms if flip_polarity else waveforms), lengths
 
 
 def machine(args) -> str:
@@ -92,6 +107,10 @@ def main() -> None:
     parser.add_argument("--against", default="",
                         help="another tokenizer folder for the same config (say, the codec before a training cycle): "
                              "also the per-clip SI-SNR gain over it on the test clips, with the paired standard error")
+    parser.add_argument("--flip-polarity", action="store_true",
+                        help="score the test clips with their sign flipped (as tokenizer.augment_polarity does)")
+    parser.add_argument("--delay", type=int, default=0,
+                        help="score the test clips each delayed by this many samples of silence")
     parser.add_argument("--classifier-cache", default="", help="folder to keep the classifier in between runs")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the codec and the classifier run (default: CUDA when there is one)")
@@ -104,6 +123,7 @@ def main() -> None:
     data = load_audio_dataset(config.audio_data)
     tokenizer = load_tokenizer(args.tokenizer).eval().to(args.device)
     waveforms, lengths, labels = test_split(data)
+    waveforms, lengths = transformed_clips(waveforms, lengths, args.flip_polarity, args.delay)
     metrics, _, reconstructions = audio_eval.reconstruction_metrics(tokenizer, waveforms, lengths)
     metrics.update(latent_statistics(tokenizer, waveforms, lengths))
     if args.against:
@@ -128,6 +148,7 @@ def main() -> None:
             classifier, features(reconstructions), features(waveforms), labels))
     record = {"config": args.config, "tokenizer": args.tokenizer, "against": args.against or None,
               "overrides": args.overrides,
+              "test_clips": {"flip_polarity": args.flip_polarity, "delay": args.delay},
               "machine": machine(args),
               "metrics": metrics}
     print(json.dumps(record, indent=2, default=float))

@@ -203,3 +203,21 @@ def test_latent_statistics_count_only_frames_that_hold_audio():
     # Frames past a clip's end are left out: a clip cut to its first 40 samples counts 10 frames.
     shorter = latent_statistics(tokenizer, waveforms, torch.tensor([40, 400, 400]))
     assert shorter != pytest.approx(stats)
+
+
+def test_codec_eval_transformed_clips_flip_and_delay_within_the_window():
+    from benchmarks.audio_codec_eval import transformed_clips
+
+    waveforms = torch.arange(1, 21, dtype=torch.float32).reshape(2, 1, 10)
+    lengths = torch.tensor([4, 9])
+    same, same_lengths = transformed_clips(waveforms, lengths)
+    assert torch.equal(same, waveforms) and torch.equal(same_lengths, lengths)
+    flipped, _ = transformed_clips(waveforms, lengths, flip_polarity=True)
+    assert torch.equal(flipped, -waveforms)
+    delayed, delayed_lengths = transformed_clips(waveforms, lengths, delay=3)
+    assert delayed.shape == waveforms.shape
+    assert torch.equal(delayed[..., :3], torch.zeros(2, 1, 3))
+    assert torch.equal(delayed[..., 3:], waveforms[..., :7])
+    assert delayed_lengths.tolist() == [7, 10]  # the longer clip runs into the window's end
+    with pytest.raises(ValueError, match="delay"):
+        transformed_clips(waveforms, lengths, delay=-1)
