@@ -6,8 +6,9 @@ seen (EnCodec's `encodec in.wav out.ecdc` with its language model on, in tokgen'
 - **Audio**: each file is read as the run's data was (its rate and channels), cut into segments of
   the run's clip length (the sequence length the prior models), and each segment is brought to the
   run's peak level as the run's clips were. The segments' gains, in whole dB, are joined into a
-  smooth curve (`gain_curve`), so a change of level makes no step; the file, divided by that curve,
-  is encoded whole by the run's tokenizer in windows (`encode_chunked`). Each segment's tokens are one
+  smooth curve (`gain_curve`), so a change of level makes no step; the file, divided by that curve
+  and given whichever sign the codec codes closer (`better_polarity`), is encoded whole by the run's
+  tokenizer in windows (`encode_chunked`). Each segment's tokens are one
   item of the token file, coded from its own start under the null class: segments share no
   context, but any one decodes alone. Decompressing joins a file's segments, decodes its codes whole
   (`decode_chunked`), so segment edges leave no seam, and multiplies the curve back in. With
@@ -17,7 +18,7 @@ seen (EnCodec's `encodec in.wav out.ecdc` with its language model on, in tokgen'
 
 The header lists the sources in order: a name, which is where decompressing writes the output (the
 path below the folder given, without suffix, so `a/x.wav` and `b/x.wav` stay apart), and for audio
-the file's samples and its segments' gains. A name read from a file is checked before it becomes a
+the file's samples, its segments' gains and its polarity. A name read from a file is checked before it becomes a
 path.
 
 On FSDD's test split as one 20 s file per speaker, per-segment levels against one level per file: the
@@ -128,19 +129,20 @@ def _audio_tokens(files: list[InputFile], tokenizer, manifest: Manifest, data_co
                   search: CodeSearch = CodeSearch(), prior=None) -> tuple[TokensToCode, list[dict], list[torch.Tensor]]:
     """Read and encode audio files (searching their codes if `search.sweeps`) -> their segments to code,
     the sources for the header, and each file as read (`(c t)`) to score the decoded audio against."""
-    device, window = module_device(tokenizer), segment_samples(manifest)
-    sources, clips, levelled = [], [], []
-    for item in tqdm(files, desc="read files", disable=not progress):
+    window = segment_samples(manifest)
+    sources, clips, levelled, codes = [], [], [], []
+    for item in tqdm(files, desc="read and encode files", disable=not progress):
         clip = read_audio_file(item.path, data_config)
         gains_db = segment_gains_db(clip, window, data_config.peak_level)
-        levelled.append(torch.from_numpy(clip / gain_curve(gains_db, clip.shape[-1], window)))
-        sources.append({"name": item.name, "num_samples": clip.shape[-1], "gains_db": gains_db})
+        polarity, signed, signed_codes = better_polarity(
+            tokenizer, torch.from_numpy(clip / gain_curve(gains_db, clip.shape[-1], window)), manifest)
+        levelled.append(signed)
+        codes.append(signed_codes)
+        sources.append({"name": item.name, "num_samples": clip.shape[-1], "gains_db": gains_db,
+                        "polarity": polarity})
         clips.append(torch.from_numpy(clip))
     if search.sweeps:
         codes = searched_codes(tokenizer, prior, manifest, levelled, search, progress)
-    else:
-        codes = [layouts.as_grid(tokenizer.encode_chunked(clip[None].to(device), chunk_samples=window).cpu())[0]
-                 for clip in tqdm(levelled, desc="encode files", disable=not progress)]
     sequences, samples = [], []
     for file_codes, clip in zip(codes, clips):
         segments, lengths = _segment_tokens(file_codes, clip.shape[-1], manifest)
@@ -149,6 +151,27 @@ def _audio_tokens(files: list[InputFile], tokenizer, manifest: Manifest, data_co
     num_samples = torch.tensor(samples, dtype=torch.long)
     mask = manifest.valid_token_mask(frames_of(num_samples, manifest.hop_length))
     return TokensToCode(torch.cat(sequences), mask, num_samples=num_samples), sources, clips
+
+
+@torch.no_grad()
+def better_polarity(tokenizer, clip: torch.Tensor, manifest: Manifest) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Whichever sign of a levelled `(c t)` clip the codec codes closer: +1 or -1, the clip so signed, and
+    its codes `(frames q)`. A listener hears no difference between a clip and its negative, but a codec
+    learns the polarity of the recordings it trained on (the FSDD codec codes sign-flipped clips about
+    6 dB worse, BENCHMARKS.md), and a recording may be wired either way. Costs one more encode and two
+    decodes; the sign travels in the header."""
+    from tokenizers_vq.audio_losses import si_snr
+
+    device, window = module_device(tokenizer), segment_samples(manifest)
+    best = None
+    for sign in (1, -1):
+        signed = clip * sign
+        tokens = tokenizer.encode_chunked(signed[None].to(device), chunk_samples=window)
+        decoded = tokenizer.decode_chunked(tokens, chunk_frames=manifest.token_grid[0], length=clip.shape[-1])
+        score = float(si_snr(decoded.float().cpu(), signed[None]).mean())
+        if best is None or score > best[0]:
+            best = (score, sign, signed, layouts.as_grid(tokens.cpu())[0])
+    return best[1:]
 
 
 def _image_tokens(files: list[InputFile], tokenizer, manifest: Manifest,
@@ -215,7 +238,7 @@ def _render(tokenizer, codes: list[torch.Tensor], sources: list[dict], manifest:
         clip = tokenizer.decode_chunked(clip_codes.to(device), chunk_frames=manifest.token_grid[0],
                                         length=source["num_samples"])
         curve = torch.from_numpy(gain_curve(source["gains_db"], source["num_samples"], window))
-        clips.append(clip[0].float().cpu() * curve)
+        clips.append(clip[0].float().cpu() * curve * source.get("polarity", 1))  # files written before it: +1
     return clips
 
 
@@ -251,11 +274,12 @@ def check_sources(sources, manifest: Manifest, path) -> None:
             return True
         samples, gains = source.get("num_samples"), source.get("gains_db")
         return (isinstance(samples, int) and samples > 0 and isinstance(gains, list)
-                and len(gains) == segments_of(samples, manifest) and all(isinstance(g, int) for g in gains))
+                and len(gains) == segments_of(samples, manifest) and all(isinstance(g, int) for g in gains)
+                and type(source.get("polarity", 1)) is int and source.get("polarity", 1) in (1, -1))
 
     if not isinstance(sources, list) or not all(map(fits, sources)):
-        raise CompressedFileError(f"{path}: its list of sources is malformed (each needs a name"
-                                  f"{', its samples and one whole-dB gain per segment' if audio else ''})")
+        needs = ", its samples, one whole-dB gain per segment and a polarity of 1 or -1" if audio else ""
+        raise CompressedFileError(f"{path}: its list of sources is malformed (each needs a name{needs})")
 
 
 def _source_codes(tokens: torch.Tensor, sources: list[dict], manifest: Manifest, path) -> list[torch.Tensor]:

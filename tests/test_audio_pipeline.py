@@ -20,9 +20,10 @@ from safetensors.torch import load_file, save_file
 
 from pipelines.cli import main
 from pipelines.audio_data import read_audio_file
-from pipelines.compression import CompressedTokens
+from pipelines.compression import CompressedFileError, CompressedTokens
 from pipelines.compression import run_parts
-from pipelines.file_compression import _audio_tokens, decode_sources, gain_curve, input_files, segment_samples
+from pipelines.file_compression import (_audio_tokens, check_sources, decode_sources, gain_curve, input_files,
+                                        segment_samples)
 from pipelines.prompting import audio_prompt_tokens, continue_prompt, resolved_run_config
 from pipelines.searched_encoding import segment_bits
 from pipelines.stages import load_matched_pair
@@ -357,12 +358,13 @@ def test_compress_your_own_files_and_get_them_back(audio_run, tmp_path):
         assert soundfile.info(decoded_dir / f"{name}.wav").frames == samples
     codes = load_file(str(decoded_dir / "codes.safetensors"))
     data_config = resolved_run_config(run_dir).audio_data
-    clip = torch.from_numpy(read_audio_file(long, data_config))
+    polarity = header["sources"][0]["polarity"]  # whichever sign the codec codes closer
+    clip = torch.from_numpy(read_audio_file(long, data_config)) * polarity
     expected = tokenizer.encode_chunked(clip[None], chunk_samples=window)[0]
     assert torch.equal(codes["long"], expected)  # segments and layout undone exactly
     wav, _ = soundfile.read(decoded_dir / "long.wav", dtype="float32")
     rendered = tokenizer.decode_chunked(expected[None], chunk_frames=manifest.token_grid[0], length=len(wav))
-    assert np.allclose(wav, rendered[0, 0].numpy(), atol=1e-4)  # 16-bit WAV
+    assert np.allclose(wav, polarity * rendered[0, 0].numpy(), atol=1e-4)  # 16-bit WAV
 
 
 def test_own_files_come_back_at_their_own_level(audio_run, tmp_path):
@@ -384,10 +386,32 @@ def test_own_files_come_back_at_their_own_level(audio_run, tmp_path):
     # no step: the largest change between neighbouring samples is the 30 dB fall spread over a segment
     assert np.abs(np.diff(20 * np.log10(curve))).max() == pytest.approx(30 / window, rel=0.01)
     decoded = decode_sources(tokenizer, coded.sequences, sources, manifest, "x")[0]
-    scaled = clips[0] / torch.from_numpy(curve)
+    polarity = sources[0]["polarity"]
+    scaled = clips[0] / torch.from_numpy(curve) * polarity
     direct = tokenizer.decode_chunked(tokenizer.encode_chunked(scaled[None], chunk_samples=window),
                                       chunk_frames=manifest.token_grid[0], length=4 * window)
-    assert torch.allclose(decoded, direct[0] * torch.from_numpy(curve), atol=1e-5)
+    assert torch.allclose(decoded, direct[0] * torch.from_numpy(curve) * polarity, atol=1e-5)
+
+
+def test_own_files_are_coded_in_whichever_sign_the_codec_codes_closer(audio_run, tmp_path):
+    """A clip and its negative sound the same; each is coded in the sign the codec prefers, so both get the
+    same codes, opposite polarities and decoded audio of opposite sign. A header's polarity must be 1 or -1."""
+    run_dir, _ = audio_run
+    tokenizer, _, tokenset = load_matched_pair(run_dir, "cpu")
+    manifest = tokenset.manifest
+    data_config = resolved_run_config(run_dir).audio_data
+    clip = read_audio_file(write_prompt_clip(tmp_path / "clip.wav", seconds=0.5), data_config)
+    soundfile.write(tmp_path / "negative.wav", -clip[0], data_config.sample_rate)
+    soundfile.write(tmp_path / "positive.wav", clip[0], data_config.sample_rate)
+    files = input_files([tmp_path / "negative.wav", tmp_path / "positive.wav"], {".wav"}, "audio")
+    coded, sources, _ = _audio_tokens(files, tokenizer, manifest, data_config, progress=False)
+    assert sorted(source["polarity"] for source in sources) == [-1, 1]
+    half = len(coded.sequences) // 2
+    assert torch.equal(coded.sequences[:half], coded.sequences[half:])
+    negative, positive = decode_sources(tokenizer, coded.sequences, sources, manifest, "x")
+    assert torch.allclose(negative, -positive, atol=1e-5)
+    with pytest.raises(CompressedFileError, match="polarity"):
+        check_sources([{**sources[0], "polarity": 2}], manifest, "x.tgac")
 
 
 def test_own_files_that_cannot_be_coded_are_refused_by_name(audio_run, tmp_path, capsys):
