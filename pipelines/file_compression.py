@@ -18,8 +18,8 @@ seen (EnCodec's `encodec in.wav out.ecdc` with its language model on, in tokgen'
 
 The header lists the sources in order: a name, which is where decompressing writes the output (the
 path below the folder given, without suffix, so `a/x.wav` and `b/x.wav` stay apart), and for audio
-the file's samples, its segments' gains and its polarity. A name read from a file is checked before it becomes a
-path.
+the file's samples, its segments' gains and its polarity. A name read from a file is checked before
+it becomes a path.
 
 On FSDD's test split as one 20 s file per speaker, per-segment levels against one level per file: the
 SI-SNR over each clip's stretch rose from 1.3 to 2.0 dB (as the clips coded alone, 2.05 dB) for 5% more
