@@ -128,7 +128,7 @@ def main() -> None:
     metrics.update(latent_statistics(tokenizer, waveforms, lengths))
     if args.against:
         baseline = load_tokenizer(args.against).eval().to(args.device)
-        _, _, baseline_reconstructions = audio_eval.reconstruction_metrics(baseline, waveforms, lengths)
+        _, baseline_reconstructions = audio_eval.reconstruct(baseline, waveforms, lengths)  # its SI-SNR only
         metrics.update(audio_eval.paired_si_snr_gain(
             audio_eval.per_clip_si_snr(reconstructions, waveforms, lengths),
             audio_eval.per_clip_si_snr(baseline_reconstructions, waveforms, lengths)))

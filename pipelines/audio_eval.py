@@ -232,8 +232,23 @@ def reconstruction_metrics(tokenizer, waveforms: torch.Tensor, lengths: torch.Te
     Returns the metrics, the (n frames [q]) codes and the (n c t) reconstructions, silenced after
     each clip's length as the originals are. `distance_sizes` go to `waveform_metrics`.
     """
-    device = next(tokenizer.parameters()).device
     sample_rate = int(tokenizer.config.sample_rate)
+    codes, reconstructions = reconstruct(tokenizer, waveforms, lengths, batch_size)
+    metrics = waveform_metrics(reconstructions, waveforms.float().cpu(), lengths.cpu(), sample_rate, batch_size,
+                               **distance_sizes)
+    num_codebooks = int(getattr(tokenizer, "num_codebooks", 1))
+    frames_per_second = sample_rate / tokenizer.hop_length
+    metrics.update(frames_per_second=frames_per_second,
+                   bitrate_bps=frames_per_second * num_codebooks * math.log2(tokenizer.vocab_size))
+    return metrics, codes, reconstructions
+
+
+@torch.no_grad()
+def reconstruct(tokenizer, waveforms: torch.Tensor, lengths: torch.Tensor,
+                batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode and decode (n c t) clips -> the (n frames [q]) codes and the (n c t) reconstructions on the
+    CPU, silenced after each clip's length as the originals are."""
+    device = next(tokenizer.parameters()).device
     codes, reconstructions = [], []
     for start in range(0, len(waveforms), batch_size):
         clips = waveforms[start : start + batch_size].to(device)
@@ -242,14 +257,7 @@ def reconstruction_metrics(tokenizer, waveforms: torch.Tensor, lengths: torch.Te
         reconstruction = tokenizer.decode(tokens, length=clips.shape[-1]).float()
         codes.append(tokens.cpu())
         reconstructions.append((reconstruction * rearrange(mask, "b t -> b 1 t")).cpu())
-    reconstructions = torch.cat(reconstructions)
-    metrics = waveform_metrics(reconstructions, waveforms.float().cpu(), lengths.cpu(), sample_rate, batch_size,
-                               **distance_sizes)
-    num_codebooks = int(getattr(tokenizer, "num_codebooks", 1))
-    frames_per_second = sample_rate / tokenizer.hop_length
-    metrics.update(frames_per_second=frames_per_second,
-                   bitrate_bps=frames_per_second * num_codebooks * math.log2(tokenizer.vocab_size))
-    return metrics, torch.cat(codes), reconstructions
+    return torch.cat(codes), torch.cat(reconstructions)
 
 
 def code_usage_metrics(codes: torch.Tensor, num_frames: torch.Tensor, codebook_size: int) -> dict[str, float]:
