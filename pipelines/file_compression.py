@@ -44,6 +44,7 @@ from pipelines.compression import (CompressedFileError, CompressionReport, Decod
                                    write_checked)
 from pipelines.data import IMAGE_EXTENSIONS, DataError, decode_image, pil_to_array, to_tensor_images
 from pipelines.images import save_image_grid
+from pipelines.polarity import closer_sign
 from pipelines.prompting import resolved_run_config
 from pipelines.searched_encoding import CodeSearch, searched_codes
 from pipelines.stages import RunError, decode_tokens, module_device
@@ -155,23 +156,19 @@ def _audio_tokens(files: list[InputFile], tokenizer, manifest: Manifest, data_co
 
 @torch.no_grad()
 def better_polarity(tokenizer, clip: torch.Tensor, manifest: Manifest) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """Whichever sign of a levelled `(c t)` clip the codec codes closer: +1 or -1, the clip so signed, and
-    its codes `(frames q)`. A listener hears no difference between a clip and its negative, but a codec
-    learns the polarity of the recordings it trained on (the FSDD codec codes sign-flipped clips about
-    6 dB worse, BENCHMARKS.md), and a recording may be wired either way. Costs one more encode and two
-    decodes; the sign travels in the header."""
-    from tokenizers_vq.audio_losses import si_snr
-
+    """Whichever sign of a levelled `(c t)` clip the codec codes closer (`pipelines/polarity.py`): +1 or
+    -1, the clip so signed, and its codes `(frames q)`. Costs one more encode and two decodes; the sign
+    travels in the header."""
     device, window = module_device(tokenizer), segment_samples(manifest)
-    best = None
-    for sign in (1, -1):
-        signed = clip * sign
-        tokens = tokenizer.encode_chunked(signed[None].to(device), chunk_samples=window)
-        decoded = tokenizer.decode_chunked(tokens, chunk_frames=manifest.token_grid[0], length=clip.shape[-1])
-        score = float(si_snr(decoded.float().cpu(), signed[None]).mean())
-        if best is None or score > best[0]:
-            best = (score, sign, signed, layouts.as_grid(tokens.cpu())[0])
-    return best[1:]
+
+    def code(signed: torch.Tensor) -> torch.Tensor:
+        return tokenizer.encode_chunked(signed[None].to(device), chunk_samples=window)
+
+    def decode(tokens: torch.Tensor) -> torch.Tensor:
+        return tokenizer.decode_chunked(tokens, chunk_frames=manifest.token_grid[0], length=clip.shape[-1])[0].cpu()
+
+    sign, tokens = closer_sign(clip, code, decode)
+    return sign, clip * sign, layouts.as_grid(tokens.cpu())[0]
 
 
 def _image_tokens(files: list[InputFile], tokenizer, manifest: Manifest,

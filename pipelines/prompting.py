@@ -6,7 +6,8 @@ file goes through what the run's data went through (channels and size for an ima
 channels and peak level for a clip) and is then encoded by the run's own tokenizer, so a file of
 another size, rate or channel count works, and an unreadable one is a `DataError` naming it. An
 audio prompt is cut at `prompt_seconds` before it is encoded (zeros after it, as the run pads its
-clips), so the codes it gives the prior have heard nothing after the prompt. An image is encoded
+clips), so the codes it gives the prior have heard nothing after the prompt; it is coded in whichever
+sign the codec codes closer, and its continuations are turned back to the prompt's sign. An image is encoded
 whole, as the sample stage's completions of test images are: a convolutional encoder's top rows of
 codes can carry a little of the pixels just below them, so give a partial image for a strict prompt
 (an image has no neutral filler the way silence is one for a clip). Outputs sit beside each other for
@@ -28,6 +29,7 @@ from pipelines.config import run_config_from_dict
 from pipelines.data import DataError, decode_image, pil_to_array, to_tensor_images
 from pipelines.generation import sample_labelled
 from pipelines.images import save_image_grid
+from pipelines.polarity import closer_sign
 from pipelines.stages import RunError, decode_tokens, module_device
 from pipelines.tokenset import encode_clips, encode_images
 
@@ -60,9 +62,14 @@ def resolved_run_config(run_dir: Path):
 
 
 def audio_prompt_tokens(path: Path, tokenizer, manifest, data_config,
-                        prompt_seconds: float) -> tuple[torch.Tensor, torch.Tensor]:
+                        prompt_seconds: float) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The first `prompt_seconds` of the file at `path` -> (its tokens in the run's layout (1 P), the
-    prompt as the run's data would hold it (1 c s), s = its samples)."""
+    prompt as the run's data would hold it (1 c s), s = its samples, and the sign it was coded in).
+
+    The prompt is coded in whichever sign the codec codes closer (`pipelines/polarity.py`): a codec
+    that learned its recordings' polarity hands the prior a garbled prompt otherwise."""
+    from pipelines.audio_stages import decode_audio_tokens
+
     clip_samples = manifest.image_shape[-1]
     frames = manifest.token_grid[0]
     prompt_frames = round(prompt_seconds * manifest.sample_rate / manifest.hop_length)
@@ -74,13 +81,20 @@ def audio_prompt_tokens(path: Path, tokenizer, manifest, data_config,
     if clip.shape[-1] < prompt_samples:
         raise DataError(f"audio file {path} holds {clip.shape[-1] / manifest.sample_rate:.3f} s, less than the "
                         f"{prompt_samples / manifest.sample_rate:.3f} s prompt asked for")
-    waveform = np.zeros((1, clip.shape[0], clip_samples), dtype=np.float32)
-    waveform[0, :, :prompt_samples] = clip[:, :prompt_samples]
+    prompt_clip = torch.from_numpy(np.ascontiguousarray(clip[None, :, :prompt_samples], dtype=np.float32))
     device = module_device(tokenizer)
-    tokens = torch.from_numpy(encode_clips(tokenizer, waveform, manifest.order, 1, device, progress=False,
-                                           name="prompt"))
+
+    def code(signed: torch.Tensor) -> torch.Tensor:  # zeros after the prompt, as the run pads its clips
+        window = torch.nn.functional.pad(signed, (0, clip_samples - prompt_samples))
+        return torch.from_numpy(encode_clips(tokenizer, window.numpy(), manifest.order, 1, device, progress=False,
+                                             name="prompt"))
+
+    def decode(tokens: torch.Tensor) -> torch.Tensor:
+        return decode_audio_tokens(tokenizer, tokens, manifest)[..., :prompt_samples]
+
+    sign, tokens = closer_sign(prompt_clip, code, decode)
     prompt_length = layouts.prefix_length(manifest.order, prompt_frames, manifest.num_codebooks)
-    return tokens[:, :prompt_length], torch.from_numpy(waveform[:, :, :prompt_samples])
+    return tokens[:, :prompt_length], prompt_clip, sign
 
 
 def continue_prompt(prior, prompt: torch.Tensor, label: int | None, num: int, options, seed: int,
@@ -116,15 +130,17 @@ def continue_audio_prompt(path: Path, run_dir: Path, tokenizer, prior, tokenset,
     manifest = tokenset.manifest
     config = resolved_run_config(run_dir)
     prompt_seconds = prompt_seconds if prompt_seconds is not None else config.audio.prefix_seconds
-    prompt, prompt_clip = audio_prompt_tokens(path, tokenizer, manifest, config.audio_data, prompt_seconds)
+    prompt, prompt_clip, sign = audio_prompt_tokens(path, tokenizer, manifest, config.audio_data, prompt_seconds)
     continued = continue_prompt(prior, prompt, label, num, options, seed, device)
     train = tokenset.tensors("train")
     labels = torch.full((num,), label) if label is not None else None
     lengths = draw_lengths(labels, num, train["num_samples"], train.get("label"), torch.Generator().manual_seed(seed))
-    clips = silence_after(decode_audio_tokens(tokenizer, continued, manifest), lengths.clamp_min(prompt_clip.shape[-1]))
+    clips = sign * silence_after(decode_audio_tokens(tokenizer, continued, manifest),  # back in the prompt's sign
+                                 lengths.clamp_min(prompt_clip.shape[-1]))
     write_wavs(prompt_clip, ["prompt"], out_dir, manifest.sample_rate)
     write_wavs(clips, [f"continued_{i}" for i in range(num)], out_dir, manifest.sample_rate)
     padded = torch.nn.functional.pad(prompt_clip, (0, clips.shape[-1] - prompt_clip.shape[-1]))  # one time axis
-    rows = [(f"prompt, {prompt_clip.shape[-1] / manifest.sample_rate:g} s", padded), ("continued", clips)]
+    flipped = ", coded sign-flipped" if sign < 0 else ""
+    rows = [(f"prompt, {prompt_clip.shape[-1] / manifest.sample_rate:g} s{flipped}", padded), ("continued", clips)]
     plot_spectrograms(rows, out_dir / "continuations.png", manifest.sample_rate, config.audio.classifier)
     return out_dir

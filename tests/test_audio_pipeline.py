@@ -150,14 +150,33 @@ def test_prompt_clip_tokens_begin_every_continuation(audio_run, tmp_path):
     tokenizer, prior, tokenset = load_matched_pair(run_dir, "cpu")
     manifest = tokenset.manifest
     data_config = resolved_run_config(run_dir).audio_data
-    prompt, clip = audio_prompt_tokens(write_prompt_clip(tmp_path / "p.wav", 0.2), tokenizer, manifest, data_config, 0.1)
+    prompt, clip, _ = audio_prompt_tokens(write_prompt_clip(tmp_path / "p.wav", 0.2), tokenizer, manifest, data_config,
+                                          0.1)
     frames = round(0.1 * RATE / manifest.hop_length)
     assert prompt.shape == (1, frames * manifest.num_codebooks) and clip.shape == (1, 1, frames * manifest.hop_length)
     continued = continue_prompt(prior, prompt, label=0, num=3, options=SamplingOptions(), seed=0, device="cpu")
     assert torch.equal(continued[:, : prompt.shape[1]], prompt.expand(3, -1))
     levelled = dataclasses.replace(data_config, peak_level=0.9)  # a run whose clips were scaled to one peak
-    _, clip = audio_prompt_tokens(tmp_path / "p.wav", tokenizer, manifest, levelled, 0.1)
+    _, clip, _ = audio_prompt_tokens(tmp_path / "p.wav", tokenizer, manifest, levelled, 0.1)
     assert clip.abs().max().item() == pytest.approx(0.9, abs=0.01)
+
+
+def test_a_prompt_and_its_negative_give_continuations_of_opposite_sign(audio_run, tmp_path):
+    """Each prompt is coded in the sign the codec codes closer, so a prompt and its negative hand the prior
+    the same tokens, and the continuations come back in each prompt's own sign."""
+    run_dir, _ = audio_run
+    data_config = resolved_run_config(run_dir).audio_data
+    clip = read_audio_file(write_prompt_clip(tmp_path / "clip.wav", seconds=0.2), data_config)
+    heard = {}
+    for name, sign in (("positive", 1), ("negative", -1)):
+        soundfile.write(tmp_path / f"{name}.wav", sign * clip[0], data_config.sample_rate)
+        assert main(["generate", str(run_dir), "--prompt", str(tmp_path / f"{name}.wav"), "--prompt-seconds", "0.1",
+                     "--label", "1", "--num", "1", "--out", str(tmp_path / name)]) == 0
+        heard[name] = soundfile.read(tmp_path / name / "continued_0.wav")[0]
+        prompt = soundfile.read(tmp_path / name / "prompt.wav")[0]
+        assert np.allclose(prompt, sign * clip[0, : len(prompt)], atol=1e-4)  # the prompt as given, not flipped
+    assert np.abs(heard["positive"]).max() > 0.01
+    assert np.allclose(heard["negative"], -heard["positive"], atol=1e-4)  # 16-bit WAVs
 
 
 def test_prompt_shorter_than_asked_or_unreadable_is_refused(audio_run, tmp_path, capsys):
