@@ -61,13 +61,14 @@ def resolved_run_config(run_dir: Path):
     return run_config_from_dict(json.loads(path.read_text()))
 
 
-def audio_prompt_tokens(path: Path, tokenizer, manifest, data_config,
-                        prompt_seconds: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+def audio_prompt_tokens(path: Path, tokenizer, manifest, data_config, prompt_seconds: float,
+                        try_both_signs: bool = True) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The first `prompt_seconds` of the file at `path` -> (its tokens in the run's layout (1 P), the
     prompt as the run's data would hold it (1 c s), s = its samples, and the sign it was coded in).
 
     The prompt is coded in whichever sign the codec codes closer (`pipelines/polarity.py`): a codec
-    that learned its recordings' polarity hands the prior a garbled prompt otherwise."""
+    that learned its recordings' polarity hands the prior a garbled prompt otherwise. `try_both_signs`
+    False codes it as given (`benchmarks/prompt_polarity.py` measures what the choice buys)."""
     from pipelines.audio_stages import decode_audio_tokens
 
     clip_samples = manifest.image_shape[-1]
@@ -92,7 +93,7 @@ def audio_prompt_tokens(path: Path, tokenizer, manifest, data_config,
     def decode(tokens: torch.Tensor) -> torch.Tensor:
         return decode_audio_tokens(tokenizer, tokens, manifest)[..., :prompt_samples]
 
-    sign, tokens = closer_sign(prompt_clip, code, decode)
+    sign, tokens = closer_sign(prompt_clip, code, decode) if try_both_signs else (1, code(prompt_clip))
     prompt_length = layouts.prefix_length(manifest.order, prompt_frames, manifest.num_codebooks)
     return tokens[:, :prompt_length], prompt_clip, sign
 
