@@ -2,9 +2,9 @@
 
     python -m benchmarks.prompt_polarity RUN_DIR --clips 300 --num 2 --out prompt_polarity.json
 
-Test clips of the run's data, cut at the run's `audio.prefix_seconds`, are given as prompts from WAV
-files, as recorded and sign-flipped, each coded as given and in the closer sign
-(`prompting.audio_prompt_tokens`). The prior continues each prompt `--num` times with no class label,
+Test clips of the run's data (those at least as long as the prompt), cut at the run's
+`audio.prefix_seconds`, are given as prompts from WAV files, as recorded and sign-flipped, each coded
+as given and in the closer sign (`prompting.audio_prompt_tokens`). The prior continues each prompt `--num` times with no class label,
 so only the prompt tells it which digit it is saying. Per case: the prompt's SI-SNR as the
 continuations begin (what a listener hears of their own prompt), and how often the run's spoken-digit
 classifier hears the prompt's digit in the continued clip (cut at the real clip's length).
@@ -61,15 +61,17 @@ def main() -> None:
     manifest = tokenset.manifest
     data = load_audio_dataset(config.audio_data)
     waveforms, lengths, labels = test_split(data)
-    chosen = torch.linspace(0, len(waveforms) - 1, min(args.clips, len(waveforms))).round().long()
-    waveforms, lengths, labels = waveforms[chosen], lengths[chosen], labels[chosen]
     prompt_seconds = config.audio.prefix_seconds
+    prompt_samples = round(prompt_seconds * manifest.sample_rate / manifest.hop_length) * manifest.hop_length
+    long_enough = torch.nonzero(lengths >= prompt_samples)[:, 0]  # a prompt file must hold the whole prompt
+    chosen = long_enough[torch.linspace(0, len(long_enough) - 1, min(args.clips, len(long_enough))).round().long()]
+    waveforms, lengths, labels = waveforms[chosen], lengths[chosen], labels[chosen]
     classifier, _ = audio_eval.dataset_audio_classifier(args.run_dir / "classifier", data, config.audio.classifier)
     features = partial(audio_eval.log_mel_features, config=config.audio.classifier, sample_rate=manifest.sample_rate)
     plain = sampling_options(config.sampling)  # no label, so no guidance
     options = SamplingOptions(temperature=plain.temperature, top_k=plain.top_k, top_p=plain.top_p)
 
-    record = {"run_dir": str(args.run_dir), "clips": len(chosen), "continuations_per_prompt": args.num,
+    record = {"run_dir": str(args.run_dir), "clips": len(chosen), "test_clips_long_enough": len(long_enough), "continuations_per_prompt": args.num,
               "prompt_seconds": prompt_seconds, "machine": machine(args), "cases": {}}
     with tempfile.TemporaryDirectory() as folder:
         for case, (sign, try_both_signs) in CASES.items():
