@@ -4,10 +4,11 @@
 
 Test clips of the run's data (those at least as long as the prompt), cut at the run's
 `audio.prefix_seconds`, are given as prompts from WAV files, as recorded and sign-flipped, each coded
-as given and in the closer sign (`prompting.audio_prompt_tokens`). The prior continues each prompt `--num` times with no class label,
-so only the prompt tells it which digit it is saying. Per case: the prompt's SI-SNR as the
-continuations begin (what a listener hears of their own prompt), and how often the run's spoken-digit
-classifier hears the prompt's digit in the continued clip (cut at the real clip's length).
+as given and in the closer sign (`prompting.audio_prompt_tokens`). The prior continues each prompt
+`--num` times with no class label, so only the prompt tells it which digit it is saying. Per case:
+the prompt's SI-SNR as the continuations begin (what a listener hears of their own prompt), and how
+often the run's spoken-digit classifier hears the prompt's digit in the continued clip (cut at the
+real clip's length).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def prompt_case(paths: list[Path], tokenizer, manifest, data_config, prompt_seco
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--clips", type=int, default=300, help="test clips, evenly spaced over the split")
+    parser.add_argument("--clips", type=int, default=300, help="test clips, evenly spaced over those long enough")
     parser.add_argument("--num", type=int, default=2, help="continuations per prompt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -71,8 +72,9 @@ def main() -> None:
     plain = sampling_options(config.sampling)  # no label, so no guidance
     options = SamplingOptions(temperature=plain.temperature, top_k=plain.top_k, top_p=plain.top_p)
 
-    record = {"run_dir": str(args.run_dir), "clips": len(chosen), "test_clips_long_enough": len(long_enough), "continuations_per_prompt": args.num,
-              "prompt_seconds": prompt_seconds, "machine": machine(args), "cases": {}}
+    record = {"run_dir": str(args.run_dir), "clips": len(chosen), "test_clips_long_enough": len(long_enough),
+              "continuations_per_prompt": args.num, "prompt_seconds": prompt_seconds, "machine": machine(args),
+              "cases": {}}
     with tempfile.TemporaryDirectory() as folder:
         for case, (sign, try_both_signs) in CASES.items():
             started = time.perf_counter()
@@ -85,7 +87,8 @@ def main() -> None:
             generator = torch.Generator().manual_seed(args.seed)
             continued = sample_labelled(prior, None, options, generator, batch_size=256,
                                         prefix=tokens.repeat_interleave(args.num, dim=0))
-            clips = decode_audio_tokens(tokenizer, continued, manifest) * signs.repeat_interleave(args.num)[:, None, None]
+            signed = signs.repeat_interleave(args.num)[:, None, None]  # back in each prompt's sign
+            clips = decode_audio_tokens(tokenizer, continued, manifest) * signed
             clips = silence_after(clips, lengths.repeat_interleave(args.num).clamp_min(prompts.shape[-1]))
             heard = prompts.repeat_interleave(args.num, dim=0)
             prompt_snr = si_snr(clips[..., : prompts.shape[-1]], heard).mean(dim=-1)
