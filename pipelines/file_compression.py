@@ -28,6 +28,7 @@ bits (`benchmarks/long_file_coding.py`, BENCHMARKS.md).
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
@@ -241,7 +242,9 @@ def _render(tokenizer, codes: list[torch.Tensor], sources: list[dict], manifest:
 
 def write_decoded_files(decoded: DecodedFile, run_dir: Path, out: Path, path) -> list[Path]:
     """Each source's output (`NAME.wav` or `NAME.png`) under `out`, and `codes.safetensors`: the codes of
-    every source, `(frames q)` for a clip, `(h w q)` for an image, keyed by name, for downstream models."""
+    every source, `(frames q)` for a clip, `(h w q)` for an image, keyed by name, for downstream models.
+    Its metadata `sources` is the header's source list: a clip's codes are of the file divided by its gain
+    curve and times its polarity, so these are what it takes to decode them back to the file."""
     from pipelines.audio_stages import write_wavs
 
     manifest, sources = decoded.manifest, decoded.compressed.header["sources"]
@@ -256,7 +259,8 @@ def write_decoded_files(decoded: DecodedFile, run_dir: Path, out: Path, path) ->
             write_wavs(output[None], [target.stem], target.parent, manifest.sample_rate)
         else:
             save_image_grid(output, target, nrow=1, padding=0)
-    save_file({source["name"]: code.contiguous() for source, code in zip(sources, codes)}, str(out / "codes.safetensors"))
+    save_file({source["name"]: code.contiguous() for source, code in zip(sources, codes)}, str(out / "codes.safetensors"),
+              metadata={"sources": json.dumps(sources)})
     return targets
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pipelines.cli import main
@@ -376,6 +377,8 @@ def test_compress_your_own_files_and_get_them_back(audio_run, tmp_path):
     for name, samples in lengths.items():
         assert soundfile.info(decoded_dir / f"{name}.wav").frames == samples
     codes = load_file(str(decoded_dir / "codes.safetensors"))
+    with safe_open(str(decoded_dir / "codes.safetensors"), "pt") as stored:  # what decoding the codes back needs
+        assert json.loads(stored.metadata()["sources"]) == header["sources"]
     data_config = resolved_run_config(run_dir).audio_data
     polarity = header["sources"][0]["polarity"]  # whichever sign the codec codes closer
     clip = torch.from_numpy(read_audio_file(long, data_config)) * polarity
