@@ -28,7 +28,7 @@ from pipelines.audio_data import load_audio_dataset
 from pipelines.audio_stages import decode_audio_tokens, silence_after
 from pipelines.classifier import classifier_logits
 from pipelines.generation import sample_labelled, sampling_options
-from pipelines.prompting import audio_prompt_tokens, resolved_run_config
+from pipelines.prompting import audio_prompt_frames, audio_prompt_tokens, resolved_run_config
 from pipelines.stages import load_matched_pair
 from priors import SamplingOptions
 from tokenizers_vq.audio_losses import si_snr
@@ -63,7 +63,7 @@ def main() -> None:
     data = load_audio_dataset(config.audio_data)
     waveforms, lengths, labels = test_split(data)
     prompt_seconds = config.audio.prefix_seconds
-    prompt_samples = round(prompt_seconds * manifest.sample_rate / manifest.hop_length) * manifest.hop_length
+    prompt_samples = audio_prompt_frames(manifest, prompt_seconds) * manifest.hop_length
     long_enough = torch.nonzero(lengths >= prompt_samples)[:, 0]  # a prompt file must hold the whole prompt
     chosen = long_enough[torch.linspace(0, len(long_enough) - 1, min(args.clips, len(long_enough))).round().long()]
     waveforms, lengths, labels = waveforms[chosen], lengths[chosen], labels[chosen]
@@ -76,13 +76,14 @@ def main() -> None:
               "continuations_per_prompt": args.num, "prompt_seconds": prompt_seconds, "machine": machine(args),
               "cases": {}}
     with tempfile.TemporaryDirectory() as folder:
-        for case, (sign, try_both_signs) in CASES.items():
-            started = time.perf_counter()
-            paths = []
+        files = {sign: [] for sign in (1, -1)}  # the prompt files, as recorded and sign-flipped
+        for sign, paths in files.items():
             for index, (clip, length) in enumerate(zip(waveforms, lengths)):
                 paths.append(Path(folder) / f"{sign}_{index}.wav")
                 soundfile.write(paths[-1], sign * clip[0, :length].numpy(), manifest.sample_rate, subtype="FLOAT")
-            tokens, prompts, signs = prompt_case(paths, tokenizer, manifest, config.audio_data, prompt_seconds,
+        for case, (sign, try_both_signs) in CASES.items():
+            started = time.perf_counter()
+            tokens, prompts, signs = prompt_case(files[sign], tokenizer, manifest, config.audio_data, prompt_seconds,
                                                  try_both_signs)
             generator = torch.Generator().manual_seed(args.seed)
             continued = sample_labelled(prior, None, options, generator, batch_size=256,

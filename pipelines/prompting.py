@@ -61,6 +61,11 @@ def resolved_run_config(run_dir: Path):
     return run_config_from_dict(json.loads(path.read_text()))
 
 
+def audio_prompt_frames(manifest, prompt_seconds: float) -> int:
+    """The whole frames an audio prompt of `prompt_seconds` keeps (its samples: this times the hop)."""
+    return round(prompt_seconds * manifest.sample_rate / manifest.hop_length)
+
+
 def audio_prompt_tokens(path: Path, tokenizer, manifest, data_config, prompt_seconds: float,
                         try_both_signs: bool = True) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The first `prompt_seconds` of the file at `path` -> (its tokens in the run's layout (1 P), the
@@ -73,7 +78,7 @@ def audio_prompt_tokens(path: Path, tokenizer, manifest, data_config, prompt_sec
 
     clip_samples = manifest.image_shape[-1]
     frames = manifest.token_grid[0]
-    prompt_frames = round(prompt_seconds * manifest.sample_rate / manifest.hop_length)
+    prompt_frames = audio_prompt_frames(manifest, prompt_seconds)
     check_prompt_length(prompt_frames, frames, f"frames of {manifest.hop_length} samples", "--prompt-seconds")
     clip = read_audio_file(path, data_config)
     if data_config.peak_level:  # as the run's clips were scaled, on the whole file
