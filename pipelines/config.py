@@ -211,15 +211,45 @@ def run_config_from_dict(data: dict) -> RunConfig:
     return RunConfig(**simple, **built)
 
 
-def read_toml_file(path: str | Path) -> dict:
-    """The tables of a TOML config file; a missing file or bad TOML is a `ConfigError` naming the file."""
+def read_toml_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """The tables of a TOML config file; a missing file or bad TOML is a `ConfigError` naming the file.
+
+    A file may start from another: `extends = "base.toml"` (a path relative to the file) reads that one
+    first, then lays this file's tables over it key by key, so a variant config holds only what it changes.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        return tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path} is not valid TOML: {error}") from error
+    if "extends" not in data:
+        return data
+    base = data.pop("extends")
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: extends must be the path of another config file, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    chain = (*_seen, path.resolve())
+    if base_path in chain:
+        raise ConfigError(f"{path}: extends {base!r} comes back to itself: "
+                          + " -> ".join(str(p) for p in (*chain, base_path)))
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: extends {base!r}, but {base_path} does not exist")
+    return merged_tables(read_toml_file(base_path, chain), data)
+
+
+def merged_tables(base: dict, over: dict) -> dict:
+    """`base` with `over` laid on it: tables merge key by key, any other value (lists too) replaces. A
+    table that names another `kind` (a VQ-GAN over a VQ-VAE) replaces the base's: its fields are another's."""
+    merged = copy.deepcopy(base)
+    for key, value in over.items():
+        old = merged.get(key)
+        if isinstance(value, dict) and isinstance(old, dict) and value.get("kind", old.get("kind")) == old.get("kind"):
+            merged[key] = merged_tables(old, value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
