@@ -29,7 +29,7 @@ from pipelines.layouts import LAYOUTS
 from pipelines.loop import TrainConfig
 from priors import PRIORS
 from tokenizers_vq import TOKENIZERS
-from tokenizers_vq.quantizers.base import FINGERPRINT_WHEN_SET
+from tokenizers_vq.quantizers.base import FINGERPRINT_WHEN_SET, whole_numbers_as_floats
 
 # The prior learns these from the token manifest; a user never sets them by hand.
 PRIOR_FIELDS_FROM_MANIFEST = ("vocab_size", "seq_len", "num_classes")
@@ -153,7 +153,7 @@ def _component_section(registry: dict, data: dict, where: str, reserved: tuple[s
         config_cls.from_dict(copy.deepcopy(probe))
     except (TypeError, ValueError, KeyError) as error:
         raise ConfigError(f"[{where}] (kind {kind!r}): {error}") from error
-    return ComponentSection(kind=kind, fields=data)
+    return ComponentSection(kind=kind, fields=whole_numbers_as_floats(config_cls, data))
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:

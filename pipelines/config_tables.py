@@ -23,8 +23,8 @@ def _valid_keys_message(cls) -> str:
 def build_dataclass(cls, data: dict, where: str):
     """Build dataclass `cls` from a plain dict, recursing into nested dataclass fields.
 
-    Rejects unknown keys (naming the section `where` and the valid keys) and turns TOML lists into
-    tuples where the field is a tuple. The dataclass's own validation errors become `ConfigError`s
+    Rejects unknown keys (naming the section `where` and the valid keys), turns TOML lists into
+    tuples where the field is a tuple and whole numbers into floats where it is a float. The dataclass's own validation errors become `ConfigError`s
     that name the section.
     """
     if not isinstance(data, dict):
@@ -42,6 +42,8 @@ def build_dataclass(cls, data: dict, where: str):
             value = build_dataclass(hint, value, f"{where}.{key}")
         elif (hint is tuple or origin is tuple) and isinstance(value, list):
             value = tuple(value)
+        elif hint is float and type(value) is int:  # 1 and 1.0 are one setting, and one fingerprint
+            value = float(value)
         values[key] = value
     try:
         return cls(**values)

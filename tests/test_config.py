@@ -145,3 +145,21 @@ def test_a_field_added_later_stays_out_of_fingerprints_at_its_default():
                                                                                  rotation_trick=True))
     assert fingerprint("tokenizer", dataclasses.replace(config, quantizer=rotated)) != fingerprint("tokenizer", older)
     assert fingerprint(dataclasses.replace(config, si_snr_cutoff_hz=1500.0)) != fingerprint(config)  # others always count
+
+
+def test_a_whole_number_for_a_float_field_is_the_same_setting_and_fingerprint(tmp_path):
+    """`si_snr_weight=1` on the command line and `1.0` in the TOML must not retrain a stage."""
+    written = tmp_path / "written.toml"
+    written.write_text('[tokenizer]\nkind = "audio_vqvae"\nsi_snr_weight = 1.0\n[tokenizer.quantizer]\nkind = "residual_vq"\n'
+                       '[tokenizer.quantizer.quantizer]\ncommitment_weight = 2.0\n[tokenizer_training]\nlearning_rate = 1.0\n')
+    bare = tmp_path / "bare.toml"
+    bare.write_text('[tokenizer]\nkind = "audio_vqvae"\n[tokenizer.quantizer]\nkind = "residual_vq"\n')
+    overridden = load_run_config(bare, ["tokenizer.si_snr_weight=1", "tokenizer.quantizer.quantizer.commitment_weight=2",
+                                        "tokenizer_training.learning_rate=1", "tokenizer.hidden_channels=16"])
+    config = load_run_config(written, ["tokenizer.hidden_channels=16"])
+    assert fingerprint(overridden.tokenizer) == fingerprint(config.tokenizer)
+    assert fingerprint(overridden.tokenizer_training.identity()) == fingerprint(config.tokenizer_training.identity())
+    assert type(overridden.tokenizer.fields["si_snr_weight"]) is float
+    assert type(overridden.tokenizer.fields["quantizer"]["quantizer"]["commitment_weight"]) is float
+    assert type(overridden.tokenizer.fields["hidden_channels"]) is int  # int fields stay whole
+    assert fingerprint(load_run_config(bare, ["tokenizer.si_snr_weight=2"]).tokenizer) != fingerprint(config.tokenizer)

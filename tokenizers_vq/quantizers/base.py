@@ -131,6 +131,33 @@ def config_from_dict(cls, data: dict):
     return cls(**values)
 
 
+def whole_numbers_as_floats(cls, data: dict) -> dict:
+    """A copy of `data` (the plain dict of config `cls`) whose whole numbers given for float fields are
+    floats, in nested configs too. `1` and `1.0` are one setting; a stage's fingerprint hashes the JSON,
+    where they differ, so without this a key moved between the TOML and the command line could retrain a stage."""
+    if not dataclasses.is_dataclass(cls):
+        return dict(data)
+    hints = typing.get_type_hints(cls)
+    fields = {field.name: field for field in dataclasses.fields(cls)}
+    out = {}
+    for key, value in data.items():
+        hint = hints.get(key)
+        if _is_union(hint) and isinstance(value, dict):
+            hint = _union_member(hint, value, fields[key], f"{cls.__name__}.{key}")
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = whole_numbers_as_floats(hint, value)
+        elif _takes_float_not_int(hint) and type(value) is int:
+            value = float(value)
+        out[key] = value
+    return out
+
+
+def _takes_float_not_int(hint) -> bool:
+    """`float`, or a Union such as `float | None` with float in it and int not."""
+    options = typing.get_args(hint) if _is_union(hint) else (hint,)
+    return float in options and int not in options
+
+
 def _is_union(hint) -> bool:
     return typing.get_origin(hint) in (typing.Union, types.UnionType)
 
