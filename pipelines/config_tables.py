@@ -24,8 +24,8 @@ def build_dataclass(cls, data: dict, where: str):
     """Build dataclass `cls` from a plain dict, recursing into nested dataclass fields.
 
     Rejects unknown keys (naming the section `where` and the valid keys), turns TOML lists into
-    tuples where the field is a tuple and whole numbers into floats where it is a float. The dataclass's own validation errors become `ConfigError`s
-    that name the section.
+    tuples where the field is a tuple and whole numbers into floats where it is a float. The
+    dataclass's own validation errors become `ConfigError`s that name the section.
     """
     if not isinstance(data, dict):
         raise ConfigError(f"[{where}] must be a table of keys, got {type(data).__name__}")
