@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import typing
 
+from tokenizers_vq.quantizers.base import takes_float_not_int
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be turned into a valid run config."""
@@ -42,7 +44,7 @@ def build_dataclass(cls, data: dict, where: str):
             value = build_dataclass(hint, value, f"{where}.{key}")
         elif (hint is tuple or origin is tuple) and isinstance(value, list):
             value = tuple(value)
-        elif hint is float and type(value) is int:  # 1 and 1.0 are one setting, and one fingerprint
+        elif takes_float_not_int(hint) and type(value) is int:  # 1 and 1.0 are one setting, and one fingerprint
             value = float(value)
         values[key] = value
     try:

@@ -163,3 +163,18 @@ def test_a_whole_number_for_a_float_field_is_the_same_setting_and_fingerprint(tm
     assert type(overridden.tokenizer.fields["quantizer"]["quantizer"]["commitment_weight"]) is float
     assert type(overridden.tokenizer.fields["hidden_channels"]) is int  # int fields stay whole
     assert fingerprint(load_run_config(bare, ["tokenizer.si_snr_weight=2"]).tokenizer) != fingerprint(config.tokenizer)
+
+
+def test_pipeline_tables_read_whole_numbers_as_floats_for_optional_floats_too():
+    """The same rule as the components': `float | None` fields (a compare model's published figure) too."""
+    from dataclasses import dataclass
+
+    from pipelines.config_tables import build_dataclass
+
+    @dataclass(frozen=True)
+    class Table:
+        figure: float | None = None
+        count: int = 0
+
+    built = build_dataclass(Table, {"figure": 88, "count": 3}, "table")
+    assert type(built.figure) is float and type(built.count) is int

@@ -146,14 +146,15 @@ def whole_numbers_as_floats(cls, data: dict) -> dict:
             hint = _union_member(hint, value, fields[key], f"{cls.__name__}.{key}")
         if dataclasses.is_dataclass(hint) and isinstance(value, dict):
             value = whole_numbers_as_floats(hint, value)
-        elif _takes_float_not_int(hint) and type(value) is int:
+        elif takes_float_not_int(hint) and type(value) is int:
             value = float(value)
         out[key] = value
     return out
 
 
-def _takes_float_not_int(hint) -> bool:
-    """`float`, or a Union such as `float | None` with float in it and int not."""
+def takes_float_not_int(hint) -> bool:
+    """`float`, or a Union such as `float | None` with float in it and int not: a field where a whole
+    number given is read as a float (here and in `pipelines.config_tables.build_dataclass`)."""
     options = typing.get_args(hint) if _is_union(hint) else (hint,)
     return float in options and int not in options
 
