@@ -129,6 +129,17 @@ def waveform_loss(tokenizer, clips: torch.Tensor, lengths: torch.Tensor, estimat
             + commitment_weight * commitment)
 
 
+def load_run(run: Path, threads: int, seed: int):
+    """A finished audio run on the CPU, set up for tuning: its resolved config, dataset, and matched
+    tokenizer, prior and token set."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    keep_freed_memory()
+    config = resolved_run_config(run)
+    tokenizer, prior, tokenset = load_matched_pair(run, "cpu")
+    return config, load_audio_dataset(config.audio_data), tokenizer, prior, tokenset
+
+
 def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="a finished audio run (tokenizer, tokens, prior, classifier)")
@@ -158,12 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     args = arguments().parse_args(argv)
     if args.objective == "codes" and args.codes is None:
         raise SystemExit("--objective codes learns from --codes FILE (audio_code_search.py --split train --codes)")
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    keep_freed_memory()
-    config = resolved_run_config(args.run)
-    dataset = load_audio_dataset(config.audio_data)
-    tokenizer, prior, tokenset = load_matched_pair(args.run, "cpu")
+    config, dataset, tokenizer, prior, tokenset = load_run(args.run, args.threads, args.seed)
     rate = dataset.sample_rate
     record = {"run": str(args.run), "objective": args.objective, "machine": machine(args),
               "date": datetime.date.today().isoformat(), "steps": args.steps, "batch_size": args.batch_size,

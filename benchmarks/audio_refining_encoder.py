@@ -37,20 +37,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pipelines import audio_eval
-from pipelines.audio_data import lengths_to_mask, load_audio_dataset
-from pipelines.cpu_memory import keep_freed_memory
-from pipelines.prompting import resolved_run_config
-from pipelines.stages import load_matched_pair
+from pipelines.audio_data import lengths_to_mask
 from tokenizers_vq.audio_code_search import as_grid, from_grid
 
 try:
     from benchmarks.audio_code_search import score
     from benchmarks.audio_codec_eval import machine, save_record
-    from benchmarks.audio_encoder_tuning import EVAL_BATCH, as_tensors, real_frames
+    from benchmarks.audio_encoder_tuning import EVAL_BATCH, as_tensors, load_run, real_frames
 except ImportError:  # run as a script
     from audio_code_search import score
     from audio_codec_eval import machine, save_record
-    from audio_encoder_tuning import EVAL_BATCH, as_tensors, real_frames
+    from audio_encoder_tuning import EVAL_BATCH, as_tensors, load_run, real_frames
 
 TEST_PASSES = (0, 1, 2, 3)
 
@@ -134,12 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     args = arguments().parse_args(argv)
     if args.passes < 1:
         raise SystemExit("--passes must be at least 1")
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    keep_freed_memory()
-    config = resolved_run_config(args.run)
-    dataset = load_audio_dataset(config.audio_data)
-    tokenizer, prior, tokenset = load_matched_pair(args.run, "cpu")
+    config, dataset, tokenizer, prior, tokenset = load_run(args.run, args.threads, args.seed)
     tokenizer.eval()
     first_level = getattr(tokenizer.quantizer, "levels", [tokenizer.quantizer])[0]
     commitment_weight = first_level.config.commitment_weight
@@ -171,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     generator = np.random.default_rng(args.seed)
     started, losses = time.perf_counter(), []
     for step in tqdm(range(1, args.steps + 1), desc="training the refiner"):
-        batch = generator.choice(len(clips), size=args.batch_size, replace=False)
+        batch = generator.choice(len(clips), size=min(args.batch_size, len(clips)), replace=False)
         loss = training_loss(tokenizer, refiner, clips[batch], lengths[batch], args.passes, commitment_weight)
         if not torch.isfinite(loss):
             raise SystemExit(f"step {step}: the loss is {float(loss)}; stopped")

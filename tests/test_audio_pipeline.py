@@ -633,6 +633,23 @@ def test_the_encoder_tuned_on_the_codecs_loss_keeps_its_decoder(audio_run, tmp_p
         tune([str(run_dir), "--objective", "codes", "--steps", "1"])
 
 
+def test_refining_encoder_benchmark_scores_each_pass_against_the_codecs_own_codes(audio_run, tmp_path):
+    from benchmarks.audio_refining_encoder import TEST_PASSES, main as refine
+
+    run_dir, _ = audio_run
+    out = tmp_path / "refine.json"
+    refine([str(run_dir), "--steps", "4", "--eval-every", "2", "--lr", "1e-2", "--encoder-lr-scale", "0",
+            "--threads", "1", "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert [point["step"] for point in record["curve"]] == [0, 2, 4]
+    assert list(record["test"]) == [str(passes) for passes in TEST_PASSES]
+    unrefined = record["test"]["0"]  # the encoder was fixed: its own codes, unchanged
+    assert unrefined["codes_changed"] == 0 and unrefined["si_snr_gain_db"] == 0
+    assert all(np.isfinite(figures["si_snr_db"]) for figures in record["test"].values())
+    with pytest.raises(SystemExit, match="--passes must be at least 1"):
+        refine([str(run_dir), "--passes", "0"])
+
+
 def test_bad_code_search_settings_are_refused(audio_run, tmp_path):
     run_dir, _ = audio_run
     clip = write_prompt_clip(tmp_path / "c.wav", 0.1)
