@@ -121,12 +121,28 @@ def waveform_loss(tokenizer, clips: torch.Tensor, lengths: torch.Tensor, estimat
         quantized = hard + soft - soft.detach()
     mask = lengths_to_mask(lengths, clips.shape[-1])
     reconstruction = tokenizer._decode_codes(quantized)[..., : clips.shape[-1]]
+    commitment = F.mse_loss(latents, hard.detach())
+    return codec_loss(tokenizer, reconstruction, clips, mask) + commitment_weight * commitment
+
+
+def codec_loss(tokenizer, reconstruction: torch.Tensor, clips: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The codec's reconstruction loss with its own weights, the SI-SNR term at full weight."""
     config = tokenizer.config
     losses = tokenizer._spectral_losses(reconstruction, clips, mask)
-    commitment = F.mse_loss(latents, hard.detach())
     return (config.waveform_weight * losses["waveform_loss"] + config.stft_weight * losses["stft_loss"]
-            + config.mel_weight * losses["mel_loss"] + config.si_snr_weight * losses["si_snr_loss"]
-            + commitment_weight * commitment)
+            + config.mel_weight * losses["mel_loss"] + config.si_snr_weight * losses["si_snr_loss"])
+
+
+def codec_commitment_weight(tokenizer) -> float:
+    """The weight of the commitment term the codec trained with (its first quantizer level's)."""
+    return getattr(tokenizer.quantizer, "levels", [tokenizer.quantizer])[0].config.commitment_weight
+
+
+def run_judge(run: Path, config, dataset):
+    """The run's cached spoken-digit classifier and its features, as `score` takes them."""
+    classifier, _ = audio_eval.dataset_audio_classifier(run / "classifier", dataset, config.audio.classifier)
+    return classifier, partial(audio_eval.log_mel_features, config=config.audio.classifier,
+                               sample_rate=dataset.sample_rate)
 
 
 def load_run(run: Path, threads: int, seed: int):
@@ -192,8 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         clips, lengths = as_tensors(dataset.train)
         real = real_frames(lengths, tokenizer.hop_length, frames_of(clips.shape[-1], tokenizer.hop_length))
         learn_rows = np.arange(len(clips))
-        first_level = getattr(tokenizer.quantizer, "levels", [tokenizer.quantizer])[0]
-        commitment_weight = (first_level.config.commitment_weight if args.commitment_weight is None
+        commitment_weight = (codec_commitment_weight(tokenizer) if args.commitment_weight is None
                              else args.commitment_weight)
         record.update(estimator=args.estimator, commitment_weight=commitment_weight)
     temperature = args.temperature or nearest_gap(tokenizer, clips[learn_rows[:512]], real[learn_rows[:512]])
@@ -246,8 +261,7 @@ def main(argv: list[str] | None = None) -> None:
 
     test_clips, test_lengths = as_tensors(dataset.test)
     labels = torch.as_tensor(dataset.test.labels)
-    classifier, _ = audio_eval.dataset_audio_classifier(args.run / "classifier", dataset, config.audio.classifier)
-    judge = classifier, partial(audio_eval.log_mel_features, config=config.audio.classifier, sample_rate=rate)
+    judge = run_judge(args.run, config, dataset)
     for name, state in (("before", base_encoder), ("after", best_encoder)):
         tokenizer.encoder.load_state_dict(state)
         codes = search_codes(tokenizer, test_clips, test_lengths, sweeps=0).codes

@@ -2,7 +2,7 @@
 
     python benchmarks/audio_refining_encoder.py RUN --steps 3000 --out refine.json --threads 2
 
-The code search (`tokenizers_vq.audio_code_search`) gains 1.6-2 dB of SI-SNR at the same bit rate by
+The code search (`tokenizers_vq.audio_code_search`) gains 1.7-2.0 dB of SI-SNR at the same bit rate by
 decoding candidate codes and keeping what decodes closer, which costs many decodes a code. Teaching the
 encoder the searched codes one position at a time did not carry over to unseen clips
 (`audio_encoder_tuning.py`, BENCHMARKS.md). This tries the search's feedback as a network instead, one
@@ -26,7 +26,6 @@ import argparse
 import copy
 import datetime
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -43,11 +42,13 @@ from tokenizers_vq.audio_code_search import as_grid, from_grid
 try:
     from benchmarks.audio_code_search import score
     from benchmarks.audio_codec_eval import machine, save_record
-    from benchmarks.audio_encoder_tuning import EVAL_BATCH, as_tensors, load_run, real_frames
+    from benchmarks.audio_encoder_tuning import (EVAL_BATCH, as_tensors, codec_commitment_weight, codec_loss, load_run,
+                                                 real_frames, run_judge)
 except ImportError:  # run as a script
     from audio_code_search import score
     from audio_codec_eval import machine, save_record
-    from audio_encoder_tuning import EVAL_BATCH, as_tensors, load_run, real_frames
+    from audio_encoder_tuning import (EVAL_BATCH, as_tensors, codec_commitment_weight, codec_loss, load_run,
+                                      real_frames, run_judge)
 
 TEST_PASSES = (0, 1, 2, 3)
 
@@ -104,11 +105,7 @@ def training_loss(tokenizer, refiner, clips, lengths, passes: int, commitment_we
     """The codec's own loss (its weights) on the last pass's decoding, plus every pass's commitment term."""
     decoded, _, commitments = refined_pass(tokenizer, refiner, clips, lengths, passes)
     mask = lengths_to_mask(lengths, clips.shape[-1])
-    config = tokenizer.config
-    losses = tokenizer._spectral_losses(decoded, clips * mask[:, None], mask)
-    return (config.waveform_weight * losses["waveform_loss"] + config.stft_weight * losses["stft_loss"]
-            + config.mel_weight * losses["mel_loss"] + config.si_snr_weight * losses["si_snr_loss"]
-            + commitment_weight * sum(commitments))
+    return codec_loss(tokenizer, decoded, clips * mask[:, None], mask) + commitment_weight * sum(commitments)
 
 
 def arguments() -> argparse.ArgumentParser:
@@ -133,8 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--passes must be at least 1")
     config, dataset, tokenizer, prior, tokenset = load_run(args.run, args.threads, args.seed)
     tokenizer.eval()
-    first_level = getattr(tokenizer.quantizer, "levels", [tokenizer.quantizer])[0]
-    commitment_weight = first_level.config.commitment_weight
+    commitment_weight = codec_commitment_weight(tokenizer)
     refiner = ResidualRefiner(tokenizer.encoder, tokenizer.config.embedding_dim)
     record = {"run": str(args.run), "machine": machine(args), "date": datetime.date.today().isoformat(),
               **{key: value for key, value in vars(args).items() if key not in ("run", "out", "threads")},
@@ -185,8 +181,7 @@ def main(argv: list[str] | None = None) -> None:
 
     refiner.load_state_dict(best_state[0])
     labels = torch.as_tensor(dataset.test.labels)
-    classifier, _ = audio_eval.dataset_audio_classifier(args.run / "classifier", dataset, config.audio.classifier)
-    judge = classifier, partial(audio_eval.log_mel_features, config=config.audio.classifier, sample_rate=dataset.sample_rate)
+    judge = run_judge(args.run, config, dataset)
     tokenizer.encoder.load_state_dict(base_encoder)
     own = refined_codes(tokenizer, refiner, test_clips, test_lengths, 0)
     own_snr = clip_si_snr(tokenizer, own, test_clips, test_lengths)
@@ -201,8 +196,9 @@ def main(argv: list[str] | None = None) -> None:
         figures.update(audio_eval.paired_si_snr_gain(clip_si_snr(tokenizer, codes, test_clips, test_lengths), own_snr),
                        codes_changed=float((codes != own)[real].float().mean()), encode_seconds=encode_seconds)
         record["test"][str(passes)] = figures
-        print(f"test, {passes} pass(es): SI-SNR {figures['si_snr_db']:.2f} dB (median {figures['si_snr_db_median']:.2f}),"
-              f" paired gain {figures['si_snr_gain_db']:+.3f} +- {figures['si_snr_gain_db_stderr']:.3f} dB "
+        print(f"test, {passes} pass(es): SI-SNR {figures['si_snr_db']:.2f} dB "
+              f"(median {figures['si_snr_db_median']:.2f}), paired gain {figures['si_snr_gain_db']:+.3f} "
+              f"+- {figures['si_snr_gain_db_stderr']:.3f} dB "
               f"({100 * figures['si_snr_gain_clips_improved']:.0f}% of clips), recognised "
               f"{100 * figures['recognised']:.1f}%, codes changed {100 * figures['codes_changed']:.1f}%, "
               f"encode {encode_seconds:.1f} s", flush=True)
