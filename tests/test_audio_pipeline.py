@@ -585,8 +585,9 @@ def test_searched_train_codes_teach_the_encoder_to_pick_them(audio_run, tmp_path
     searched = load_file(str(train_codes))
     start, _, _ = load_matched_pair(run_dir, "cpu")
     out = tmp_path / "tune.json"
+    # 3e-4, not 3e-3: at the higher rate this tiny codec's tuning curve swung with a handful of near-tied codes
     tune([str(run_dir), "--objective", "codes", "--codes", str(train_codes), "--steps", "30", "--eval-every", "10",
-          "--lr", "3e-3", "--threads", "1", "--out", str(out), "--tokenizer-out", str(tmp_path / "tuned")])
+          "--lr", "3e-4", "--threads", "1", "--out", str(out), "--tokenizer-out", str(tmp_path / "tuned")])
     record = json.loads(out.read_text())
     curve = record["curve"]
     assert [point["step"] for point in curve] == [0, 10, 20, 30] and record["temperature"] > 0

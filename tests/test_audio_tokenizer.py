@@ -119,6 +119,27 @@ def test_chunked_decode_equals_whole_decode_with_enough_overlap():
     assert not torch.allclose(model.decode_chunked(tokens, chunk_frames=64, overlap_frames=0), whole, atol=1e-5)
 
 
+@pytest.mark.parametrize("overrides", [{}, dict(activation="snake", strides=(4, 5, 2), decoder_hidden_channels=6,
+                                              decoder_latent_dilations=(1, 3, 9))])
+def test_decoding_a_span_of_frames_gives_the_whole_decodes_samples_there(overrides):
+    # The search and chunked decoding ask for a few frames of a window; each layer's input is cropped
+    # to what those depend on, so the kept samples must match the whole decode's exactly.
+    torch.manual_seed(0)
+    model = AudioVQVAE(tiny_config(**overrides)).eval()
+    tokens = model.encode(audio(batch=2, length=4000, seed=6))
+    whole, hop, frames = model.decode(tokens), model.hop_length, tokens.shape[1]
+    for start, stop in [(0, frames), (0, 1), (frames - 1, frames), (5, 9), (frames // 2, frames // 2 + 3)]:
+        part = model.decode(tokens, keep=(start, stop))
+        assert part.shape == (2, 1, (stop - start) * hop)
+        torch.testing.assert_close(part, whole[..., start * hop : stop * hop], atol=1e-6, rtol=0)
+    # the margins are what makes it exact: without them the span's edges see zeros
+    model.decoder.input_margins = [0] * len(model.decoder.input_margins)
+    assert not torch.allclose(model.decode(tokens, keep=(5, 9)), whole[..., 5 * hop : 9 * hop], atol=1e-4)
+    for keep in [(3, 3), (-1, 2), (0, frames + 1)]:
+        with pytest.raises(ValueError, match="keep must be frames"):
+            model.decode(tokens, keep=keep)
+
+
 def test_batched_windows_keep_each_clip_and_window_in_place():
     # Two clips, windows run 1, 3 or all at a time: the same tokens and audio as the whole clip.
     torch.manual_seed(0)  # initial weights under which the two clips get different tokens

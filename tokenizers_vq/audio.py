@@ -66,14 +66,15 @@ def chunk_spans(total_frames: int, chunk_frames: int, overlap_frames: int) -> li
 
 
 def batched_spans(spans: list[ChunkSpan], windows_per_batch: int):
-    """Indices of `spans` in groups of equal window length (edge windows can be shorter), at most
+    """Indices of `spans` in groups of equal window length and kept part (edge windows differ), at most
     `windows_per_batch` a group: the windows of a group run as one batch, not one call each."""
     if windows_per_batch < 1:
         raise ValueError(f"windows_per_batch must be at least 1, got {windows_per_batch}")
-    by_length: dict[int, list[int]] = {}
+    by_shape: dict[tuple[int, int, int], list[int]] = {}
     for index, span in enumerate(spans):
-        by_length.setdefault(span.context_end - span.context_start, []).append(index)
-    for indices in by_length.values():
+        shape = (span.context_end - span.context_start, span.keep_start, span.keep_end)
+        by_shape.setdefault(shape, []).append(index)
+    for indices in by_shape.values():
         for start in range(0, len(indices), windows_per_batch):
             yield indices[start : start + windows_per_batch]
 
@@ -272,8 +273,8 @@ class AudioVQVAE(PretrainedTokenizer, nn.Module):
         x = torch.nn.functional.pad(x, (0, padding))
         return rearrange(self.encoder(x), "b d frames -> b frames d")
 
-    def _decode_codes(self, codes: Tensor) -> Tensor:
-        return self.decoder(rearrange(codes, "b frames d -> b d frames"))
+    def _decode_codes(self, codes: Tensor, keep: tuple[int, int] | None = None) -> Tensor:
+        return self.decoder(rearrange(codes, "b frames d -> b d frames"), keep=keep)
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
@@ -281,8 +282,11 @@ class AudioVQVAE(PretrainedTokenizer, nn.Module):
         return self.quantizer.to_indices(self._latents(x))
 
     @torch.no_grad()
-    def decode(self, tokens: Tensor, length: int | None = None) -> Tensor:
-        """(b frames) or (b frames q) int64 -> (b c frames * hop) in [-1, 1], cut to `length` if given."""
+    def decode(self, tokens: Tensor, length: int | None = None, keep: tuple[int, int] | None = None) -> Tensor:
+        """(b frames) or (b frames q) int64 -> (b c frames * hop) in [-1, 1], cut to `length` if given.
+
+        `keep` = (start, stop) frames: only the samples of those frames, as the whole decode has them
+        there, for less work (`Decoder1d.forward`); `length` then cuts what is kept."""
         expected_ndim = 2 if self.num_codebooks == 1 else 3
         if tokens.ndim != expected_ndim or (expected_ndim == 3 and tokens.shape[-1] != self.num_codebooks):
             expected = "(b frames)" if expected_ndim == 2 else f"(b frames q) with q={self.num_codebooks}"
@@ -290,7 +294,7 @@ class AudioVQVAE(PretrainedTokenizer, nn.Module):
         if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
             raise ValueError(f"tokens must lie in [0, {self.vocab_size}), "
                              f"got [{int(tokens.min())}, {int(tokens.max())}]")
-        audio = self._decode_codes(self.quantizer.lookup(tokens.long())).clamp(-1.0, 1.0)
+        audio = self._decode_codes(self.quantizer.lookup(tokens.long()), keep).clamp(-1.0, 1.0)
         return audio if length is None else audio[..., :length]
 
     def forward(self, x: Tensor, mask: Tensor | None = None):
@@ -393,8 +397,9 @@ class AudioVQVAE(PretrainedTokenizer, nn.Module):
         pieces = [None] * len(spans)
         for indices in batched_spans(spans, windows_per_batch):
             windows = torch.cat([tokens[:, spans[i].context_start : spans[i].context_end] for i in indices])
-            for i, audio in zip(indices, self.decode(windows).split(tokens.shape[0])):
-                pieces[i] = audio[..., spans[i].keep_start * self.hop_length : spans[i].keep_end * self.hop_length]
+            kept = self.decode(windows, keep=(spans[indices[0]].keep_start, spans[indices[0]].keep_end))
+            for i, audio in zip(indices, kept.split(tokens.shape[0])):
+                pieces[i] = audio
         audio = torch.cat(pieces, dim=-1)
         return audio if length is None else audio[..., :length]
 

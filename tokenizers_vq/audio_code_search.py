@@ -11,7 +11,8 @@ The current code is always a candidate, so no clip's error ever rises, and the d
 format and the bit rate are unchanged: only the encoder searches.
 
 A code changes only the decoded samples within the decoder's reach of its frame, so each candidate is
-decoded in a window around it (`4 x reach + 1` frames, exactly as the whole clip would decode there),
+decoded in a window around it (`4 x reach + 1` frames, exactly as the whole clip would decode there;
+only the frames it scores are decoded to full rate, where most of the decoder's work lies),
 and codes further apart than twice the reach are searched together: a sweep costs about
 `frames x levels x candidates` window decodes however long the clip, in `2 x reach + 1` batched
 steps per level. A second sweep gains less than the first (BENCHMARKS.md). A shorter `reach` than the
@@ -210,8 +211,8 @@ class _Waveforms:
         self.clips = torch.nn.functional.pad(clips, (0, samples - clips.shape[-1]))
         self.weights = (torch.arange(samples, device=clips.device) < rearrange(lengths, "n -> n 1")).float()
 
-    def _decode(self, codes: Tensor) -> Tensor:
-        return self.tokenizer.decode(from_grid(codes, self.tokenizer.num_codebooks)).float()
+    def _decode(self, codes: Tensor, keep: tuple[int, int] | None = None) -> Tensor:
+        return self.tokenizer.decode(from_grid(codes, self.tokenizer.num_codebooks), keep=keep).float()
 
     def errors(self, codes: Tensor) -> Tensor:
         """`(n frames q)` codes of every clip -> `(n,)` squared errors over real samples, decoded whole."""
@@ -229,28 +230,32 @@ class _Waveforms:
         scored (the rest is the same for every candidate), and they come out exactly as in a decode of
         the whole clip when the codes `2 x reach` frames each side are decoded with them. So a long
         clip costs each candidate the same short decode, and changes more than `2 x reach` frames apart
-        change disjoint samples: their gains add up, and they can be searched together.
+        change disjoint samples: their gains add up, and they can be searched together. Only the scored
+        frames are decoded from each window (`decode(keep=...)`), about half its work at the default reach.
         """
         grid, hop, k = codes.shape[1], self.hop, ranked.shape[1]
         low, high = (at - 2 * reach).clamp(min=0), (at + 2 * reach + 1).clamp(max=grid)
+        first, last = (at - reach).clamp(min=0) - low, (at + reach + 1).clamp(max=grid) - low  # scored, in the window
         cost = torch.empty(ranked.shape, device=codes.device)
         for width in (high - low).unique().tolist():  # windows clipped by a clip's edge come in other widths
             group = (high - low == width).nonzero().squeeze(1)
-            g_rows, g_at, g_low = rows[group], at[group], low[group]
+            g_rows, g_at, g_low, g_first, g_last = rows[group], at[group], low[group], first[group], last[group]
+            start, stop = int(g_first.min()), int(g_last.max())  # the frames any of them scores
             trial = repeat(codes[rearrange(g_rows, "g -> g 1"), rearrange(g_low, "g -> g 1") + torch.arange(width, device=codes.device)],
                            "g w q -> g k w q", k=k).clone()
             trial[torch.arange(len(group), device=codes.device)[:, None], torch.arange(k, device=codes.device),
                   rearrange(g_at - g_low, "g -> g 1"), level] = ranked[group]
             trial = rearrange(trial, "g k w q -> (g k) w q")
-            samples = rearrange(g_low * hop, "g -> g 1") + torch.arange(width * hop, device=codes.device)  # (g L)
-            scored = (samples >= rearrange((g_at - reach).clamp(min=0) * hop, "g -> g 1")) \
-                & (samples < rearrange((g_at + reach + 1) * hop, "g -> g 1"))
+            offsets = start * hop + torch.arange((stop - start) * hop, device=codes.device)  # samples in the window
+            scored = (offsets >= rearrange(g_first * hop, "g -> g 1")) & (offsets < rearrange(g_last * hop, "g -> g 1"))
+            samples = rearrange(g_low * hop, "g -> g 1") + offsets
             target = rearrange(self.clips[rearrange(g_rows, "g -> g 1"), :, samples], "g t c -> g c t")
             weight = rearrange(self.weights[rearrange(g_rows, "g -> g 1"), samples] * scored, "g t -> g 1 t")
             out = []
-            for start in range(0, len(trial), self.batch_size):
-                part = slice(start, start + self.batch_size)
+            for begin in range(0, len(trial), self.batch_size):
+                part = slice(begin, begin + self.batch_size)
                 which = torch.arange(len(trial), device=codes.device)[part] // k
-                out.append(((self._decode(trial[part]) - target[which]).square() * weight[which]).sum(dim=(1, 2)))
+                decoded = self._decode(trial[part], keep=(start, stop))  # only the frames scored
+                out.append(((decoded - target[which]).square() * weight[which]).sum(dim=(1, 2)))
             cost[group] = rearrange(torch.cat(out), "(g k) -> g k", k=k)
         return cost

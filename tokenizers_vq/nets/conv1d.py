@@ -244,9 +244,25 @@ class Decoder1d(nn.Module):
         layers += [make_activation(activation, channels), _same_length_conv(channels, out_channels, weight_norm)]
         self.layers = nn.Sequential(*layers)
         self.reach_frames = decoder_reach_frames(self.layers, self.hop_length)
+        self.input_margins = input_margins(self.layers)
 
-    def forward(self, z: Tensor) -> Tensor:
-        return self.layers(z)
+    def forward(self, z: Tensor, keep: tuple[int, int] | None = None) -> Tensor:
+        """With `keep` = (start, stop) frames: only the samples of those frames, equal to the whole
+        decode's there. Each layer's input is cropped to what those samples depend on
+        (`input_margins`), so a short span of a long window costs little more than its own decode;
+        most of the decoder's work is at full rate (BENCHMARKS.md)."""
+        if keep is None:
+            return self.layers(z)
+        start, stop = keep
+        if not 0 <= start < stop <= z.shape[-1]:
+            raise ValueError(f"keep must be frames (start, stop) with 0 <= start < stop <= {z.shape[-1]}, got {keep}")
+        x, offset, rate = z, 0, 1  # x holds positions [offset, offset + length) at `rate` per frame
+        for layer, margin in zip(self.layers, self.input_margins):
+            low, high = max(start * rate - margin, offset), min(stop * rate + margin, offset + x.shape[-1])
+            x, offset = layer(x[..., low - offset : high - offset]), low
+            if isinstance(layer, Upsample1d):
+                offset, rate = offset * layer.stride, rate * layer.stride
+        return x[..., start * rate - offset : stop * rate - offset]
 
 
 def receptive_field(layers: nn.Sequential) -> int:
@@ -265,6 +281,26 @@ def receptive_field(layers: nn.Sequential) -> int:
         elif isinstance(layer, nn.Conv1d):
             field += (layer.kernel_size[0] - 1) * layer.dilation[0] * jump
     return field
+
+
+def input_margins(layers: nn.Sequential) -> list[int]:
+    """For each layer of a decoder stack, the positions of its input on either side of a span that the
+    stack's output over that span depends on (in the layer's own input rate; generous by up to two
+    positions at each upsampling). Cropping every layer's input to its span widened by this leaves the
+    output over the span exact: what the crop spoils lies within the margin, and is cropped away later.
+    """
+    margin, margins = 0, []
+    for layer in reversed(layers):
+        if isinstance(layer, ResidualUnit1d):
+            margin += (KERNEL_SIZE - 1) * layer.dilation // 2
+        elif isinstance(layer, Upsample1d):  # output u reads inputs (u + left - 2s, u + left] / s
+            margin = -(-margin // layer.stride) + 2
+        elif isinstance(layer, nn.Conv1d):
+            margin += (layer.kernel_size[0] - 1) * layer.dilation[0] // 2
+        elif not isinstance(layer, (Snake1d, nn.ELU)):
+            raise TypeError(f"input_margins: no rule for {type(layer).__name__}")
+        margins.append(margin)
+    return margins[::-1]
 
 
 def decoder_reach_frames(layers: nn.Sequential, hop: int) -> int:
