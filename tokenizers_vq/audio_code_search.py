@@ -231,7 +231,8 @@ class _Waveforms:
         the whole clip when the codes `2 x reach` frames each side are decoded with them. So a long
         clip costs each candidate the same short decode, and changes more than `2 x reach` frames apart
         change disjoint samples: their gains add up, and they can be searched together. Only the scored
-        frames are decoded from each window (`decode(keep=...)`), about half its work at the default reach.
+        frames are decoded from each window (`decode(keep=...)`): at a reach of 16 about half a window's
+        decode, and nothing saved where the window is the whole short clip and scores most of it.
         """
         grid, hop, k = codes.shape[1], self.hop, ranked.shape[1]
         low, high = (at - 2 * reach).clamp(min=0), (at + 2 * reach + 1).clamp(max=grid)
