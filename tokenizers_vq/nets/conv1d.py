@@ -243,8 +243,8 @@ class Decoder1d(nn.Module):
             layers += residual_units(channels, DILATIONS, weight_norm, activation)
         layers += [make_activation(activation, channels), _same_length_conv(channels, out_channels, weight_norm)]
         self.layers = nn.Sequential(*layers)
-        self.reach_frames = decoder_reach_frames(self.layers, self.hop_length)
-        self.input_margins = input_margins(self.layers)
+        self.input_margins = input_margins(self.layers, self.hop_length)
+        self.reach_frames = self.input_margins[0]
 
     def forward(self, z: Tensor, keep: tuple[int, int] | None = None) -> Tensor:
         """With `keep` = (start, stop) frames: only the samples of those frames, equal to the whole
@@ -283,28 +283,12 @@ def receptive_field(layers: nn.Sequential) -> int:
     return field
 
 
-def input_margins(layers: nn.Sequential) -> list[int]:
-    """For each layer of a decoder stack, the positions of its input on either side of a span that the
-    stack's output over that span depends on (in the layer's own input rate; generous by up to two
-    positions at each upsampling). Cropping every layer's input to its span widened by this leaves the
-    output over the span exact: what the crop spoils lies within the margin, and is cropped away later.
-    """
-    margin, margins = 0, []
-    for layer in reversed(layers):
-        if isinstance(layer, ResidualUnit1d):
-            margin += (KERNEL_SIZE - 1) * layer.dilation // 2
-        elif isinstance(layer, Upsample1d):  # output u reads inputs (u + left - 2s, u + left] / s
-            margin = -(-margin // layer.stride) + 2
-        elif isinstance(layer, nn.Conv1d):
-            margin += (layer.kernel_size[0] - 1) * layer.dilation[0] // 2
-        elif not isinstance(layer, (Snake1d, nn.ELU)):
-            raise TypeError(f"input_margins: no rule for {type(layer).__name__}")
-        margins.append(margin)
-    return margins[::-1]
-
-
-def decoder_reach_frames(layers: nn.Sequential, hop: int) -> int:
-    """Input frames on either side of its own that one output sample of a decoder stack may depend on.
+def input_margins(layers: nn.Sequential, hop: int) -> list[int]:
+    """For each layer of a decoder stack, the positions of its input on either side of a frame's own that
+    the stack's output over that frame may depend on, in the layer's own input rate. Cropping every
+    layer's input to a span of frames widened by these leaves the output over the span exact: what the
+    crop spoils lies within the margin, and is cropped away later. The first is the decoder's reach: the
+    code frames on either side of its own that one output sample may depend on.
 
     Walks the stack from the output back, keeping the interval of the current layer's input positions
     that the output samples of one frame depend on: a centred convolution of kernel k and dilation d
@@ -312,14 +296,19 @@ def decoder_reach_frames(layers: nn.Sequential, hop: int) -> int:
     position u to the inputs i with 0 <= u + left - i * s < 2s.
     """
     frame = 4 * hop  # any frame will do (the walk ignores edges); the interval is found relative to it
-    low, high = frame * hop, frame * hop + hop - 1
+    rate, low, high = hop, frame * hop, frame * hop + hop - 1  # rate: the current layer's positions a frame
+    margins = []
     for layer in reversed(layers):
         if isinstance(layer, ResidualUnit1d):
             layer = layer.residual[1]
         if isinstance(layer, Upsample1d):
             stride, left = layer.stride, (layer.stride + 1) // 2
             low, high = -((-(low + left - 2 * stride + 1)) // stride), (high + left) // stride
+            rate //= stride
         elif isinstance(layer, nn.Conv1d):
             span = (layer.kernel_size[0] - 1) * layer.dilation[0] // 2
             low, high = low - span, high + span
-    return max(frame - low, high - frame)
+        elif not isinstance(layer, (Snake1d, nn.ELU)):
+            raise TypeError(f"input_margins: no rule for {type(layer).__name__}")
+        margins.append(max(frame * rate - low, high - (frame * rate + rate - 1)))
+    return margins[::-1]
